@@ -1,0 +1,1 @@
+//! comfy-bridge: a ComfyUI server as an actor on MQTT and NATS.

@@ -1,0 +1,2 @@
+//! comfy-bridge binary.
+fn main() {}
