@@ -1,2 +1,78 @@
-//! comfy-bridge binary.
-fn main() {}
+//! The `comfy-bridge` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use comfy_bridge::config::Settings;
+use tokio_util::sync::CancellationToken;
+
+/// Bridge a ComfyUI server onto MQTT and NATS.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(short, long, global = true, env = "COMFY_BRIDGE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge (the default).
+    Run,
+    /// Validate the configuration, print it (secrets redacted) and the topic map.
+    Check,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let settings = load(cli.config.as_deref())?;
+            comfy_bridge::telemetry::init(&settings.bridge.log, settings.bridge.log_format == "json");
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                comfy_bridge::app::run(settings, shutdown).await
+            })?;
+        }
+        Command::Check => {
+            let settings = load(cli.config.as_deref())?;
+            print!("{}", comfy_bridge::check::report(&settings));
+        }
+    }
+    Ok(())
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
+    Settings::load(path).with_context(|| match path {
+        Some(p) => format!("configuration from {}", p.display()),
+        None => "configuration".to_string(),
+    })
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    token.cancel();
+}

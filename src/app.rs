@@ -1,0 +1,70 @@
+//! Wiring: builds the channels, spawns every task, and sequences shutdown.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::bus::{self, Bus};
+use crate::comfy::{self, ws::WsClient};
+use crate::config::Settings;
+use crate::router;
+
+/// Capacity of each channel on the event path.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The state directory or the client id file could not be used.
+    #[error("state directory: {0}")]
+    State(#[from] std::io::Error),
+    /// MQTT could not be set up.
+    #[error(transparent)]
+    Mqtt(#[from] bus::mqtt::MqttError),
+    /// NATS could not be set up.
+    #[error(transparent)]
+    Nats(#[from] bus::nats::NatsError),
+}
+
+/// Runs the bridge until `shutdown` is cancelled, then drains and returns.
+///
+/// Only the WebSocket task watches `shutdown`. When it ends it drops its sender, the router's input closes,
+/// the router drops the bus senders, and each publisher drains its outbox, publishes `offline` and
+/// disconnects. The whole drain is bounded by `bridge.shutdown_grace_ms` (plus a little for the goodbyes).
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
+    let tasks = TaskTracker::new();
+    let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;
+    info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
+
+    let mut buses = Vec::new();
+    if settings.mqtt.enabled {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        bus::mqtt::spawn(&settings, rx, &tasks)?;
+        buses.push((Bus::Mqtt, tx));
+    }
+    if settings.nats.enabled {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        bus::nats::spawn(&settings, rx, &tasks).await?;
+        buses.push((Bus::Nats, tx));
+    }
+    if buses.is_empty() {
+        warn!("both mqtt and nats are disabled: events go nowhere");
+    }
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    tasks.spawn(router::run(settings.clone(), inbound_rx, buses));
+    tasks.spawn(WsClient::new(&settings, &client_id, inbound_tx).run(shutdown.clone()));
+    tasks.close();
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    let grace = Duration::from_millis(settings.bridge.shutdown_grace_ms) + Duration::from_secs(4);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        warn!(?grace, "some tasks did not stop in time");
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The buses: what a message for them looks like, and the outbox each publisher keeps.
+//!
+//! Knows nothing about ComfyUI: the router hands over [`Outbound`] messages, each publisher renders the
+//! route with its own base and delivers it.
+
+pub mod mqtt;
+pub mod nats;
+pub mod outbox;
+pub mod topics;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use outbox::Outbox;
+pub use topics::Route;
+
+/// How a message may be treated under pressure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Lifecycle events and retained state: QoS 1, kept while the broker is away, dropped only when the
+    /// outbox is full of them.
+    Lifecycle,
+    /// Progress ticks, previews, progress text: dropped first when the outbox fills.
+    Droppable,
+}
+
+/// One message for the buses; shared between them behind an `Arc`.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Where it goes, below the base topic.
+    pub route: Route,
+    /// The body: an envelope, a state object, `online`/`offline` or raw image bytes.
+    pub payload: Bytes,
+    /// MQTT QoS (0 or 1).
+    pub qos: u8,
+    /// MQTT retain flag.
+    pub retain: bool,
+    /// Drop policy.
+    pub class: Class,
+    /// Headers for NATS (previews): `Content-Type`, `Comfy-Prompt-Id`, `Comfy-Node-Id`.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Outbound {
+    /// A QoS-1, kept message.
+    pub fn lifecycle(route: Route, payload: impl Into<Bytes>, retain: bool) -> Arc<Self> {
+        Arc::new(Self { route, payload: payload.into(), qos: 1, retain, class: Class::Lifecycle, headers: Vec::new() })
+    }
+}
+
+/// The bus name, for logs and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bus {
+    /// MQTT.
+    Mqtt,
+    /// NATS.
+    Nats,
+}
+
+impl Bus {
+    /// `mqtt` or `nats`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::Nats => "nats",
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The MQTT side: a poll-only eventloop task and a publisher task that owns the outbox.
+//!
+//! rumqttc keeps unacknowledged publishes in its own `pending` list and replays them on reconnect; the
+//! bridge clears that list on every connection error and redelivers from its own outbox instead, so one
+//! bounded, prioritised queue decides what survives a broker outage. Every handed-over publish produces one
+//! `Outgoing::Publish(pkid)` in order, which is how the publisher matches `PubAck`s to messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::Packet as V5Packet;
+use rumqttc::{Outgoing, Packet as V3Packet};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::{topics, Bus, Outbound, Outbox, Route};
+use crate::comfy::backoff;
+use crate::config::Settings;
+use crate::telemetry;
+
+/// Most messages handed to rumqttc and not yet confirmed (rumqttc's own inflight default is 100).
+const WINDOW: usize = 100;
+/// Capacity of rumqttc's request channel; above `WINDOW` so a hand-over never waits.
+const REQUEST_CAPACITY: usize = WINDOW * 2;
+
+/// Why the MQTT side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// `mqtt.url` is not `mqtt://host[:port]`.
+    #[error("invalid mqtt.url `{0}`: expected mqtt://host:port")]
+    InvalidUrl(String),
+    /// `mqtts://` needs TLS support, which this build does not include yet.
+    #[error("mqtts:// is not supported by this build yet")]
+    TlsUnsupported,
+}
+
+/// What the eventloop task reports to the publisher.
+#[derive(Debug)]
+enum LoopEvent {
+    Connected,
+    Sent(u16),
+    Acked(u16),
+    Disconnected,
+}
+
+/// The two protocol versions' clients behind one face.
+#[derive(Clone)]
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+impl Client {
+    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Bytes) -> bool {
+        match self {
+            Self::V5(c) => c.try_publish(topic, v5_qos(qos), retain, payload).is_ok(),
+            Self::V311(c) => c.try_publish(topic, v3_qos(qos), retain, payload.to_vec()).is_ok(),
+        }
+    }
+
+    async fn disconnect(&self) {
+        let _ = match self {
+            Self::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Self::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+}
+
+fn v5_qos(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+    if qos == 0 {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce
+    } else {
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+    }
+}
+
+fn v3_qos(qos: u8) -> rumqttc::QoS {
+    if qos == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    }
+}
+
+fn host_port(url: &str) -> Result<(String, u16), MqttError> {
+    if url.starts_with("mqtts://") {
+        return Err(MqttError::TlsUnsupported);
+    }
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| MqttError::InvalidUrl(url.into()))?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) => Ok((host.into(), port.parse().map_err(|_| MqttError::InvalidUrl(url.into()))?)),
+        None if !rest.is_empty() => Ok((rest.into(), 1883)),
+        None => Err(MqttError::InvalidUrl(url.into())),
+    }
+}
+
+/// Connects (lazily: the first poll connects) and spawns the eventloop and publisher tasks on `tasks`.
+/// The publisher reads `outbound_rx` until it closes, drains, publishes `offline` and disconnects.
+pub fn spawn(
+    settings: &Settings,
+    outbound_rx: mpsc::Receiver<Arc<Outbound>>,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<(), MqttError> {
+    let cfg = &settings.mqtt;
+    let (host, port) = host_port(&cfg.url)?;
+    let client_id = match cfg.client_id.as_str() {
+        "" => format!("comfy-bridge-{}", settings.bridge.instance),
+        id => id.to_string(),
+    };
+    let offline = Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
+    let will_topic = offline.mqtt_topic(&cfg.base_topic);
+    let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
+    let (loop_tx, loop_rx) = mpsc::channel(REQUEST_CAPACITY * 2);
+    let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
+    let span = tracing::info_span!("mqtt", url = %cfg.url);
+    let client = if cfg.protocol == "v311" {
+        let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+            .set_last_will(rumqttc::LastWill::new(&will_topic, "offline", rumqttc::QoS::AtLeastOnce, true));
+        if !cfg.username.is_empty() {
+            opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
+        }
+        let (client, eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
+        tasks.spawn(poll_v311(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        Client::V311(client)
+    } else {
+        let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
+        let will = rumqttc::v5::mqttbytes::v5::LastWill::new(&will_topic, "offline", v5_qos(1), true, None);
+        opts.set_keep_alive(keep_alive)
+            .set_clean_start(true)
+            .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
+            .set_last_will(will);
+        if !cfg.username.is_empty() {
+            opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
+        }
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
+        tasks.spawn(poll_v5(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        Client::V5(client)
+    };
+    spawn_publisher(settings, client, loop_rx, outbound_rx, offline, tasks, span)
+}
+
+fn spawn_publisher(
+    settings: &Settings,
+    client: Client,
+    loop_rx: mpsc::Receiver<LoopEvent>,
+    outbound_rx: mpsc::Receiver<Arc<Outbound>>,
+    availability: Route,
+    tasks: &tokio_util::task::TaskTracker,
+    span: tracing::Span,
+) -> Result<(), MqttError> {
+    let publisher = Publisher {
+        client,
+        base: settings.mqtt.base_topic.clone(),
+        max_packet_bytes: settings.mqtt.max_packet_bytes,
+        outbox: Outbox::new(Bus::Mqtt, settings.bridge.outbox_capacity),
+        handed: VecDeque::new(),
+        unacked: VecDeque::new(),
+        retained: HashMap::new(),
+        connected: false,
+        availability,
+        grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+    };
+    tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
+    Ok(())
+}
+
+/// Polls the v5 eventloop: nothing else, so rumqttc's request channel always drains.
+async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEvent>, max_ms: u64) {
+    use rumqttc::v5::Event;
+    let mut attempt = 0;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(V5Packet::ConnAck(_))) => LoopEvent::Connected,
+            Ok(Event::Incoming(V5Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LoopEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                eventloop.clean();
+                eventloop.pending.clear();
+                telemetry::reconnecting("mqtt", attempt, &e);
+                if tx.send(LoopEvent::Disconnected).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+        };
+        if matches!(event, LoopEvent::Connected) {
+            attempt = 0;
+        }
+        if tx.send(event).await.is_err() {
+            break;
+        }
+    }
+    debug!("mqtt eventloop stopped");
+}
+
+/// Polls the v3.1.1 eventloop, like [`poll_v5`].
+async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<LoopEvent>, max_ms: u64) {
+    use rumqttc::Event;
+    let mut attempt = 0;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(V3Packet::ConnAck(_))) => LoopEvent::Connected,
+            Ok(Event::Incoming(V3Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LoopEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                eventloop.clean();
+                eventloop.pending.clear();
+                telemetry::reconnecting("mqtt", attempt, &e);
+                if tx.send(LoopEvent::Disconnected).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+        };
+        if matches!(event, LoopEvent::Connected) {
+            attempt = 0;
+        }
+        if tx.send(event).await.is_err() {
+            break;
+        }
+    }
+    debug!("mqtt eventloop stopped");
+}
+
+/// Owns the client handle, the outbox and the delivery bookkeeping.
+struct Publisher {
+    client: Client,
+    base: String,
+    max_packet_bytes: usize,
+    outbox: Outbox,
+    /// Handed to rumqttc, waiting for its `Outgoing::Publish` (in order).
+    handed: VecDeque<Arc<Outbound>>,
+    /// Sent with QoS 1, waiting for the broker's `PubAck`.
+    unacked: VecDeque<(u16, Arc<Outbound>)>,
+    /// The last retained message per route that reached rumqttc: republished on every reconnect, because
+    /// a restarted broker may have kept nothing.
+    retained: HashMap<Route, Arc<Outbound>>,
+    connected: bool,
+    availability: Route,
+    grace: Duration,
+}
+
+impl Publisher {
+    async fn run(mut self, mut loop_rx: mpsc::Receiver<LoopEvent>, mut outbound_rx: mpsc::Receiver<Arc<Outbound>>) {
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                event = loop_rx.recv() => match event {
+                    Some(event) => self.on_loop_event(event),
+                    None => return,
+                },
+                msg = outbound_rx.recv(), if input_open => match msg {
+                    Some(msg) => self.outbox.push(msg),
+                    None => input_open = false,
+                },
+            }
+            self.pump();
+            if !input_open && self.idle() {
+                break;
+            }
+            if !input_open {
+                // Draining: wait for acknowledgements, bounded by the grace period.
+                if tokio::time::timeout(self.grace, self.drain(&mut loop_rx)).await.is_err() {
+                    warn!(left = self.outbox.len() + self.handed.len() + self.unacked.len(), "mqtt drain timed out");
+                }
+                break;
+            }
+        }
+        self.go_offline(&mut loop_rx).await;
+    }
+
+    fn idle(&self) -> bool {
+        self.outbox.is_empty() && self.handed.is_empty() && self.unacked.is_empty()
+    }
+
+    async fn drain(&mut self, loop_rx: &mut mpsc::Receiver<LoopEvent>) {
+        while !self.idle() {
+            match loop_rx.recv().await {
+                Some(event) => self.on_loop_event(event),
+                None => return,
+            }
+            self.pump();
+        }
+    }
+
+    fn on_loop_event(&mut self, event: LoopEvent) {
+        match event {
+            LoopEvent::Connected => {
+                info!("connected to mqtt broker");
+                self.connected = true;
+                // Order: `online` first, then retained state, then whatever waited.
+                let retained: Vec<_> = self.retained.values().cloned().collect();
+                self.outbox.requeue_front(retained.into_iter());
+                let online = Outbound::lifecycle(self.availability.clone(), "online", true);
+                self.outbox.requeue_front(std::iter::once(online));
+            }
+            LoopEvent::Sent(pkid) => {
+                if let Some(msg) = self.handed.pop_front() {
+                    if msg.qos == 0 {
+                        telemetry::published(Bus::Mqtt, 1);
+                    } else {
+                        self.unacked.push_back((pkid, msg));
+                    }
+                }
+            }
+            LoopEvent::Acked(pkid) => {
+                if let Some(i) = self.unacked.iter().position(|(p, _)| *p == pkid) {
+                    self.unacked.remove(i);
+                    telemetry::published(Bus::Mqtt, 1);
+                }
+            }
+            LoopEvent::Disconnected => {
+                if self.connected {
+                    warn!(unconfirmed = self.handed.len() + self.unacked.len(), "mqtt broker connection lost");
+                }
+                self.connected = false;
+                let unconfirmed: Vec<_> = self.unacked.drain(..).map(|(_, m)| m).chain(self.handed.drain(..)).collect();
+                self.outbox.requeue_front(unconfirmed.into_iter());
+            }
+        }
+    }
+
+    /// Hands waiting messages to rumqttc while connected and under the window.
+    fn pump(&mut self) {
+        while self.connected && self.handed.len() + self.unacked.len() < WINDOW {
+            let Some(msg) = self.outbox.pop() else { break };
+            let topic = msg.route.mqtt_topic(&self.base);
+            if topic.len() + msg.payload.len() + 16 > self.max_packet_bytes {
+                telemetry::dropped(Bus::Mqtt, "too_large", &msg.route);
+                continue;
+            }
+            if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone()) {
+                self.outbox.requeue_front(std::iter::once(msg));
+                break;
+            }
+            if msg.retain {
+                self.retained.insert(msg.route.clone(), msg.clone());
+            }
+            self.handed.push_back(msg);
+        }
+    }
+
+    /// Publishes the retained `offline` and waits (briefly) for its acknowledgement, then disconnects.
+    async fn go_offline(&mut self, loop_rx: &mut mpsc::Receiver<LoopEvent>) {
+        if self.connected {
+            self.outbox.push(Outbound::lifecycle(self.availability.clone(), "offline", true));
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.drain(loop_rx)).await;
+        }
+        self.client.disconnect().await;
+        // Let the eventloop send the DISCONNECT before the task ends.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async { while loop_rx.recv().await.is_some() {} }).await;
+        info!("mqtt publisher stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(host_port("mqtt://127.0.0.1:1884").ok(), Some(("127.0.0.1".into(), 1884)));
+        assert_eq!(host_port("mqtt://broker").ok(), Some(("broker".into(), 1883)));
+        assert!(matches!(host_port("http://x"), Err(MqttError::InvalidUrl(_))));
+        assert!(matches!(host_port("mqtt://x:notaport"), Err(MqttError::InvalidUrl(_))));
+        assert!(matches!(host_port("mqtts://x"), Err(MqttError::TlsUnsupported)));
+    }
+}

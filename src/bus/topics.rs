@@ -1,0 +1,197 @@
+//! Where each event goes: one list of levels, rendered as an MQTT topic (`/`) and a NATS subject (`.`).
+//!
+//! Pure functions only. Levels taken from ComfyUI data are escaped (INTERFACE.md §1): every byte outside
+//! `A-Z a-z 0-9 _ - :` becomes `=XX`, and an empty level is `=`.
+
+use std::fmt::Write as _;
+
+/// Level for bridge availability.
+pub const BRIDGE: &str = "bridge";
+/// Level for ComfyUI availability.
+pub const COMFYUI: &str = "comfyui";
+/// Last level of availability topics.
+pub const AVAILABILITY: &str = "availability";
+/// Level for `status` messages.
+pub const STATUS: &str = "status";
+/// Level before a prompt id.
+pub const PROMPT: &str = "prompt";
+/// Level before a node id.
+pub const NODE: &str = "node";
+/// Level for events that name no prompt.
+pub const EVENT: &str = "event";
+/// Last level of binary previews.
+pub const PREVIEW: &str = "preview";
+/// Last level of binary progress text.
+pub const TEXT: &str = "text";
+
+/// A destination below the base topic / subject prefix: already-escaped levels, starting with the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route(Vec<String>);
+
+impl Route {
+    /// A route under `instance` made of fixed levels (never escaped: they are our own constants).
+    pub fn fixed(instance: &str, levels: &[&str]) -> Self {
+        let mut all = Vec::with_capacity(levels.len() + 1);
+        all.push(instance.to_string());
+        all.extend(levels.iter().map(|l| l.to_string()));
+        Self(all)
+    }
+
+    /// The route of a text event: by prompt and node when the data names them (INTERFACE.md §2).
+    pub fn for_event(instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Self {
+        let mut route = Self::fixed(instance, &[]);
+        match (kind, prompt_id) {
+            ("status", _) => route.push_fixed(STATUS),
+            (_, Some(pid)) => {
+                route.push_fixed(PROMPT);
+                route.push_escaped(pid);
+                if let Some(nid) = node_id {
+                    route.push_fixed(NODE);
+                    route.push_escaped(nid);
+                }
+                route.push_escaped(kind);
+            }
+            (_, None) => {
+                route.push_fixed(EVENT);
+                route.push_escaped(kind);
+            }
+        }
+        route
+    }
+
+    /// `prompt/<pid>/node/<nid>/<last>` for binary frames; unknown ids become `unknown`... escaped as data.
+    pub fn for_node(instance: &str, prompt_id: &str, node_id: &str, last: &str) -> Self {
+        let mut route = Self::fixed(instance, &[PROMPT]);
+        route.push_escaped(prompt_id);
+        route.push_fixed(NODE);
+        route.push_escaped(node_id);
+        route.push_fixed(last);
+        route
+    }
+
+    fn push_fixed(&mut self, level: &str) {
+        self.0.push(level.to_string());
+    }
+
+    fn push_escaped(&mut self, level: &str) {
+        self.0.push(escape(level));
+    }
+
+    /// The levels, escaped.
+    pub fn levels(&self) -> &[String] {
+        &self.0
+    }
+
+    /// `<base>/<levels…>`.
+    pub fn mqtt_topic(&self, base: &str) -> String {
+        self.render(base, '/')
+    }
+
+    /// `<prefix>.<levels…>`.
+    pub fn nats_subject(&self, prefix: &str) -> String {
+        self.render(prefix, '.')
+    }
+
+    fn render(&self, base: &str, sep: char) -> String {
+        let mut out = String::with_capacity(base.len() + self.0.iter().map(|l| l.len() + 1).sum::<usize>());
+        out.push_str(base);
+        for level in &self.0 {
+            out.push(sep);
+            out.push_str(level);
+        }
+        out
+    }
+}
+
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':')
+}
+
+/// Escapes one level taken from ComfyUI data.
+pub fn escape(level: &str) -> String {
+    if level.is_empty() {
+        return "=".to_string();
+    }
+    if level.bytes().all(is_plain) {
+        return level.to_string();
+    }
+    let mut out = String::with_capacity(level.len() * 3);
+    for b in level.bytes() {
+        if is_plain(b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "={b:02X}");
+        }
+    }
+    out
+}
+
+/// Reverses [`escape`]; `None` when the level is not a valid escape.
+pub fn unescape(level: &str) -> Option<String> {
+    if level == "=" {
+        return Some(String::new());
+    }
+    let bytes = level.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_follows_the_interface_examples() {
+        assert_eq!(escape("bridge_probe.custom"), "bridge_probe=2Ecustom");
+        assert_eq!(escape("5.0.0.3"), "5=2E0=2E0=2E3");
+        assert_eq!(escape("12:5"), "12:5");
+        assert_eq!(escape(""), "=");
+        assert_eq!(escape("a/b+#*> é"), "a=2Fb=2B=23=2A=3E=20=C3=A9");
+    }
+
+    #[test]
+    fn escaping_round_trips_and_never_leaks_separators_or_wildcards() {
+        for s in ["", "=", "==41", "12:5", "20.0.0.3.0.0.1", "7:9:3.0.0.1", "a/b", "x y", "ünï", "#+*>", "=2E"] {
+            let e = escape(s);
+            assert!(!e.contains(['/', '.', '+', '#', '*', '>', ' ']), "{e}");
+            assert_eq!(unescape(&e).as_deref(), Some(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn events_route_by_prompt_node_and_type() {
+        let cases: [(&str, Option<&str>, Option<&str>, &str); 6] = [
+            ("status", None, None, "comfyui/local/status"),
+            ("progress", Some("p1"), Some("3"), "comfyui/local/prompt/p1/node/3/progress"),
+            ("executing", Some("p1"), Some("5.0.0.3"), "comfyui/local/prompt/p1/node/5=2E0=2E0=2E3/executing"),
+            ("execution_start", Some("p1"), None, "comfyui/local/prompt/p1/execution_start"),
+            ("bridge_probe.custom", None, None, "comfyui/local/event/bridge_probe=2Ecustom"),
+            ("logs", None, None, "comfyui/local/event/logs"),
+        ];
+        for (kind, pid, nid, topic) in cases {
+            let route = Route::for_event("local", kind, pid, nid);
+            assert_eq!(route.mqtt_topic("comfyui"), topic);
+            assert_eq!(route.nats_subject("comfyui"), topic.replace('/', "."));
+        }
+    }
+
+    #[test]
+    fn binary_routes_and_fixed_routes() {
+        let route = Route::for_node("gpu1", "p.1", "12:5", PREVIEW);
+        assert_eq!(route.mqtt_topic("home/comfy"), "home/comfy/gpu1/prompt/p=2E1/node/12:5/preview");
+        assert_eq!(route.nats_subject("comfy"), "comfy.gpu1.prompt.p=2E1.node.12:5.preview");
+        let route = Route::fixed("local", &[BRIDGE, AVAILABILITY]);
+        assert_eq!(route.mqtt_topic("comfyui"), "comfyui/local/bridge/availability");
+    }
+}

@@ -1,0 +1,359 @@
+//! ComfyUI's WebSocket frames as values.
+//!
+//! A text frame is `{"type", "data"}`. The bridge republishes `data` exactly as ComfyUI sent it, so it is kept as
+//! a [`RawValue`] and only the few fields routing needs (prompt id, node ids) are read out of it. Binary frames
+//! are decoded per PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A message type ComfyUI's core sends; anything else (custom `send_sync` events) is [`Kind::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `status`: queue size changed (also the first message on connect).
+    Status,
+    /// `feature_flags`: the server's answer to the bridge's flags.
+    FeatureFlags,
+    /// `execution_start`.
+    ExecutionStart,
+    /// `execution_cached`.
+    ExecutionCached,
+    /// `executing`: a node started, or (node null) the prompt finished.
+    Executing,
+    /// `progress`.
+    Progress,
+    /// `progress_state`.
+    ProgressState,
+    /// `executed`.
+    Executed,
+    /// `execution_success`.
+    ExecutionSuccess,
+    /// `execution_error`.
+    ExecutionError,
+    /// `execution_interrupted`.
+    ExecutionInterrupted,
+    /// `logs`.
+    Logs,
+    /// Any other type, kept verbatim in [`TextEvent::kind_name`].
+    Other,
+}
+
+impl Kind {
+    fn from_name(name: &str) -> Self {
+        match name {
+            "status" => Self::Status,
+            "feature_flags" => Self::FeatureFlags,
+            "execution_start" => Self::ExecutionStart,
+            "execution_cached" => Self::ExecutionCached,
+            "executing" => Self::Executing,
+            "progress" => Self::Progress,
+            "progress_state" => Self::ProgressState,
+            "executed" => Self::Executed,
+            "execution_success" => Self::ExecutionSuccess,
+            "execution_error" => Self::ExecutionError,
+            "execution_interrupted" => Self::ExecutionInterrupted,
+            "logs" => Self::Logs,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A text frame: its type, the untouched `data`, and the ids routing needs.
+#[derive(Debug)]
+pub struct TextEvent {
+    /// The known type, or [`Kind::Other`].
+    pub kind: Kind,
+    /// The `type` string exactly as sent.
+    pub kind_name: String,
+    /// `data` exactly as sent.
+    pub data: Box<RawValue>,
+    /// `data.prompt_id` when it is a string.
+    pub prompt_id: Option<String>,
+    /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
+    pub node_id: Option<String>,
+}
+
+/// Decoding failures; each is counted and the frame skipped.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// A text frame that is not `{"type": string, "data": any}`.
+    #[error("invalid JSON text frame: {0}")]
+    InvalidJson(String),
+    /// A binary frame shorter than its layout says.
+    #[error("truncated binary frame of type {kind} ({len} bytes)")]
+    Truncated {
+        /// The binary event type.
+        kind: u32,
+        /// The frame's length.
+        len: usize,
+    },
+    /// A binary type this bridge does not know.
+    #[error("unknown binary frame type {0}")]
+    UnknownBinaryType(u32),
+    /// Type-3 node id or type-4 metadata that is not valid UTF-8 / JSON.
+    #[error("invalid binary frame header: {0}")]
+    InvalidHeader(String),
+}
+
+impl FrameError {
+    /// A short, stable label for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::Truncated { .. } => "truncated_binary",
+            Self::UnknownBinaryType(_) => "unknown_binary_type",
+            Self::InvalidHeader(_) => "invalid_binary_header",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    data: Box<RawValue>,
+}
+
+/// The id fields routing reads from `data`; everything else stays in the raw value.
+#[derive(Deserialize, Default)]
+struct Ids {
+    #[serde(default)]
+    prompt_id: Option<serde_json::Value>,
+    #[serde(default)]
+    node: Option<serde_json::Value>,
+    #[serde(default)]
+    display_node: Option<serde_json::Value>,
+    #[serde(default)]
+    node_id: Option<serde_json::Value>,
+}
+
+fn as_id(value: Option<serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses one text frame.
+pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
+    let envelope: Envelope = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    // `data` need not be an object (custom events may send anything); then it names no ids.
+    // (serde would fill `Ids` from an array by position, so only objects are read.)
+    let ids: Ids = if envelope.data.get().starts_with('{') {
+        serde_json::from_str(envelope.data.get()).unwrap_or_default()
+    } else {
+        Ids::default()
+    };
+    let kind = Kind::from_name(&envelope.kind);
+    let node_id = match kind {
+        // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
+        Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
+        _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
+    };
+    Ok(TextEvent { kind, kind_name: envelope.kind, data: envelope.data, prompt_id: as_id(ids.prompt_id), node_id })
+}
+
+/// The image encoding of a preview.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// `image/jpeg`.
+    Jpeg,
+    /// `image/png`.
+    Png,
+    /// Another type named in type-4 metadata, or an unknown type-1 format code.
+    Other,
+}
+
+impl ImageFormat {
+    /// The MIME type for headers.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Jpeg => "image/jpeg",
+            Self::Png => "image/png",
+            Self::Other => "application/octet-stream",
+        }
+    }
+}
+
+/// A binary frame.
+#[derive(Debug)]
+pub enum BinaryEvent {
+    /// Type 1 (no metadata) or type 4 (with metadata) preview image.
+    Preview {
+        /// Encoding of `image`.
+        format: ImageFormat,
+        /// `(prompt_id, node_id)` from type-4 metadata (`display_node_id`, else `node_id`); `None` for type 1.
+        ids: Option<(Option<String>, Option<String>)>,
+        /// The encoded image.
+        image: Bytes,
+    },
+    /// Type 3: progress text for a node (no prompt id on the wire).
+    Text {
+        /// The node the text belongs to.
+        node_id: String,
+        /// The text.
+        text: String,
+    },
+}
+
+const PREVIEW_IMAGE: u32 = 1;
+const TEXT: u32 = 3;
+const PREVIEW_IMAGE_WITH_METADATA: u32 = 4;
+
+fn read_u32(frame: &[u8], at: usize) -> Option<u32> {
+    let bytes: [u8; 4] = frame.get(at..at + 4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(bytes))
+}
+
+/// Parses one binary frame.
+pub fn parse_binary(frame: Bytes) -> Result<BinaryEvent, FrameError> {
+    let len = frame.len();
+    let kind = read_u32(&frame, 0).ok_or(FrameError::Truncated { kind: 0, len })?;
+    let truncated = FrameError::Truncated { kind, len };
+    let word = read_u32(&frame, 4).ok_or(truncated.clone())? as usize;
+    match kind {
+        PREVIEW_IMAGE => {
+            let format = match word {
+                1 => ImageFormat::Jpeg,
+                2 => ImageFormat::Png,
+                _ => ImageFormat::Other,
+            };
+            let image = frame.slice(8..);
+            Ok(BinaryEvent::Preview { format, ids: None, image })
+        }
+        TEXT => {
+            let end = 8usize.checked_add(word).filter(|&end| end <= len).ok_or(truncated)?;
+            let utf8 = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|e| FrameError::InvalidHeader(e.to_string()));
+            Ok(BinaryEvent::Text {
+                node_id: utf8(&frame[8..end])?,
+                text: String::from_utf8_lossy(&frame[end..]).into_owned(),
+            })
+        }
+        PREVIEW_IMAGE_WITH_METADATA => {
+            let end = 8usize.checked_add(word).filter(|&end| end <= len).ok_or(truncated)?;
+            let meta: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&frame[8..end]).map_err(|e| FrameError::InvalidHeader(e.to_string()))?;
+            let field = |k: &str| as_id(meta.get(k).cloned());
+            let format = match meta.get("image_type").and_then(|v| v.as_str()) {
+                Some("image/jpeg") => ImageFormat::Jpeg,
+                Some("image/png") => ImageFormat::Png,
+                _ => ImageFormat::Other,
+            };
+            let node = field("display_node_id").or_else(|| field("node_id"));
+            Ok(BinaryEvent::Preview { format, ids: Some((field("prompt_id"), node)), image: frame.slice(end..) })
+        }
+        other => Err(FrameError::UnknownBinaryType(other)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    /// Every frame ComfyUI sent in a recorded session, text as `Ok(text)` and binary as `Err(bytes)`.
+    pub(crate) fn recorded_frames(scenario: &str) -> Vec<Result<String, Vec<u8>>> {
+        let path = format!("{}/tests/fixtures/transcripts/{scenario}.jsonl", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(path).expect("fixture exists");
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|l| l["dir"] == "in")
+            .filter_map(|l| match l["kind"].as_str() {
+                Some("text") => Some(Ok(l["data"].to_string())),
+                Some("binary") => l["b64"]
+                    .as_str()
+                    .map(|b| Err(base64::engine::general_purpose::STANDARD.decode(b).expect("valid base64"))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_recorded_text_frame_parses_and_keeps_its_data() {
+        for entry in
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts")).expect("fixtures")
+        {
+            let path = entry.expect("entry").path();
+            let scenario = path.file_stem().and_then(|s| s.to_str()).expect("name").to_string();
+            for frame in recorded_frames(&scenario).into_iter().filter_map(Result::ok) {
+                let event = parse_text(&frame).unwrap_or_else(|e| panic!("{scenario}: {e}"));
+                let original: serde_json::Value = serde_json::from_str(&frame).expect("json");
+                let data: serde_json::Value = serde_json::from_str(event.data.get()).expect("json");
+                assert_eq!(data, original["data"], "{scenario}");
+                assert_eq!(event.kind_name, original["type"], "{scenario}");
+            }
+        }
+    }
+
+    #[test]
+    fn routing_ids_come_from_display_node_then_node() {
+        let e = parse_text(r#"{"type":"executing","data":{"node":"20.0.0.1","display_node":"20","prompt_id":"p"}}"#)
+            .expect("parses");
+        assert_eq!((e.kind, e.prompt_id.as_deref(), e.node_id.as_deref()), (Kind::Executing, Some("p"), Some("20")));
+        let e = parse_text(r#"{"type":"executing","data":{"node":null,"prompt_id":"p"}}"#).expect("parses");
+        assert_eq!(e.node_id, None);
+        let e = parse_text(r#"{"type":"progress","data":{"value":1,"max":2,"prompt_id":"p","node":"12:5"}}"#)
+            .expect("parses");
+        assert_eq!(e.node_id.as_deref(), Some("12:5"));
+        let e = parse_text(r#"{"type":"bridge_probe.custom","data":[1,2]}"#).expect("parses");
+        assert_eq!((e.kind, e.prompt_id), (Kind::Other, None));
+    }
+
+    #[test]
+    fn malformed_text_frames_are_errors_not_panics() {
+        for bad in ["", "{", "[]", r#"{"type":1,"data":{}}"#, r#"{"data":{}}"#, "null"] {
+            assert!(matches!(parse_text(bad), Err(FrameError::InvalidJson(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn recorded_type4_preview_carries_prompt_node_and_jpeg() {
+        let frame = recorded_frames("a_success").into_iter().find_map(Result::err).expect("a binary frame");
+        match parse_binary(Bytes::from(frame)).expect("decodes") {
+            BinaryEvent::Preview { format, ids: Some((Some(pid), Some(node))), image } => {
+                assert_eq!(format, ImageFormat::Jpeg);
+                assert_eq!(node, "2");
+                assert_eq!(pid, "b5ce2ae5-3b1f-4ded-aabc-98cde2f52de0");
+                assert_eq!(&image[..2], &[0xFF, 0xD8], "JPEG magic");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn recorded_type1_and_type3_frames_decode() {
+        let frames = recorded_frames("a_success_legacy_previews");
+        let preview = frames.iter().find_map(|f| f.clone().err()).expect("binary");
+        assert!(matches!(
+            parse_binary(Bytes::from(preview)),
+            Ok(BinaryEvent::Preview { format: ImageFormat::Png, ids: None, ref image }) if image.starts_with(b"\x89PNG")
+        ));
+        let texts: Vec<_> = recorded_frames("g_custom_events")
+            .into_iter()
+            .filter_map(Result::err)
+            .filter_map(|f| match parse_binary(Bytes::from(f)) {
+                Ok(BinaryEvent::Text { node_id, text }) => Some((node_id, text)),
+                _ => None,
+            })
+            .collect();
+        assert!(!texts.is_empty(), "g_custom_events has TEXT frames");
+    }
+
+    #[test]
+    fn malformed_binary_frames_are_errors_not_panics() {
+        let cases: [(&[u8], &str); 6] = [
+            (&[], "truncated_binary"),
+            (&[0, 0, 0, 1], "truncated_binary"),
+            (&[0, 0, 0, 4, 0, 0, 1, 0, b'{'], "truncated_binary"),
+            (&[0, 0, 0, 4, 0, 0, 0, 1, b'{'], "invalid_binary_header"),
+            (&[0, 0, 0, 3, 255, 255, 255, 255], "truncated_binary"),
+            (&[0, 0, 0, 9, 0, 0, 0, 0], "unknown_binary_type"),
+        ];
+        for (bytes, reason) in cases {
+            let err = parse_binary(Bytes::copy_from_slice(bytes)).expect_err("must fail");
+            assert_eq!(err.reason(), reason, "{bytes:?}");
+        }
+    }
+}

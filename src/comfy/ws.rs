@@ -1,0 +1,237 @@
+//! The WebSocket connection to ComfyUI: connect, negotiate, read, ping, and reconnect forever.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument as _};
+
+use super::{backoff, Inbound};
+use crate::config::Settings;
+use crate::telemetry;
+
+/// Sent as the first message so previews arrive as type 4, with their prompt and node (PROTOCOL.md §2.3).
+const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    /// The URL or a header could not be used.
+    #[error("invalid websocket request: {0}")]
+    Request(String),
+    /// Connecting failed.
+    #[error("connect failed: {0}")]
+    Connect(tungstenite::Error),
+    /// Connecting took longer than the timeout.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The socket failed while open.
+    #[error("websocket error: {0}")]
+    Socket(tungstenite::Error),
+    /// No pong within two ping intervals.
+    #[error("no pong within {0:?}")]
+    PongTimeout(Duration),
+    /// The server closed the connection.
+    #[error("closed by server")]
+    RemoteClosed,
+}
+
+/// The WebSocket actor: owns the socket; sends [`Inbound`] to the router.
+pub struct WsClient {
+    url: String,
+    headers: Vec<(String, String)>,
+    reconnect_max_ms: u64,
+    ping_interval: Duration,
+    /// To the router; closing it (dropping this actor) tells the router the source is gone.
+    inbound_tx: mpsc::Sender<Inbound>,
+}
+
+/// `http(s)://host/base` → `ws(s)://host/base/ws?clientId=<id>`.
+pub fn ws_url(http_base: &str, client_id: &str) -> String {
+    let base = http_base.trim_end_matches('/');
+    let ws = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        format!("ws://{}", base.trim_start_matches("http://"))
+    };
+    let id: String = url_encode(client_id);
+    format!("{ws}/ws?clientId={id}")
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl WsClient {
+    /// A client for `settings.comfyui` with the given client id.
+    pub fn new(settings: &Settings, client_id: &str, inbound_tx: mpsc::Sender<Inbound>) -> Self {
+        Self {
+            url: ws_url(settings.comfy_base(), client_id),
+            headers: settings.comfyui.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
+            reconnect_max_ms: settings.comfyui.reconnect_max_ms,
+            ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
+            inbound_tx,
+        }
+    }
+
+    /// Connects and reconnects until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("comfy_ws", url = %self.url.split('?').next().unwrap_or_default());
+        async move {
+            let mut attempt = 0u32;
+            loop {
+                let outcome = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    outcome = self.connect_and_read(&shutdown) => outcome,
+                };
+                match outcome {
+                    Ok(true) => attempt = 0,
+                    Ok(false) => {}
+                    Err(e) => telemetry::reconnecting("comfyui", attempt, &e),
+                }
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let delay = backoff::delay(attempt, self.reconnect_max_ms);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            info!("comfyui websocket stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One connection: `Ok(true)` if it was up and later ended cleanly by shutdown or close.
+    async fn connect_and_read(&self, shutdown: &CancellationToken) -> Result<bool, WsError> {
+        let mut request = self.url.as_str().into_client_request().map_err(|e| WsError::Request(e.to_string()))?;
+        for (name, value) in &self.headers {
+            let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| WsError::Request(e.to_string()))?;
+            let value = value.parse().map_err(|_| WsError::Request(format!("header {name}")))?;
+            request.headers_mut().insert(name, value);
+        }
+        let (mut socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
+            .await
+            .map_err(|_| WsError::ConnectTimeout)?
+            .map_err(WsError::Connect)?;
+        socket.send(Message::text(FEATURE_FLAGS)).await.map_err(WsError::Socket)?;
+        info!("connected to comfyui");
+        let _ = self.inbound_tx.send(Inbound::Connected).await;
+        let result = self.read_loop(&mut socket, shutdown).await;
+        let _ = self.inbound_tx.send(Inbound::Disconnected).await;
+        // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
+        // socket would later unregister the new one (PROTOCOL.md §2.1).
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+        drop(socket);
+        result.map(|()| true)
+    }
+
+    async fn read_loop<S>(&self, socket: &mut S, shutdown: &CancellationToken) -> Result<(), WsError>
+    where
+        S: futures_util::Stream<Item = Result<Message, tungstenite::Error>>
+            + futures_util::Sink<Message, Error = tungstenite::Error>
+            + Unpin,
+    {
+        let mut ping = tokio::time::interval(self.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > self.ping_interval * 2 {
+                        return Err(WsError::PongTimeout(self.ping_interval * 2));
+                    }
+                    socket.send(Message::Ping(Default::default())).await.map_err(WsError::Socket)?;
+                }
+                frame = socket.next() => {
+                    last_seen = tokio::time::Instant::now();
+                    match frame {
+                        None => return Err(WsError::RemoteClosed),
+                        Some(Err(e)) => return Err(WsError::Socket(e)),
+                        Some(Ok(msg)) => if !self.forward(msg).await { return Err(WsError::RemoteClosed) },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a frame to the router; `false` when the socket was closed by the server.
+    async fn forward(&self, msg: Message) -> bool {
+        let now = now_ms();
+        let inbound = match msg {
+            Message::Text(text) => Inbound::Text(text.as_str().to_owned(), now),
+            Message::Binary(bytes) => Inbound::Binary(bytes, now),
+            Message::Close(frame) => {
+                debug!(?frame, "server closed the websocket");
+                return false;
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return true,
+        };
+        telemetry::frame_received();
+        // Awaiting here is the back-pressure that keeps frame order; the router never blocks for long.
+        let _ = self.inbound_tx.send(inbound).await;
+        true
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The persisted client id under `state_dir`, created on first use. A configured id wins.
+pub fn client_id(configured: &str, state_dir: &std::path::Path) -> std::io::Result<String> {
+    if !configured.is_empty() {
+        return Ok(configured.to_string());
+    }
+    let path = state_dir.join("client_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id: String = (0..32).map(|_| fastrand::alphanumeric().to_ascii_lowercase()).collect();
+    let id = format!("comfy-bridge-{id}");
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join("client_id.tmp");
+    std::fs::write(&tmp, &id)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_url_is_derived_from_the_http_url() {
+        assert_eq!(ws_url("http://127.0.0.1:8188/", "abc"), "ws://127.0.0.1:8188/ws?clientId=abc");
+        assert_eq!(ws_url("https://gpu.example/comfy", "a b"), "wss://gpu.example/comfy/ws?clientId=a%20b");
+    }
+
+    #[test]
+    fn client_id_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = client_id("", dir.path()).expect("id");
+        assert_eq!(client_id("", dir.path()).expect("id"), first);
+        assert_ne!(client_id("", tempfile::tempdir().expect("dir").path()).expect("id"), first);
+        assert_eq!(client_id("fixed", dir.path()).expect("id"), "fixed");
+    }
+}

@@ -1,0 +1,429 @@
+//! Settings: compiled defaults, then a TOML file, then `COMFY_BRIDGE__SECTION__KEY` environment variables.
+//!
+//! Every field is documented because `config/default.toml` and the README reference mirror it; a test parses
+//! `config/default.toml` and checks it equals the compiled defaults.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "COMFY_BRIDGE";
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, an environment variable or a value could not be read or has the wrong type or name.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but breaks a rule.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `mqtt.protocol`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A string that never shows up in logs or printed configuration.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The bridge process itself.
+    pub bridge: BridgeSettings,
+    /// The ComfyUI server.
+    pub comfyui: ComfySettings,
+    /// The MQTT broker.
+    pub mqtt: MqttSettings,
+    /// The NATS server.
+    pub nats: NatsSettings,
+    /// Binary preview frames.
+    pub previews: PreviewSettings,
+    /// The command plane (requests from the buses).
+    pub commands: CommandSettings,
+    /// Persistent state.
+    pub state: StateSettings,
+    /// Health and metrics endpoint.
+    pub http: HttpSettings,
+}
+
+/// `[bridge]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeSettings {
+    /// Instance name: the level after the base topic, so several ComfyUI servers can share one broker.
+    pub instance: String,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
+    pub log: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// How long shutdown may take to drain in-flight publishes, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Messages each bus keeps while its broker is away; progress and previews are dropped first.
+    pub outbox_capacity: usize,
+}
+
+impl Default for BridgeSettings {
+    fn default() -> Self {
+        Self {
+            instance: "local".into(),
+            log: "info".into(),
+            log_format: "text".into(),
+            shutdown_grace_ms: 5_000,
+            outbox_capacity: 10_000,
+        }
+    }
+}
+
+/// `[comfyui]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComfySettings {
+    /// Base URL of ComfyUI's HTTP API; the WebSocket URL is derived from it (`http` -> `ws`, `https` -> `wss`).
+    pub url: String,
+    /// Base URL that subscribers can reach, used in `/view` links; empty means `url`.
+    pub public_url: String,
+    /// WebSocket client id; empty means a random id generated once and kept in `state.dir`.
+    pub client_id: String,
+    /// Extra HTTP headers for every request and the WebSocket handshake (e.g. `Authorization`).
+    pub headers: BTreeMap<String, Secret>,
+    /// Upper bound of the reconnect backoff, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Interval of WebSocket pings; a connection that does not answer within two intervals is dropped.
+    pub ping_interval_ms: u64,
+}
+
+impl Default for ComfySettings {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8188".into(),
+            public_url: String::new(),
+            client_id: String::new(),
+            headers: BTreeMap::new(),
+            reconnect_max_ms: 30_000,
+            ping_interval_ms: 10_000,
+        }
+    }
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Publish to and take commands from MQTT.
+    pub enabled: bool,
+    /// Broker URL: `mqtt://host:port` (`mqtts://` for TLS).
+    pub url: String,
+    /// User name; empty for none.
+    pub username: String,
+    /// Password.
+    pub password: Option<Secret>,
+    /// First topic level(s), e.g. `comfyui` or `home/comfyui`.
+    pub base_topic: String,
+    /// `v5` or `v311`.
+    pub protocol: String,
+    /// MQTT client id; empty means `comfy-bridge-<instance>`.
+    pub client_id: String,
+    /// Keep-alive interval, in seconds.
+    pub keep_alive_secs: u64,
+    /// Largest packet the bridge sends or accepts, in bytes (previews can be large).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: String::new(),
+            password: None,
+            base_topic: "comfyui".into(),
+            protocol: "v5".into(),
+            client_id: String::new(),
+            keep_alive_secs: 30,
+            max_packet_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSettings {
+    /// Publish to and take commands from NATS.
+    pub enabled: bool,
+    /// Server URL(s), comma separated.
+    pub url: String,
+    /// First subject token(s), e.g. `comfyui`.
+    pub subject_prefix: String,
+    /// Path of a `.creds` file; empty for none.
+    pub credentials_file: String,
+    /// Token authentication.
+    pub token: Option<Secret>,
+    /// User name; empty for none.
+    pub user: String,
+    /// Password for `user`.
+    pub password: Option<Secret>,
+    /// Longest a publish may take before the message goes back to the outbox, in milliseconds.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "comfyui".into(),
+            credentials_file: String::new(),
+            token: None,
+            user: String::new(),
+            password: None,
+            publish_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// `[previews]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviewSettings {
+    /// Publish binary preview frames.
+    pub enabled: bool,
+    /// Most previews per node per second; extra frames are skipped.
+    pub max_per_second: f64,
+}
+
+impl Default for PreviewSettings {
+    fn default() -> Self {
+        Self { enabled: true, max_per_second: 5.0 }
+    }
+}
+
+/// `[commands]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandSettings {
+    /// Listen on the request topics.
+    pub enabled: bool,
+    /// Commands allowed; empty allows all.
+    pub allow: Vec<String>,
+    /// Directory of API-format workflow templates (`*.json`).
+    pub templates_dir: PathBuf,
+    /// Largest request payload, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow: Vec::new(),
+            templates_dir: PathBuf::from("templates"),
+            max_payload_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSettings {
+    /// Directory for the persisted client id and patched templates.
+    pub dir: PathBuf,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("state") }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of `/healthz`, `/readyz` and `/metrics`; empty disables it.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the process environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// Like [`Settings::load`], with the environment given as a map (tests never touch the real one).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("commands.allow")
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field and value checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string() });
+        if !matches!(self.mqtt.protocol.as_str(), "v5" | "v311") {
+            return invalid("mqtt.protocol", "must be `v5` or `v311`");
+        }
+        if !matches!(self.bridge.log_format.as_str(), "text" | "json") {
+            return invalid("bridge.log_format", "must be `text` or `json`");
+        }
+        if !(self.comfyui.url.starts_with("http://") || self.comfyui.url.starts_with("https://")) {
+            return invalid("comfyui.url", "must start with http:// or https://");
+        }
+        if !is_plain_level(&self.bridge.instance) {
+            return invalid("bridge.instance", "use only A-Z a-z 0-9 _ - and no empty value");
+        }
+        if self.mqtt.base_topic.split('/').any(|l| !is_plain_level(l)) {
+            return invalid("mqtt.base_topic", "levels may use only A-Z a-z 0-9 _ - separated by /");
+        }
+        if self.nats.subject_prefix.split('.').any(|l| !is_plain_level(l)) {
+            return invalid("nats.subject_prefix", "tokens may use only A-Z a-z 0-9 _ - separated by .");
+        }
+        if self.previews.max_per_second <= 0.0 || self.previews.max_per_second.is_nan() {
+            return invalid("previews.max_per_second", "must be greater than 0");
+        }
+        if self.bridge.outbox_capacity == 0 {
+            return invalid("bridge.outbox_capacity", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// ComfyUI's base URL without a trailing slash.
+    pub fn comfy_base(&self) -> &str {
+        self.comfyui.url.trim_end_matches('/')
+    }
+
+    /// The URL `/view` links are built on.
+    pub fn public_base(&self) -> &str {
+        match self.comfyui.public_url.trim_end_matches('/') {
+            "" => self.comfy_base(),
+            url => url,
+        }
+    }
+
+    /// The effective configuration as TOML, secrets shown as `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Base topic levels and the instance are used verbatim in topics, so they must need no escaping.
+fn is_plain_level(level: &str) -> bool {
+    !level.is_empty() && level.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn shipped_default_toml_equals_compiled_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let loaded = Settings::load_with_env(Some(&path), env(&[])).expect("default.toml loads");
+        assert_eq!(loaded, Settings::default());
+    }
+
+    #[test]
+    fn environment_overrides_file_values() {
+        let loaded = Settings::load_with_env(
+            None,
+            env(&[
+                ("COMFY_BRIDGE__MQTT__URL", "mqtt://broker:1884"),
+                ("COMFY_BRIDGE__BRIDGE__INSTANCE", "gpu1"),
+                ("COMFY_BRIDGE__NATS__ENABLED", "false"),
+                ("COMFY_BRIDGE__COMMANDS__ALLOW", "queue,status"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.mqtt.url, "mqtt://broker:1884");
+        assert_eq!(loaded.bridge.instance, "gpu1");
+        assert!(!loaded.nats.enabled);
+        assert_eq!(loaded.commands.allow, vec!["queue", "status"]);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[mqtt]\nurll = \"mqtt://x\"\n").expect("write");
+        let err = Settings::load_with_env(Some(&path), env(&[])).expect_err("must fail");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_their_key() {
+        for (key, value, name) in [
+            ("COMFY_BRIDGE__MQTT__PROTOCOL", "v4", "mqtt.protocol"),
+            ("COMFY_BRIDGE__BRIDGE__INSTANCE", "a/b", "bridge.instance"),
+            ("COMFY_BRIDGE__COMFYUI__URL", "ftp://x", "comfyui.url"),
+        ] {
+            let err = Settings::load_with_env(None, env(&[(key, value)])).expect_err(key);
+            assert!(matches!(err, ConfigError::Invalid { key, .. } if key == name), "{err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_printed() {
+        let loaded = Settings::load_with_env(
+            None,
+            env(&[("COMFY_BRIDGE__MQTT__PASSWORD", "hunter2"), ("COMFY_BRIDGE__NATS__TOKEN", "s3cret")]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.mqtt.password.as_ref().map(Secret::expose), Some("hunter2"));
+        let shown = format!("{}\n{:?}", loaded.to_redacted_toml(), loaded);
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+    }
+}

@@ -1,0 +1,137 @@
+use super::*;
+use crate::comfy::event::tests::recorded_frames;
+
+fn replay(scenario: &str, settings: &Settings) -> Vec<Arc<Outbound>> {
+    let mut router = Router::new(settings);
+    let start = Instant::now();
+    let mut out = router.route(Inbound::Connected, start);
+    for (i, frame) in recorded_frames(scenario).into_iter().enumerate() {
+        // Frames 100 ms apart, as if ComfyUI were running normally.
+        let now = start + Duration::from_millis(100 * i as u64);
+        let inbound = match frame {
+            Ok(text) => Inbound::Text(text, 1_795_000_000_000 + i as u64),
+            Err(bytes) => Inbound::Binary(Bytes::from(bytes), 1_795_000_000_000 + i as u64),
+        };
+        out.extend(router.route(inbound, now));
+    }
+    out
+}
+
+fn topic(msg: &Outbound) -> String {
+    msg.route.mqtt_topic("comfyui")
+}
+
+fn json(msg: &Outbound) -> serde_json::Value {
+    serde_json::from_slice(&msg.payload).expect("envelope is JSON")
+}
+
+#[test]
+fn success_run_routes_every_frame_with_untouched_data_and_gapless_seq() {
+    let settings = Settings::default();
+    let out = replay("a_success", &settings);
+    let pid = "b5ce2ae5-3b1f-4ded-aabc-98cde2f52de0";
+    assert_eq!(topic(&out[0]), "comfyui/local/comfyui/availability");
+    let envelopes: Vec<_> = out.iter().filter(|m| m.payload.starts_with(b"{")).collect();
+    let texts: Vec<_> = recorded_frames("a_success").into_iter().filter_map(Result::ok).collect();
+    let seqs: Vec<u64> = envelopes.iter().map(|m| json(m)["seq"].as_u64().expect("seq")).collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "seq increases: {seqs:?}");
+    assert_eq!(envelopes.len(), texts.len(), "one envelope per text frame");
+    for (msg, original) in envelopes.iter().zip(&texts) {
+        let original: serde_json::Value = serde_json::from_str(original).expect("json");
+        let env = json(msg);
+        assert_eq!(env["data"], original["data"]);
+        assert_eq!(env["type"], original["type"]);
+        assert_eq!(env["instance"], "local");
+    }
+    let topics: Vec<String> = out.iter().map(|m| topic(m)).collect();
+    for expected in [
+        format!("comfyui/local/prompt/{pid}/execution_start"),
+        format!("comfyui/local/prompt/{pid}/node/2/progress"),
+        format!("comfyui/local/prompt/{pid}/node/2/preview"),
+        format!("comfyui/local/prompt/{pid}/node/4/executed"),
+        format!("comfyui/local/prompt/{pid}/execution_success"),
+        format!("comfyui/local/prompt/{pid}/executing"),
+        "comfyui/local/status".to_string(),
+        "comfyui/local/preview".to_string(),
+    ] {
+        assert!(topics.contains(&expected), "missing {expected} in {topics:#?}");
+    }
+}
+
+#[test]
+fn qos_retain_and_classes_follow_the_interface_table() {
+    let out = replay("a_success", &Settings::default());
+    for msg in &out {
+        let t = topic(msg);
+        let (qos, retain) = match t.rsplit('/').next() {
+            Some("progress" | "preview") => (0, false),
+            Some("status") => (1, true),
+            Some("availability") => (1, true),
+            _ => (1, false),
+        };
+        let retain = retain && t != "comfyui/local/preview";
+        assert_eq!((msg.qos, msg.retain), (qos, retain), "{t}");
+    }
+}
+
+#[test]
+fn legacy_previews_are_attributed_to_the_executing_prompt_and_node() {
+    let out = replay("a_success_legacy_previews", &Settings::default());
+    let previews: Vec<_> = out
+        .iter()
+        .filter(|m| m.route.levels().last().map(String::as_str) == Some("preview") && m.route.levels().len() > 2)
+        .collect();
+    assert!(!previews.is_empty(), "type-1 previews routed to a node");
+    for p in previews {
+        assert!(p.payload.starts_with(b"\x89PNG"));
+        assert_eq!(p.route.levels()[4], "2", "the SleepProgress node");
+        assert!(p.headers.iter().any(|(k, v)| *k == "Content-Type" && v == "image/png"));
+    }
+}
+
+#[test]
+fn previews_are_rate_limited_per_node() {
+    let mut settings = Settings::default();
+    settings.previews.max_per_second = 0.5;
+    let out = replay("a_success", &settings);
+    let per_node = out
+        .iter()
+        .filter(|m| m.route.levels().len() > 2 && m.route.levels().last().map(String::as_str) == Some("preview"))
+        .count();
+    assert_eq!(per_node, 1, "frames 100 ms apart, one allowed per 2 s");
+    settings.previews.enabled = false;
+    let out = replay("a_success", &settings);
+    assert!(!out.iter().any(|m| !m.headers.is_empty()), "previews disabled");
+}
+
+#[test]
+fn subgraph_and_expanded_node_ids_are_escaped_and_in_the_payload() {
+    let out = replay("j_node_ids", &Settings::default());
+    let topics: Vec<String> = out.iter().map(|m| topic(m)).collect();
+    assert!(topics.iter().any(|t| t.contains("/node/7:9:3/")), "{topics:#?}");
+    let expanded = out
+        .iter()
+        .find(|m| topic(m).contains("=2E") && m.payload.starts_with(b"{"))
+        .expect("an expanded node id routed");
+    let level = &expanded.route.levels()[4];
+    let original = crate::bus::topics::unescape(level).expect("reversible");
+    assert_eq!(json(expanded)["node_id"], original.as_str());
+}
+
+#[test]
+fn custom_events_and_text_frames_route_without_a_prompt() {
+    let out = replay("g_custom_events", &Settings::default());
+    let topics: Vec<String> = out.iter().map(|m| topic(m)).collect();
+    assert!(topics.contains(&"comfyui/local/event/bridge_probe=2Ecustom".to_string()), "{topics:#?}");
+    assert!(topics.iter().any(|t| t.ends_with("/text")), "progress text routed: {topics:#?}");
+}
+
+#[test]
+fn malformed_frames_are_skipped_but_use_a_seq() {
+    let mut router = Router::new(&Settings::default());
+    let now = Instant::now();
+    assert!(router.route(Inbound::Text("{not json".into(), 1), now).is_empty());
+    assert!(router.route(Inbound::Binary(Bytes::from_static(&[0, 0, 0, 7]), 2), now).is_empty());
+    let out = router.route(Inbound::Text(r#"{"type":"x","data":{}}"#.into(), 3), now);
+    assert_eq!(json(&out[0])["seq"], 3, "a subscriber can see the gap");
+}
