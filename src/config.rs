@@ -16,7 +16,7 @@ pub const ENV_PREFIX: &str = "COMFY_BRIDGE";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file, an environment variable or a value could not be read or has the wrong type or name.
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] config::ConfigError),
     /// A value parsed but breaks a rule.
     #[error("invalid value for `{key}`: {reason}")]

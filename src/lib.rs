@@ -18,4 +18,5 @@ pub mod check;
 pub mod comfy;
 pub mod config;
 pub mod router;
+pub mod sim;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The `comfy-bridge` binary: parses the command line and hands over to the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -24,6 +25,21 @@ enum Command {
     Run,
     /// Validate the configuration, print it (secrets redacted) and the topic map.
     Check,
+    /// Serve a stand-in ComfyUI that replays recorded sessions.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8188")]
+        listen: SocketAddr,
+        /// Transcript file or directory of `.jsonl` transcripts.
+        #[arg(long, default_value = "tests/fixtures/transcripts")]
+        transcript: Vec<PathBuf>,
+        /// Replay speed factor (2 = twice as fast, 0 = no delays).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Replay every scenario to every connected client, forever.
+        #[arg(long = "loop")]
+        autoplay: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +58,15 @@ fn main() -> anyhow::Result<()> {
         Command::Check => {
             let settings = load(cli.config.as_deref())?;
             print!("{}", comfy_bridge::check::report(&settings));
+        }
+        Command::Simulate { listen, transcript, speed, autoplay } => {
+            comfy_bridge::telemetry::init("info", false);
+            let opts = comfy_bridge::sim::SimOptions { transcripts: transcript, speed, autoplay };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                comfy_bridge::sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
+            })?;
         }
     }
     Ok(())

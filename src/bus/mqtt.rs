@@ -292,12 +292,15 @@ impl Publisher {
     }
 
     async fn drain(&mut self, loop_rx: &mut mpsc::Receiver<LoopEvent>) {
-        while !self.idle() {
+        loop {
+            self.pump();
+            if self.idle() {
+                return;
+            }
             match loop_rx.recv().await {
                 Some(event) => self.on_loop_event(event),
                 None => return,
             }
-            self.pump();
         }
     }
 

@@ -234,4 +234,44 @@ mod tests {
         assert_ne!(client_id("", tempfile::tempdir().expect("dir").path()).expect("id"), first);
         assert_eq!(client_id("fixed", dir.path()).expect("id"), "fixed");
     }
+
+    /// A server that records the first message of each connection, sends one frame, then closes.
+    async fn flaky_server() -> (std::net::SocketAddr, mpsc::Receiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (first_tx, first_rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { continue };
+                if let Some(Ok(Message::Text(first))) = ws.next().await {
+                    let _ = first_tx.send(first.as_str().to_owned()).await;
+                }
+                let _ = ws.send(Message::text(r#"{"type":"status","data":{}}"#)).await;
+                let _ = ws.close(None).await;
+            }
+        });
+        (addr, first_rx)
+    }
+
+    #[tokio::test]
+    async fn sends_feature_flags_first_forwards_frames_and_reconnects() {
+        let (addr, mut first_rx) = flaky_server().await;
+        let mut settings = Settings::default();
+        settings.comfyui.url = format!("http://{addr}");
+        settings.comfyui.reconnect_max_ms = 50;
+        let (tx, mut rx) = mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(WsClient::new(&settings, "test-id", tx).run(shutdown.clone()));
+        let wait = Duration::from_secs(5);
+        for _ in 0..2 {
+            let first = tokio::time::timeout(wait, first_rx.recv()).await.expect("connected").expect("first");
+            assert_eq!(first, FEATURE_FLAGS);
+            assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Connected))));
+            let frame = tokio::time::timeout(wait, rx.recv()).await.expect("frame");
+            assert!(matches!(frame, Some(Inbound::Text(ref t, _)) if t.contains("status")), "{frame:?}");
+            assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Disconnected))));
+        }
+        shutdown.cancel();
+        tokio::time::timeout(wait, task).await.expect("stops").expect("no panic");
+    }
 }

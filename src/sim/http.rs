@@ -1,0 +1,224 @@
+//! HTTP routes of the simulated ComfyUI API.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::queue::{self, Job};
+use super::server::Request;
+use super::Shared;
+
+/// An HTTP response.
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, v: &Value) -> Self {
+        Response { status, content_type: "application/json; charset=utf-8", body: v.to_string().into_bytes() }
+    }
+
+    /// A plain-text response.
+    pub fn text(status: u16, s: &str) -> Self {
+        Response { status, content_type: "text/plain; charset=utf-8", body: s.as_bytes().to_vec() }
+    }
+
+    /// Empty 200, as ComfyUI answers `/interrupt`, `POST /queue`, `/free`.
+    pub fn empty() -> Self {
+        Response::text(200, "")
+    }
+}
+
+/// Server feature flags (`GET /features` and the WebSocket answer).
+pub(crate) fn server_features() -> Value {
+    json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
+}
+
+/// Route one request.
+pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    shared.lock().requests.push((req.method.clone(), req.path.clone(), body.clone()));
+    let path = req.path.as_str();
+    match (req.method.as_str(), path) {
+        ("POST", "/prompt") => post_prompt(shared, &req.body),
+        ("GET", "/prompt") => {
+            let n = shared.lock().queue_remaining();
+            Response::json(200, &json!({"exec_info": {"queue_remaining": n}}))
+        }
+        ("GET", "/queue") => get_queue(shared),
+        ("POST", "/queue") => post_queue(shared, &body),
+        ("GET", "/history") => Response::json(200, &history_all(shared, &req)),
+        ("POST", "/history") => post_history(shared, &body),
+        ("POST", "/interrupt") => {
+            queue::interrupt(shared, body["prompt_id"].as_str());
+            Response::empty()
+        }
+        ("POST", "/free") => match body {
+            Value::Null => Response::text(500, "500 Internal Server Error"),
+            _ => Response::empty(),
+        },
+        ("GET", "/system_stats") => Response::json(200, &system_stats()),
+        ("GET", "/features") => Response::json(200, &server_features()),
+        ("GET", "/embeddings" | "/extensions" | "/models") => Response::json(200, &json!([])),
+        ("POST", "/upload/image" | "/upload/mask") => upload(&req),
+        ("GET", p) if p.starts_with("/history/") => history_one(shared, &p["/history/".len()..]),
+        ("GET", p) if p == "/object_info" || p.starts_with("/object_info/") => Response::json(200, &json!({})),
+        _ => Response::text(404, "404: Not Found"),
+    }
+}
+
+fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(raw) else {
+        return Response::text(500, "500 Internal Server Error");
+    };
+    let (number, sort_key) = {
+        let mut st = shared.lock();
+        match body["number"].as_f64() {
+            Some(n) => (json!(n), n),
+            None => {
+                let c = st.counter;
+                st.counter += 1;
+                let n = if body["front"] == Value::Bool(true) { -c } else { c };
+                (json!(n), n as f64)
+            }
+        }
+    };
+    let Some(prompt) = body.get("prompt").filter(|p| !p.is_null()) else {
+        let err = json!({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}, "node_errors": {}});
+        return Response::json(400, &err);
+    };
+    let Some(scenario) = pick_scenario(shared, prompt) else {
+        let err = json!({"error": {"type": "prompt_no_outputs", "message": "Simulator has no scenarios loaded", "details": "", "extra_info": {}}, "node_errors": {}});
+        return Response::json(400, &err);
+    };
+    let id = match &body["prompt_id"] {
+        Value::Null => super::frames::new_uuid(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let client_id = body["client_id"].as_str().map(str::to_string);
+    let job = Job {
+        number: number.clone(),
+        sort_key,
+        id: id.clone(),
+        prompt: prompt.clone(),
+        extra_data: extra_data(&body, client_id.as_deref()),
+        client_id,
+        scenario,
+        cancel: CancellationToken::new(),
+    };
+    shared.lock().pending.push(job);
+    shared.broadcast_status();
+    shared.wake.notify_one();
+    Response::json(200, &json!({"prompt_id": id, "number": number, "node_errors": {}}))
+}
+
+fn extra_data(body: &Value, client_id: Option<&str>) -> Value {
+    let mut extra = body["extra_data"].as_object().cloned().unwrap_or_default();
+    if let Some(cid) = client_id {
+        extra.insert("client_id".into(), json!(cid));
+    }
+    Value::Object(extra)
+}
+
+fn pick_scenario(shared: &Shared, prompt: &Value) -> Option<Arc<super::Scenario>> {
+    let s = &shared.scenarios;
+    s.iter()
+        .find(|sc| sc.posts.iter().any(|p| &p.prompt == prompt))
+        .or_else(|| s.iter().find(|sc| sc.name == "a_success"))
+        .or_else(|| s.first())
+        .cloned()
+}
+
+fn get_queue(shared: &Shared) -> Response {
+    let st = shared.lock();
+    let running: Vec<Value> = st.running.iter().map(Job::queue_item).collect();
+    let pending: Vec<Value> = st.pending.iter().map(Job::queue_item).collect();
+    Response::json(200, &json!({"queue_running": running, "queue_pending": pending}))
+}
+
+fn post_queue(shared: &Shared, body: &Value) -> Response {
+    let changed = {
+        let mut st = shared.lock();
+        let before = st.pending.len();
+        if body["clear"] == Value::Bool(true) {
+            st.pending.clear();
+        }
+        for id in body["delete"].as_array().into_iter().flatten() {
+            if let Some(i) = st.pending.iter().position(|j| Some(j.id.as_str()) == id.as_str()) {
+                st.pending.remove(i);
+            }
+        }
+        before != st.pending.len()
+    };
+    if changed {
+        shared.broadcast_status();
+    }
+    Response::empty()
+}
+
+fn history_all(shared: &Shared, req: &Request) -> Value {
+    let st = shared.lock();
+    let n = st.history.len();
+    let max = req.query_param("max_items").and_then(|v| v.parse::<usize>().ok());
+    let offset = req.query_param("offset").and_then(|v| v.parse::<usize>().ok());
+    let start = match (max, offset) {
+        (_, Some(o)) => o.min(n),
+        (Some(m), None) => n.saturating_sub(m),
+        (None, None) => 0,
+    };
+    let take = max.unwrap_or(n);
+    let map: Map<String, Value> = st.history[start..].iter().take(take).cloned().collect();
+    Value::Object(map)
+}
+
+fn history_one(shared: &Shared, id: &str) -> Response {
+    let st = shared.lock();
+    let map: Map<String, Value> = st.history.iter().filter(|(k, _)| k == id).cloned().collect();
+    Response::json(200, &Value::Object(map))
+}
+
+fn post_history(shared: &Shared, body: &Value) -> Response {
+    let mut st = shared.lock();
+    if body["clear"] == Value::Bool(true) {
+        st.history.clear();
+    }
+    for id in body["delete"].as_array().into_iter().flatten() {
+        st.history.retain(|(k, _)| Some(k.as_str()) != id.as_str());
+    }
+    Response::empty()
+}
+
+fn system_stats() -> Value {
+    json!({
+        "system": {
+            "os": std::env::consts::OS, "ram_total": 0, "ram_free": 0,
+            "comfyui_version": "0.3.64-sim", "required_frontend_version": "",
+            "installed_templates_version": "", "required_templates_version": "",
+            "python_version": "simulated", "pytorch_version": "simulated",
+            "embedded_python": false, "argv": ["comfy-bridge", "simulate"]
+        },
+        "devices": []
+    })
+}
+
+/// Answer an upload with the multipart file name (no file is stored).
+fn upload(req: &Request) -> Response {
+    let Some(name) = multipart_filename(&req.body) else {
+        return Response::text(400, "400: Bad Request");
+    };
+    Response::json(200, &json!({"name": name, "subfolder": "", "type": "input"}))
+}
+
+fn multipart_filename(body: &[u8]) -> Option<String> {
+    let needle = b"filename=\"";
+    let start = body.windows(needle.len()).position(|w| w == needle)? + needle.len();
+    let len = body[start..].iter().position(|&b| b == b'"')?;
+    let name = String::from_utf8_lossy(&body[start..start + len]).into_owned();
+    (!name.is_empty()).then_some(name)
+}

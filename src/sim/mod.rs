@@ -1,0 +1,297 @@
+//! A ComfyUI simulator: replays recorded transcripts over a real HTTP + WebSocket server.
+//!
+//! One TCP listener serves the ComfyUI HTTP API subset a bridge uses and `GET /ws`.
+//! Prompts posted to `/prompt` are answered from the recorded scenario whose prompt
+//! matches (else `a_success`, else the first), replayed with fresh prompt ids and routed
+//! like ComfyUI does (PROTOCOL §3). See [`Simulator`].
+
+mod frames;
+mod http;
+mod queue;
+mod server;
+#[cfg(test)]
+mod tests;
+mod transcript;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use frames::{Payload, Target};
+use transcript::Scenario;
+
+/// Options for [`Simulator::start`].
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Transcript files, or directories containing `.jsonl` transcripts.
+    pub transcripts: Vec<PathBuf>,
+    /// Playback speed: 1.0 = recorded timing; 0.0 or infinity = no delays.
+    pub speed: f64,
+    /// Replay all scenarios continuously to every socket, with fresh prompt ids each round.
+    pub autoplay: bool,
+}
+
+/// Errors of [`Simulator::play`].
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// No loaded scenario has that name.
+    #[error("unknown scenario {0:?}")]
+    UnknownScenario(String),
+    /// The simulator is shutting down.
+    #[error("simulator stopped")]
+    Stopped,
+}
+
+/// A message for one socket's writer task.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// Send this frame.
+    Msg(Message),
+    /// Send a close frame and drop the connection.
+    Close,
+}
+
+/// A registered WebSocket.
+#[derive(Debug)]
+pub(crate) struct Client {
+    /// Connection serial, to tell a replaced socket from its successor.
+    pub conn: u64,
+    /// Writer channel.
+    pub tx: mpsc::UnboundedSender<Out>,
+    /// Whether the socket negotiated `supports_preview_metadata`.
+    pub preview_metadata: bool,
+}
+
+/// Mutable simulator state.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Registered sockets by client id.
+    pub clients: HashMap<String, Client>,
+    /// The prompt being replayed.
+    pub running: Option<queue::Job>,
+    /// Prompts waiting to run.
+    pub pending: Vec<queue::Job>,
+    /// ComfyUI's prompt counter.
+    pub counter: i64,
+    /// Finished prompts, oldest first.
+    pub history: Vec<(String, Value)>,
+    /// HTTP requests received.
+    pub requests: Vec<(String, String, Value)>,
+}
+
+impl State {
+    /// `queue_remaining` as ComfyUI reports it.
+    pub fn queue_remaining(&self) -> usize {
+        self.pending.len() + usize::from(self.running.is_some())
+    }
+}
+
+/// State shared by all tasks of one simulator.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub scenarios: Vec<Arc<Scenario>>,
+    pub speed: f64,
+    pub state: Mutex<State>,
+    /// Wakes the queue worker.
+    pub wake: Notify,
+    /// Cancelled when the simulator is dropped.
+    pub shutdown: CancellationToken,
+    pub next_conn: AtomicU64,
+}
+
+impl Shared {
+    /// Lock the state, ignoring poisoning.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Send a payload to the targeted sockets.
+    pub fn send(&self, target: &Target, payload: &Payload) {
+        let st = self.lock();
+        let send_one = |c: &Client| {
+            let msg = match payload {
+                Payload::Text(t) => Message::text(t.clone()),
+                Payload::Binary(b) => Message::binary(b.clone()),
+                Payload::Preview { type4, .. } if c.preview_metadata => Message::binary(type4.clone()),
+                Payload::Preview { type1, .. } => Message::binary(type1.clone()),
+            };
+            let _ = c.tx.send(Out::Msg(msg));
+        };
+        match target {
+            Target::All => st.clients.values().for_each(send_one),
+            Target::Only(id) => st.clients.get(id).into_iter().for_each(send_one),
+            Target::Nobody => {}
+        }
+    }
+
+    /// Broadcast a `status` frame with the given `queue_remaining`.
+    pub fn broadcast_status_n(&self, remaining: usize) {
+        let frame = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}}});
+        self.send(&Target::All, &Payload::Text(frame.to_string()));
+    }
+
+    /// Broadcast a `status` frame with the current queue length.
+    pub fn broadcast_status(&self) {
+        let n = self.lock().queue_remaining();
+        self.broadcast_status_n(n);
+    }
+
+    /// Delay for a recorded time span, scaled by speed; `None` means no delay.
+    pub fn scaled(&self, secs: f64) -> Option<Duration> {
+        if !(self.speed.is_finite() && self.speed > 0.0) || secs <= 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(secs / self.speed).ok()
+    }
+
+    fn scenario(&self, name: &str) -> Option<Arc<Scenario>> {
+        self.scenarios.iter().find(|s| s.name == name).cloned()
+    }
+}
+
+/// A running simulator. Dropping it stops every task and closes every socket.
+#[derive(Debug)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl Simulator {
+    /// Bind `listen`, load the transcripts and start serving.
+    pub async fn start(listen: SocketAddr, opts: SimOptions) -> std::io::Result<Simulator> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let scenarios = transcript::load_all(&opts.transcripts);
+        let shared = Arc::new(Shared {
+            scenarios: scenarios.into_iter().map(Arc::new).collect(),
+            speed: opts.speed,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            shutdown: CancellationToken::new(),
+            next_conn: AtomicU64::new(1),
+        });
+        spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
+        spawn_guarded(&shared, queue::worker(shared.clone()));
+        if opts.autoplay {
+            spawn_guarded(&shared, queue::autoplay(shared.clone()));
+        }
+        Ok(Simulator { shared, addr })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:8188`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Names (file stems) of the loaded scenarios.
+    pub fn scenarios(&self) -> Vec<String> {
+        self.shared.scenarios.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Replay one scenario to every connected socket now, as if each were the recorded
+    /// primary client. Returns the new id of the scenario's first prompt once done.
+    pub async fn play(&self, scenario: &str) -> Result<String, SimError> {
+        let sc = self.shared.scenario(scenario).ok_or_else(|| SimError::UnknownScenario(scenario.to_string()))?;
+        tokio::select! {
+            id = queue::play_all(&self.shared, &sc) => Ok(id),
+            _ = self.shared.shutdown.cancelled() => Err(SimError::Stopped),
+        }
+    }
+
+    /// Client ids of the registered sockets.
+    pub fn connected_clients(&self) -> Vec<String> {
+        let mut ids: Vec<(u64, String)> =
+            self.shared.lock().clients.iter().map(|(id, c)| (c.conn, id.clone())).collect();
+        ids.sort();
+        ids.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Wait until a socket is registered; returns the newest client id.
+    pub async fn wait_for_client(&self, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(id) = self.connected_clients().pop() {
+                return Some(id);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Close every open WebSocket from the server side.
+    pub fn disconnect_all(&self) {
+        let clients = std::mem::take(&mut self.shared.lock().clients);
+        for c in clients.values() {
+            let _ = c.tx.send(Out::Close);
+        }
+    }
+
+    /// Send a text frame verbatim to every socket.
+    pub fn send_raw_text(&self, text: &str) {
+        self.shared.send(&Target::All, &Payload::Text(text.to_string()));
+    }
+
+    /// Send a binary frame verbatim to every socket.
+    pub fn send_raw_binary(&self, bytes: Vec<u8>) {
+        self.shared.send(&Target::All, &Payload::Binary(bytes));
+    }
+
+    /// HTTP requests received so far: method, path (without `/api` prefix and query),
+    /// JSON body or `Null`.
+    pub fn requests(&self) -> Vec<(String, String, Value)> {
+        self.shared.lock().requests.clone()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.disconnect_all();
+    }
+}
+
+/// Spawn a task that ends when the simulator shuts down.
+pub(crate) fn spawn_guarded<F>(shared: &Arc<Shared>, fut: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = shared.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = fut => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+}
+
+/// Run the simulator until `shutdown` resolves (for `comfy-bridge simulate`).
+pub async fn run_cli(
+    listen: SocketAddr,
+    opts: SimOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let sim = Simulator::start(listen, opts).await?;
+    tracing::info!(url = %sim.url(), scenarios = ?sim.scenarios(), "ComfyUI simulator listening");
+    if sim.scenarios().is_empty() {
+        tracing::warn!("no transcripts loaded");
+    }
+    shutdown.await;
+    tracing::info!("ComfyUI simulator stopping");
+    drop(sim);
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `mosquitto` and `nats-server` processes, one per test, killed on drop (nats.rs `nats-server` harness style).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn binary(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let path = Path::new(dir).join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("{name} not found: install it with `apt-get install -y mosquitto nats-server`");
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn wait_for_port(port: u16, log: &Path) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("broker on port {port} not ready: {}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+fn stop(child: &mut Option<Child>, graceful: bool) {
+    if let Some(mut c) = child.take() {
+        if graceful {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A mosquitto broker with persistence in a private directory, so a graceful restart keeps sessions and
+/// retained messages the way a production broker with `persistence true` does.
+pub struct Mosquitto {
+    /// The TCP port it listens on (kept across restarts).
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut broker = Self { port: free_port(), dir, child: None };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let log = self.dir.path().join("mosquitto.log");
+        let config = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
+            self.port,
+            self.dir.path().display(),
+            log.display()
+        );
+        std::fs::write(&conf, config).expect("write mosquitto.conf");
+        let child = Command::new(binary("mosquitto"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        wait_for_port(self.port, &log);
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker with SIGTERM (it saves its state) and keeps the port for [`Mosquitto::resume`].
+    pub fn stop(&mut self) {
+        stop(&mut self.child, true);
+    }
+
+    /// Starts the broker again on the same port, from its saved state.
+    pub fn resume(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        stop(&mut self.child, false);
+    }
+}
+
+/// A nats-server with JetStream, its port learnt from its log (`-p -1`), kept across restarts.
+pub struct NatsServer {
+    /// The client port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server on a port it picks itself and waits until it says it is listening.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Self { port: 0, dir, child: None };
+        server.spawn("-1");
+        server
+    }
+
+    fn spawn(&mut self, port: &str) {
+        let log = self.dir.path().join("nats.log");
+        let _ = std::fs::remove_file(&log);
+        let child = Command::new(binary("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+            .arg(self.dir.path().join("js"))
+            .arg("-l")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(port) = listening_port(&text) {
+                self.port = port;
+                return wait_for_port(port, &log);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nats-server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGTERM); JetStream data stays for [`NatsServer::resume`].
+    pub fn stop(&mut self) {
+        stop(&mut self.child, true);
+    }
+
+    /// Starts the server again on the same port with the same JetStream store.
+    pub fn resume(&mut self) {
+        let port = self.port.to_string();
+        self.spawn(&port);
+    }
+}
+
+fn listening_port(log: &str) -> Option<u16> {
+    let line = log.lines().find(|l| l.contains("Listening for client connections on"))?;
+    line.rsplit(':').next()?.trim().parse().ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        stop(&mut self.child, false);
+    }
+}

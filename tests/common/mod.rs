@@ -1,0 +1,10 @@
+//! Test harness: real brokers on ephemeral loopback ports, subscribers that time out with a useful message,
+//! and the bridge under test.
+#![allow(dead_code, unused_imports)]
+
+pub mod brokers;
+pub mod daemon;
+pub mod subscribers;
+
+pub use brokers::{Mosquitto, NatsServer};
+pub use subscribers::{mqtt_publish, mqtt_subscribe, nats_subscribe, MqttMsg, MqttSub, NatsMsg, NatsSub};

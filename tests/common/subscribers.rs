@@ -1,0 +1,168 @@
+//! Subscribers that collect what real brokers deliver; every wait is bounded and fails with what was seen.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+use super::{Mosquitto, NatsServer};
+
+/// One MQTT message as a subscriber saw it.
+#[derive(Debug, Clone)]
+pub struct MqttMsg {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Retain flag as delivered (set only for retained messages sent on subscribe).
+    pub retain: bool,
+    /// QoS as delivered.
+    pub qos: u8,
+}
+
+/// One NATS message.
+#[derive(Debug, Clone)]
+pub struct NatsMsg {
+    /// Subject.
+    pub subject: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A stream of messages with bounded waits.
+pub struct Inbox<T> {
+    rx: mpsc::UnboundedReceiver<T>,
+    seen: Vec<String>,
+    describe: fn(&T) -> String,
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// MQTT subscriber.
+pub type MqttSub = Inbox<MqttMsg>;
+/// NATS subscriber.
+pub type NatsSub = Inbox<NatsMsg>;
+
+impl<T> Inbox<T> {
+    /// The next message, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<T> {
+        let msg = tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()?;
+        self.seen.push((self.describe)(&msg));
+        Some(msg)
+    }
+
+    /// The first message matching `pred`; panics with everything seen if none arrives within `timeout`.
+    pub async fn expect(&mut self, pred: impl Fn(&T) -> bool, timeout: Duration) -> T {
+        self.collect_until(pred, timeout).await.pop().expect("collect_until returns the match last")
+    }
+
+    /// Every message up to and including the first one matching `pred`.
+    pub async fn collect_until(&mut self, pred: impl Fn(&T) -> bool, timeout: Duration) -> Vec<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(msg) => {
+                    let done = pred(&msg);
+                    out.push(msg);
+                    if done {
+                        return out;
+                    }
+                }
+                None => panic!("no matching message within {timeout:?}; seen so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+}
+
+/// Subscribes (QoS 1) to `filter` with a fresh v5 client; returns once the broker acknowledged it.
+pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
+    let id = format!("test-sub-{}", fastrand::u64(..));
+    let mut opts = MqttOptions::new(id, "127.0.0.1", broker.port);
+    opts.set_max_packet_size(Some(32 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    client.subscribe(filter, QoS::AtLeastOnce).await.expect("queue subscribe");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = MqttMsg {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.clone(),
+                        retain: p.retain,
+                        qos: p.qos as u8,
+                    };
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), ready_rx).await.expect("suback in time").expect("suback");
+    Inbox {
+        rx,
+        seen: Vec::new(),
+        describe: |m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload[..m.payload.len().min(120)])),
+        _keep: Some(Box::new(client)),
+    }
+}
+
+/// Publishes one QoS-1 message and waits for the broker's acknowledgement.
+pub async fn mqtt_publish(broker: &Mosquitto, topic: &str, payload: &[u8], retain: bool) {
+    let mut opts = MqttOptions::new(format!("test-pub-{}", fastrand::u64(..)), "127.0.0.1", broker.port);
+    opts.set_max_packet_size(Some(32 * 1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(opts, 8);
+    client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()).await.expect("queue publish");
+    let acked = async {
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), acked).await.expect("puback in time");
+}
+
+/// Subscribes to `subject`; returns once the server has the subscription.
+pub async fn nats_subscribe(server: &NatsServer, subject: &str) -> NatsSub {
+    let client = async_nats::connect(server.url()).await.expect("nats connect");
+    let mut sub = client.subscribe(subject.to_string()).await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let headers = m
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect();
+            if tx.send(NatsMsg { subject: m.subject.to_string(), payload: m.payload, headers }).is_err() {
+                return;
+            }
+        }
+    });
+    Inbox {
+        rx,
+        seen: Vec::new(),
+        describe: |m| format!("{} {}", m.subject, String::from_utf8_lossy(&m.payload[..m.payload.len().min(120)])),
+        _keep: Some(Box::new(client)),
+    }
+}

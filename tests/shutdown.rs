@@ -1,0 +1,69 @@
+//! The built binary: SIGTERM drains and leaves `offline`; a crash leaves `offline` through the last will.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use comfy_bridge::sim::{SimOptions, Simulator};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn spawn_bridge(sim: &Simulator, broker: &Mosquitto, state: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_comfy-bridge"))
+        .arg("run")
+        .env("COMFY_BRIDGE__COMFYUI__URL", sim.url())
+        .env("COMFY_BRIDGE__MQTT__URL", broker.url())
+        .env("COMFY_BRIDGE__MQTT__KEEP_ALIVE_SECS", "5")
+        .env("COMFY_BRIDGE__NATS__ENABLED", "false")
+        .env("COMFY_BRIDGE__STATE__DIR", state)
+        .env("COMFY_BRIDGE__HTTP__LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bridge binary starts")
+}
+
+async fn simulator() -> Simulator {
+    let opts = SimOptions {
+        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
+        speed: 0.0,
+        autoplay: false,
+    };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
+}
+
+/// `kill -TERM`: the bridge publishes the retained `offline` itself and exits 0.
+#[tokio::test]
+async fn sigterm_publishes_offline_and_exits_cleanly() {
+    let broker = Mosquitto::start();
+    let sim = simulator().await;
+    let state = tempfile::tempdir().expect("state");
+    let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
+    let mut child = spawn_bridge(&sim, &broker, state.path());
+    sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    sub.expect(|m| &m.payload[..] == b"offline", WAIT).await;
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// `kill -9`: the broker publishes the last will, so subscribers still learn the bridge is gone.
+#[tokio::test]
+async fn crash_publishes_offline_through_the_last_will() {
+    let broker = Mosquitto::start();
+    let sim = simulator().await;
+    let state = tempfile::tempdir().expect("state");
+    let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
+    let mut child = spawn_bridge(&sim, &broker, state.path());
+    sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let will = sub.expect(|m| &m.payload[..] == b"offline", Duration::from_secs(15)).await;
+    assert!(will.qos == 1);
+    let mut late = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
+    let retained = late.next(WAIT).await.expect("retained availability");
+    assert_eq!((&retained.payload[..], retained.retain), (&b"offline"[..], true));
+}
