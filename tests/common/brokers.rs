@@ -73,7 +73,9 @@ impl Mosquitto {
         let conf = self.dir.path().join("mosquitto.conf");
         let log = self.dir.path().join("mosquitto.log");
         let config = format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
+            // `user root`: started as root, mosquitto would otherwise switch to the `mosquitto` user and could
+            // not write its log and persistence into this test's private directory (ignored when not root).
+            "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
             self.port,
             self.dir.path().display(),
             log.display()

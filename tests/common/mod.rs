@@ -7,4 +7,6 @@ pub mod daemon;
 pub mod subscribers;
 
 pub use brokers::{Mosquitto, NatsServer};
-pub use subscribers::{mqtt_publish, mqtt_subscribe, nats_subscribe, MqttMsg, MqttSub, NatsMsg, NatsSub};
+pub use subscribers::{
+    mqtt_publish, mqtt_subscribe, mqtt_subscribe_persistent, nats_subscribe, MqttMsg, MqttSub, NatsMsg, NatsSub,
+};

@@ -166,3 +166,47 @@ pub async fn nats_subscribe(server: &NatsServer, subject: &str) -> NatsSub {
         _keep: Some(Box::new(client)),
     }
 }
+
+/// A v3.1.1 subscriber with a persistent session (`clean_session = false`) that reconnects by itself: with a
+/// persistent broker it misses no QoS-1 message, even across a broker restart.
+pub async fn mqtt_subscribe_persistent(broker: &Mosquitto, filter: &str) -> MqttSub {
+    let id = format!("test-persistent-{}", fastrand::u64(..));
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", broker.port);
+    opts.set_clean_session(false).set_max_packet_size(32 * 1024 * 1024, 32 * 1024 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+    client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await.expect("queue subscribe");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let msg = MqttMsg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.clone(),
+                        retain: p.retain,
+                        qos: p.qos as u8,
+                    };
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), ready_rx).await.expect("suback in time").expect("suback");
+    Inbox {
+        rx,
+        seen: Vec::new(),
+        describe: |m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload[..m.payload.len().min(120)])),
+        _keep: Some(Box::new(client)),
+    }
+}
