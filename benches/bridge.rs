@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench bridge` starts mosquitto and nats-server, a firehose WebSocket server that speaks
 //! ComfyUI's framing, and then, one after the other, two targets connected to it:
-//! * the `comfy-bridge` binary (release build), and
+//! * the `comfy-bridge` binary (built by cargo with the bench profile), and
 //! * a direct forwarder: this same executable re-run with `BENCH_FORWARDER=1`, which forwards every
 //!   WebSocket frame to one MQTT topic and one NATS subject with no parsing at all.
 //!
@@ -64,6 +64,8 @@ fn preview_frame() -> Vec<u8> {
 async fn firehose(listener: TcpListener, load_rx: watch::Receiver<Load>, done_tx: mpsc::Sender<()>) {
     while let Ok((stream, _)) = listener.accept().await {
         let mut load_rx = load_rx.clone();
+        // A clone inherits "unseen" for the last load sent to an earlier connection; start from now.
+        load_rx.borrow_and_update();
         let done_tx = done_tx.clone();
         tokio::spawn(async move {
             let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
@@ -131,21 +133,30 @@ struct Tally {
     mqtt: AtomicU64,
     nats: AtomicU64,
     latencies_us: std::sync::Mutex<Vec<u64>>,
+    mqtt_latencies_us: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Tally {
     fn record(&self, payload: &[u8], mqtt: bool) {
         let Some(sent) = find_sent_us(payload) else { return };
         if mqtt { &self.mqtt } else { &self.nats }.fetch_add(1, Ordering::Relaxed);
+        let latency = now_us().saturating_sub(sent);
         if let Ok(mut l) = self.latencies_us.lock() {
-            l.push(now_us().saturating_sub(sent));
+            l.push(latency);
+        }
+        if mqtt {
+            if let Ok(mut l) = self.mqtt_latencies_us.lock() {
+                l.push(latency);
+            }
         }
     }
     fn reset(&self) {
         self.mqtt.store(0, Ordering::Relaxed);
         self.nats.store(0, Ordering::Relaxed);
-        if let Ok(mut l) = self.latencies_us.lock() {
-            l.clear();
+        for l in [&self.latencies_us, &self.mqtt_latencies_us] {
+            if let Ok(mut l) = l.lock() {
+                l.clear();
+            }
         }
     }
 }
@@ -166,6 +177,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 struct Figures {
     events_per_sec: f64,
+    delivered_pct: f64,
     p50_us: u64,
     p99_us: u64,
     rss_idle_kib: u64,
@@ -210,6 +222,7 @@ async fn measure(
     let elapsed = start.elapsed().as_secs_f64();
     let delivered = tally.mqtt.load(Ordering::Relaxed).min(tally.nats.load(Ordering::Relaxed));
     let events_per_sec = delivered as f64 / elapsed;
+    let delivered_pct = 100.0 * delivered as f64 / BURST as f64;
     eprintln!(
         "{name}: burst delivered mqtt={} nats={} in {elapsed:.2}s",
         tally.mqtt.load(Ordering::Relaxed),
@@ -224,11 +237,22 @@ async fn measure(
     lat.sort_unstable();
     let pct =
         |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let mut mqtt_lat = tally.mqtt_latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
+    mqtt_lat.sort_unstable();
+    let mqtt_p99 = mqtt_lat.get(mqtt_lat.len() * 99 / 100).copied().unwrap_or(0);
+    let slow: Vec<usize> = lat.iter().enumerate().filter(|(_, l)| **l > 5_000).map(|(i, _)| i).take(3).collect();
+    eprintln!(
+        "{name}: latency p99 all={} us, mqtt only={mqtt_p99} us, samples over 5 ms: {}",
+        pct(0.99),
+        lat.iter().filter(|l| **l > 5_000).count()
+    );
+    let _ = slow;
     sampler.abort();
     let _ = child.kill();
     let _ = child.wait();
     Figures {
         events_per_sec,
+        delivered_pct,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         rss_idle_kib,
@@ -242,7 +266,9 @@ async fn forwarder() {
     let mqtt_port: u16 = std::env::var("BENCH_MQTT_PORT").ok().and_then(|p| p.parse().ok()).expect("port");
     let nats_url = std::env::var("BENCH_NATS").expect("BENCH_NATS");
     let mut opts = rumqttc::v5::MqttOptions::new("bench-forwarder", "127.0.0.1", mqtt_port);
-    opts.set_max_packet_size(Some(16 * 1024 * 1024));
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    opts.set_max_packet_size(Some(16 * 1024 * 1024)).set_network_options(network);
     let (mqtt, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 1024);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let nats = async_nats::connect(nats_url).await.expect("nats");
@@ -274,9 +300,8 @@ fn main() {
 }
 
 async fn bench() {
-    let status = Command::new("cargo").args(["build", "--release", "--bin", "comfy-bridge"]).status().expect("cargo");
-    assert!(status.success(), "release build");
-    let bridge_bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/comfy-bridge");
+    // Cargo builds the binary with the bench (release) profile and tells us where it is.
+    let bridge_bin = env!("CARGO_BIN_EXE_comfy-bridge");
     let broker = common::Mosquitto::start();
     let nats = common::NatsServer::start();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -328,12 +353,13 @@ async fn bench() {
         .expect("forwarder");
     let direct = measure("direct forwarder", forwarder, &load_tx, &mut done_rx, &tally).await;
 
-    println!("| target | progress events/s (both buses) | p50 latency | p99 latency | RSS idle | RSS under load |");
-    println!("|---|---|---|---|---|---|");
+    println!("| target | progress events/s (both buses) | burst delivered | p50 latency | p99 latency | RSS idle | RSS under load |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, f) in [("comfy-bridge", &bridge), ("direct forwarder", &direct)] {
         println!(
-            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MB | {:.1} MB |",
+            "| {name} | {:.0} | {:.1}% | {:.2} ms | {:.2} ms | {:.1} MB | {:.1} MB |",
             f.events_per_sec,
+            f.delivered_pct,
             f.p50_us as f64 / 1000.0,
             f.p99_us as f64 / 1000.0,
             f.rss_idle_kib as f64 / 1024.0,

@@ -229,3 +229,24 @@ async fn graceful_stop_leaves_retained_offline() {
     let retained = late.next(WAIT).await.expect("retained availability");
     assert_eq!((&retained.payload[..], retained.retain), (&b"offline"[..], true));
 }
+
+/// `mqtt.protocol = "v311"` for older brokers and clients: the same topics, QoS and retained availability.
+#[tokio::test]
+async fn mqtt_v311_carries_the_same_events() {
+    let broker = Mosquitto::start();
+    let sim = simulator().await;
+    let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
+    let (mut s, state) = settings(&sim, Some(&broker), None);
+    s.mqtt.protocol = "v311".into();
+    let daemon = Daemon::start(s, state);
+    sub.expect(|m| m.topic == "comfyui/local/bridge/availability" && &m.payload[..] == b"online", WAIT).await;
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let pid = sim.play("a_success").await.expect("plays");
+    let msgs = sub.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
+    let success = format!("comfyui/local/prompt/{pid}/execution_success");
+    assert!(msgs.iter().any(|m| m.topic == success && m.qos == 1), "{success}");
+    let preview = msgs.iter().find(|m| m.topic.ends_with("/node/2/preview")).expect("preview over v3.1.1");
+    assert_eq!(&preview.payload[..2], &[0xFF, 0xD8]);
+    daemon.stop().await;
+    sub.expect(|m| m.topic.ends_with("bridge/availability") && &m.payload[..] == b"offline", WAIT).await;
+}

@@ -13,6 +13,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use outbox::Outbox;
+
+/// While its broker is connected, a publisher stops taking new messages once this many wait in its outbox,
+/// so a slow broker slows the reading of ComfyUI's WebSocket instead of losing events. While the broker is
+/// away the outbox takes everything and its drop rule applies.
+pub const HIGH_WATER: usize = 1024;
 pub use topics::Route;
 
 /// How a message may be treated under pressure.

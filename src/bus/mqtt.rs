@@ -2,8 +2,9 @@
 //!
 //! rumqttc keeps unacknowledged publishes in its own `pending` list and replays them on reconnect; the
 //! bridge clears that list on every connection error and redelivers from its own outbox instead, so one
-//! bounded, prioritised queue decides what survives a broker outage. Every handed-over publish produces one
-//! `Outgoing::Publish(pkid)` in order, which is how the publisher matches `PubAck`s to messages.
+//! bounded, prioritised queue decides what survives a broker outage. Every handed-over QoS-1 publish produces
+//! one `Outgoing::Publish(pkid)` in order, which is how the publisher matches `PubAck`s to messages. QoS-0
+//! messages (progress, previews) are fire-and-forget: done once rumqttc has them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -15,15 +16,17 @@ use rumqttc::{Outgoing, Packet as V3Packet};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Outbound, Outbox, Route};
+use super::{topics, Bus, Outbound, Outbox, Route, HIGH_WATER};
 use crate::comfy::backoff;
 use crate::config::Settings;
 use crate::telemetry;
 
-/// Most messages handed to rumqttc and not yet confirmed (rumqttc's own inflight default is 100).
+/// Most QoS-1 messages handed to rumqttc and not yet acknowledged (rumqttc's own inflight default is 100).
 const WINDOW: usize = 100;
-/// Capacity of rumqttc's request channel; above `WINDOW` so a hand-over never waits.
-const REQUEST_CAPACITY: usize = WINDOW * 2;
+/// Capacity of rumqttc's request channel (QoS-0 bursts wait here).
+const REQUEST_CAPACITY: usize = 1024;
+/// How long to wait before retrying when rumqttc's request channel is full.
+const RETRY_FULL: Duration = Duration::from_millis(1);
 
 /// Why the MQTT side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,13 @@ fn v3_qos(qos: u8) -> rumqttc::QoS {
     }
 }
 
+/// Events are small and latency matters: send each publish at once (no Nagle delay waiting for ACKs).
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_tcp_nodelay(true);
+    options
+}
+
 fn host_port(url: &str) -> Result<(String, u16), MqttError> {
     if url.starts_with("mqtts://") {
         return Err(MqttError::TlsUnsupported);
@@ -128,7 +138,8 @@ pub fn spawn(
         if !cfg.username.is_empty() {
             opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
-        let (client, eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
+        eventloop.set_network_options(network_options());
         tasks.spawn(poll_v311(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
         Client::V311(client)
     } else {
@@ -137,7 +148,8 @@ pub fn spawn(
         opts.set_keep_alive(keep_alive)
             .set_clean_start(true)
             .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
-            .set_last_will(will);
+            .set_last_will(will)
+            .set_network_options(network_options());
         if !cfg.username.is_empty() {
             opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
@@ -163,6 +175,7 @@ fn spawn_publisher(
         max_packet_bytes: settings.mqtt.max_packet_bytes,
         outbox: Outbox::new(Bus::Mqtt, settings.bridge.outbox_capacity),
         handed: VecDeque::new(),
+        blocked: false,
         unacked: VecDeque::new(),
         retained: HashMap::new(),
         connected: false,
@@ -181,7 +194,7 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEve
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(V5Packet::ConnAck(_))) => LoopEvent::Connected,
             Ok(Event::Incoming(V5Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LoopEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => LoopEvent::Sent(pkid),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => continue,
             Err(e) => {
@@ -214,7 +227,7 @@ async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<LoopEvent
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(V3Packet::ConnAck(_))) => LoopEvent::Connected,
             Ok(Event::Incoming(V3Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LoopEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => LoopEvent::Sent(pkid),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => continue,
             Err(e) => {
@@ -245,8 +258,10 @@ struct Publisher {
     base: String,
     max_packet_bytes: usize,
     outbox: Outbox,
-    /// Handed to rumqttc, waiting for its `Outgoing::Publish` (in order).
+    /// QoS-1 messages handed to rumqttc, waiting for its `Outgoing::Publish` (in order).
     handed: VecDeque<Arc<Outbound>>,
+    /// rumqttc's request channel was full: retry shortly.
+    blocked: bool,
     /// Sent with QoS 1, waiting for the broker's `PubAck`.
     unacked: VecDeque<(u16, Arc<Outbound>)>,
     /// The last retained message per route that reached rumqttc: republished on every reconnect, because
@@ -267,10 +282,16 @@ impl Publisher {
                     Some(event) => self.on_loop_event(event),
                     None => return,
                 },
-                msg = outbound_rx.recv(), if input_open => match msg {
+                msg = outbound_rx.recv(), if input_open && self.accepting() => match msg {
                     Some(msg) => self.outbox.push(msg),
                     None => input_open = false,
                 },
+                _ = tokio::time::sleep(RETRY_FULL), if self.blocked => {}
+            }
+            // Take whatever else is already waiting before handing over.
+            while self.accepting() {
+                let Ok(msg) = outbound_rx.try_recv() else { break };
+                self.outbox.push(msg);
             }
             self.pump();
             if !input_open && self.idle() {
@@ -285,6 +306,11 @@ impl Publisher {
             }
         }
         self.go_offline(&mut loop_rx).await;
+    }
+
+    /// See [`HIGH_WATER`].
+    fn accepting(&self) -> bool {
+        !self.connected || self.outbox.len() < HIGH_WATER
     }
 
     fn idle(&self) -> bool {
@@ -317,11 +343,7 @@ impl Publisher {
             }
             LoopEvent::Sent(pkid) => {
                 if let Some(msg) = self.handed.pop_front() {
-                    if msg.qos == 0 {
-                        telemetry::published(Bus::Mqtt, 1);
-                    } else {
-                        self.unacked.push_back((pkid, msg));
-                    }
+                    self.unacked.push_back((pkid, msg));
                 }
             }
             LoopEvent::Acked(pkid) => {
@@ -341,10 +363,15 @@ impl Publisher {
         }
     }
 
-    /// Hands waiting messages to rumqttc while connected and under the window.
+    /// Hands waiting messages to rumqttc while connected, keeping QoS-1 messages under the window.
     fn pump(&mut self) {
-        while self.connected && self.handed.len() + self.unacked.len() < WINDOW {
+        self.blocked = false;
+        while self.connected {
             let Some(msg) = self.outbox.pop() else { break };
+            if msg.qos > 0 && self.handed.len() + self.unacked.len() >= WINDOW {
+                self.outbox.requeue_front(std::iter::once(msg));
+                break;
+            }
             let topic = msg.route.mqtt_topic(&self.base);
             if topic.len() + msg.payload.len() + 16 > self.max_packet_bytes {
                 telemetry::dropped(Bus::Mqtt, "too_large", &msg.route);
@@ -352,12 +379,17 @@ impl Publisher {
             }
             if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone()) {
                 self.outbox.requeue_front(std::iter::once(msg));
+                self.blocked = true;
                 break;
             }
             if msg.retain {
                 self.retained.insert(msg.route.clone(), msg.clone());
             }
-            self.handed.push_back(msg);
+            if msg.qos == 0 {
+                telemetry::published(Bus::Mqtt, 1);
+            } else {
+                self.handed.push_back(msg);
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use async_nats::{client::RequestErrorKind, ConnectOptions, Event, HeaderMap};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Class, Outbound, Outbox, Route};
+use super::{topics, Bus, Class, Outbound, Outbox, Route, HIGH_WATER};
 use crate::config::Settings;
 use crate::telemetry;
 
@@ -109,14 +109,15 @@ impl Publisher {
             tokio::select! {
                 biased;
                 Some(event) = event_rx.recv() => self.on_event(event),
-                msg = outbound_rx.recv() => match msg {
+                msg = outbound_rx.recv(), if self.accepting() => match msg {
                     Some(msg) => self.outbox.push(msg),
                     None => break,
                 },
                 _ = retry.tick(), if !self.outbox.is_empty() => {}
             }
             // Take whatever else is already waiting, so batches form under load.
-            while let Ok(msg) = outbound_rx.try_recv() {
+            while self.accepting() {
+                let Ok(msg) = outbound_rx.try_recv() else { break };
                 self.outbox.push(msg);
             }
             self.flush_outbox().await;
@@ -134,6 +135,11 @@ impl Publisher {
         self.outbox.push(Outbound::lifecycle(self.availability.clone(), "offline", true));
         self.flush_outbox().await;
         info!("nats publisher stopped");
+    }
+
+    /// See [`HIGH_WATER`].
+    fn accepting(&self) -> bool {
+        !self.connected() || self.outbox.len() < HIGH_WATER
     }
 
     fn connected(&self) -> bool {

@@ -234,18 +234,11 @@ pub async fn run(
     tracing::debug!("router stopped");
 }
 
-/// Droppable messages never wait for a busy bus; lifecycle messages do (the publisher drains its channel into
-/// its outbox continuously, so the wait is short even while the broker is away).
+/// Waits while a bus is busy: its publisher stops taking messages only while its broker is connected and
+/// slower than ComfyUI (see [`crate::bus::HIGH_WATER`]), and that back-pressure is what keeps every event.
 async fn deliver(bus: Bus, tx: &mpsc::Sender<Arc<Outbound>>, msg: Arc<Outbound>) {
-    match tx.try_send(msg) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(msg)) if msg.class == Class::Lifecycle => {
-            let _ = tx.send(msg).await;
-        }
-        Err(mpsc::error::TrySendError::Full(msg)) => {
-            telemetry::dropped(bus, "bus_busy", &msg.route);
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    if tx.send(msg).await.is_err() {
+        tracing::debug!(bus = bus.name(), "bus publisher gone");
     }
 }
 
