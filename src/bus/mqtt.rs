@@ -149,7 +149,10 @@ pub fn spawn(
             .set_clean_start(true)
             .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
             .set_last_will(will)
-            .set_network_options(network_options());
+            .set_network_options(network_options())
+            // rumqttc preallocates one slot per possible in-flight publish: at its default (65535) that is
+            // ~13 MB of idle memory for a window the publisher never exceeds.
+            .set_outgoing_inflight_upper_limit(WINDOW as u16);
         if !cfg.username.is_empty() {
             opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
