@@ -169,13 +169,16 @@ impl Publisher {
         while self.connected() && !self.outbox.is_empty() {
             let batch: Vec<_> = std::iter::from_fn(|| self.outbox.pop()).take(BATCH).collect();
             let needs_confirmation = batch.iter().any(|m| m.class == Class::Lifecycle);
-            let mut ok = true;
-            for msg in &batch {
-                if !self.publish(msg).await {
-                    ok = false;
-                    break;
+            let publish_all = async {
+                for msg in &batch {
+                    if !self.publish(msg).await {
+                        return false;
+                    }
                 }
-            }
+                true
+            };
+            // One timer for the whole batch: a timer per message costs more than the publish itself.
+            let mut ok = tokio::time::timeout(self.timeout, publish_all).await.unwrap_or(false);
             if ok && needs_confirmation {
                 ok = self.confirm().await;
             }
@@ -203,7 +206,7 @@ impl Publisher {
                 self.client.publish_with_headers(subject, headers, msg.payload.clone()).await
             }
         };
-        matches!(tokio::time::timeout(self.timeout, publish).await, Ok(Ok(())))
+        publish.await.is_ok()
     }
 
     /// One round trip to the server: "no responders" means everything before it was processed.

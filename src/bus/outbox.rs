@@ -82,7 +82,7 @@ mod tests {
     }
 
     fn names(outbox: &mut Outbox) -> Vec<String> {
-        std::iter::from_fn(|| outbox.pop()).map(|m| m.route.levels()[1].clone()).collect()
+        std::iter::from_fn(|| outbox.pop()).map(|m| m.route.levels()[1].to_string()).collect()
     }
 
     #[test]

@@ -24,17 +24,20 @@ pub const PREVIEW: &str = "preview";
 /// Last level of binary progress text.
 pub const TEXT: &str = "text";
 
-/// A destination below the base topic / subject prefix: already-escaped levels, starting with the instance.
+/// A destination below the base topic / subject prefix: escaped levels starting with the instance, kept
+/// joined by `/` (escaped levels never contain `/` or `.`, so either separator can be swapped in cheaply).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Route(Vec<String>);
+pub struct Route(String);
 
 impl Route {
     /// A route under `instance` made of fixed levels (never escaped: they are our own constants).
     pub fn fixed(instance: &str, levels: &[&str]) -> Self {
-        let mut all = Vec::with_capacity(levels.len() + 1);
-        all.push(instance.to_string());
-        all.extend(levels.iter().map(|l| l.to_string()));
-        Self(all)
+        let mut route = Self(String::with_capacity(64));
+        route.0.push_str(instance);
+        for level in levels {
+            route.push_fixed(level);
+        }
+        route
     }
 
     /// The route of a text event: by prompt and node when the data names them (INTERFACE.md §2).
@@ -59,7 +62,7 @@ impl Route {
         route
     }
 
-    /// `prompt/<pid>/node/<nid>/<last>` for binary frames; unknown ids become `unknown`... escaped as data.
+    /// `prompt/<pid>/node/<nid>/<last>` for binary frames.
     pub fn for_node(instance: &str, prompt_id: &str, node_id: &str, last: &str) -> Self {
         let mut route = Self::fixed(instance, &[PROMPT]);
         route.push_escaped(prompt_id);
@@ -70,35 +73,40 @@ impl Route {
     }
 
     fn push_fixed(&mut self, level: &str) {
-        self.0.push(level.to_string());
+        self.0.push('/');
+        self.0.push_str(level);
     }
 
     fn push_escaped(&mut self, level: &str) {
-        self.0.push(escape(level));
+        self.0.push('/');
+        escape_into(level, &mut self.0);
     }
 
     /// The levels, escaped.
-    pub fn levels(&self) -> &[String] {
-        &self.0
+    pub fn levels(&self) -> Vec<&str> {
+        self.0.split('/').collect()
+    }
+
+    /// The last level.
+    pub fn last(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or_default()
     }
 
     /// `<base>/<levels…>`.
     pub fn mqtt_topic(&self, base: &str) -> String {
-        self.render(base, '/')
+        let mut out = String::with_capacity(base.len() + 1 + self.0.len());
+        out.push_str(base);
+        out.push('/');
+        out.push_str(&self.0);
+        out
     }
 
     /// `<prefix>.<levels…>`.
     pub fn nats_subject(&self, prefix: &str) -> String {
-        self.render(prefix, '.')
-    }
-
-    fn render(&self, base: &str, sep: char) -> String {
-        let mut out = String::with_capacity(base.len() + self.0.iter().map(|l| l.len() + 1).sum::<usize>());
-        out.push_str(base);
-        for level in &self.0 {
-            out.push(sep);
-            out.push_str(level);
-        }
+        let mut out = String::with_capacity(prefix.len() + 1 + self.0.len());
+        out.push_str(prefix);
+        out.push('.');
+        out.extend(self.0.chars().map(|c| if c == '/' { '.' } else { c }));
         out
     }
 }
@@ -109,21 +117,25 @@ fn is_plain(b: u8) -> bool {
 
 /// Escapes one level taken from ComfyUI data.
 pub fn escape(level: &str) -> String {
+    let mut out = String::with_capacity(level.len());
+    escape_into(level, &mut out);
+    out
+}
+
+fn escape_into(level: &str, out: &mut String) {
     if level.is_empty() {
-        return "=".to_string();
-    }
-    if level.bytes().all(is_plain) {
-        return level.to_string();
-    }
-    let mut out = String::with_capacity(level.len() * 3);
-    for b in level.bytes() {
-        if is_plain(b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "={b:02X}");
+        out.push('=');
+    } else if level.bytes().all(is_plain) {
+        out.push_str(level);
+    } else {
+        for b in level.bytes() {
+            if is_plain(b) {
+                out.push(b as char);
+            } else {
+                let _ = write!(out, "={b:02X}");
+            }
         }
     }
-    out
 }
 
 /// Reverses [`escape`]; `None` when the level is not a valid escape.

@@ -77,10 +77,7 @@ fn qos_retain_and_classes_follow_the_interface_table() {
 #[test]
 fn legacy_previews_are_attributed_to_the_executing_prompt_and_node() {
     let out = replay("a_success_legacy_previews", &Settings::default());
-    let previews: Vec<_> = out
-        .iter()
-        .filter(|m| m.route.levels().last().map(String::as_str) == Some("preview") && m.route.levels().len() > 2)
-        .collect();
+    let previews: Vec<_> = out.iter().filter(|m| m.route.last() == "preview" && m.route.levels().len() > 2).collect();
     assert!(!previews.is_empty(), "type-1 previews routed to a node");
     for p in previews {
         assert!(p.payload.starts_with(b"\x89PNG"));
@@ -94,10 +91,7 @@ fn previews_are_rate_limited_per_node() {
     let mut settings = Settings::default();
     settings.previews.max_per_second = 0.5;
     let out = replay("a_success", &settings);
-    let per_node = out
-        .iter()
-        .filter(|m| m.route.levels().len() > 2 && m.route.levels().last().map(String::as_str) == Some("preview"))
-        .count();
+    let per_node = out.iter().filter(|m| m.route.levels().len() > 2 && m.route.last() == "preview").count();
     assert_eq!(per_node, 1, "frames 100 ms apart, one allowed per 2 s");
     settings.previews.enabled = false;
     let out = replay("a_success", &settings);
@@ -113,7 +107,7 @@ fn subgraph_and_expanded_node_ids_are_escaped_and_in_the_payload() {
         .iter()
         .find(|m| topic(m).contains("=2E") && m.payload.starts_with(b"{"))
         .expect("an expanded node id routed");
-    let level = &expanded.route.levels()[4];
+    let level = expanded.route.levels()[4];
     let original = crate::bus::topics::unescape(level).expect("reversible");
     assert_eq!(json(expanded)["node_id"], original.as_str());
 }
