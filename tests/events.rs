@@ -250,3 +250,54 @@ async fn mqtt_v311_carries_the_same_events() {
     daemon.stop().await;
     sub.expect(|m| m.topic.ends_with("bridge/availability") && &m.payload[..] == b"offline", WAIT).await;
 }
+
+/// A bus that is enabled but unreachable does not hold back the other one.
+#[tokio::test]
+async fn an_unreachable_nats_does_not_affect_mqtt() {
+    let broker = Mosquitto::start();
+    let sim = simulator().await;
+    let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
+    let (mut s, state) = settings(&sim, Some(&broker), None);
+    s.nats.enabled = true;
+    s.nats.url = format!(
+        "nats://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+    );
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    sub.expect(|m| m.topic.ends_with("bridge/availability") && &m.payload[..] == b"online", WAIT).await;
+    let pid = sim.play("a_success").await.expect("plays");
+    let msgs = sub.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
+    assert!(msgs.iter().any(|m| m.topic == format!("comfyui/local/prompt/{pid}/execution_success")));
+    daemon.stop().await;
+}
+
+/// A preview larger than the NATS server's `max_payload` is dropped (and counted) on NATS, still delivered on
+/// MQTT, and does not block the events after it.
+#[tokio::test]
+async fn oversized_preview_does_not_block_nats() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start();
+    let sim = simulator().await;
+    let mut mqtt = mqtt_subscribe(&broker, "comfyui/local/preview").await;
+    let mut sub = nats_subscribe(&nats, "comfyui.>").await;
+    let (s, state) = settings(&sim, Some(&broker), Some(&nats));
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    sub.expect(|m| m.subject.ends_with("bridge.availability"), WAIT).await;
+    // A type-1 JPEG preview of 2 MiB: over nats-server's default 1 MiB max_payload.
+    let mut frame = vec![0, 0, 0, 1, 0, 0, 0, 1, 0xFF, 0xD8];
+    frame.resize(2 * 1024 * 1024, 7);
+    sim.send_raw_binary(frame);
+    // The bridge publishes the image without the 8-byte frame header.
+    let big = mqtt.expect(|m| m.payload.len() == 2 * 1024 * 1024 - 8, WAIT).await;
+    assert_eq!(&big.payload[..2], &[0xFF, 0xD8]);
+    let pid = sim.play("b_cached").await.expect("plays");
+    let msgs = sub.collect_until(|m| is_final(&m.subject, &m.payload), WAIT).await;
+    assert!(msgs.iter().any(|m| m.subject == format!("comfyui.local.prompt.{pid}.execution_success")));
+    assert!(!msgs.iter().any(|m| m.payload.len() > 1024 * 1024), "nothing over max_payload on nats");
+    // nats-server closes a connection that sends more than max_payload; the bridge would reconnect and
+    // announce `online` again.
+    assert!(!msgs.iter().any(|m| m.subject.ends_with("bridge.availability")), "the nats connection stayed up");
+    daemon.stop().await;
+}

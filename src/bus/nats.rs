@@ -169,9 +169,10 @@ impl Publisher {
         while self.connected() && !self.outbox.is_empty() {
             let batch: Vec<_> = std::iter::from_fn(|| self.outbox.pop()).take(BATCH).collect();
             let needs_confirmation = batch.iter().any(|m| m.class == Class::Lifecycle);
+            let max_payload = self.client.server_info().max_payload;
             let publish_all = async {
                 for msg in &batch {
-                    if !self.publish(msg).await {
+                    if !self.publish(msg, max_payload).await {
                         return false;
                     }
                 }
@@ -193,7 +194,12 @@ impl Publisher {
         }
     }
 
-    async fn publish(&self, msg: &Outbound) -> bool {
+    /// `false` when the message must be retried; a message the server can never take is dropped instead.
+    async fn publish(&self, msg: &Outbound, max_payload: usize) -> bool {
+        if max_payload > 0 && msg.payload.len() > max_payload {
+            telemetry::dropped(Bus::Nats, "too_large", &msg.route);
+            return true;
+        }
         let subject = msg.route.nats_subject(&self.prefix);
         let publish = async {
             if msg.headers.is_empty() {
