@@ -50,7 +50,8 @@ async fn success_run_arrives_on_mqtt_in_order_with_untouched_data() {
     let broker = Mosquitto::start();
     let sim = simulator().await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
+    let (mut s, state) = settings(&sim, Some(&broker), None);
+    s.previews.max_per_second = 1e9; // every preview frame published, so every seq is accounted for
     let daemon = Daemon::start(s, state);
     sub.expect(|m| m.topic == "comfyui/local/comfyui/availability" && &m.payload[..] == b"online", WAIT).await;
     sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
@@ -83,8 +84,14 @@ async fn success_run_arrives_on_mqtt_in_order_with_untouched_data() {
         let qos = if kind == "progress" { 0 } else { 1 };
         assert_eq!(msg.qos, qos, "{}", msg.topic);
     }
-    let seqs: Vec<u64> = envelopes.iter().filter_map(|m| json(&m.payload)["seq"].as_u64()).collect();
+    // `seq` counts every frame: envelopes carry theirs, and each preview frame (raw bytes, no envelope) takes one.
+    let seqs: Vec<u64> = msgs.iter().filter_map(|m| json(&m.payload)["seq"].as_u64()).collect();
     assert!(seqs.windows(2).all(|w| w[1] > w[0]), "seq increases: {seqs:?}");
+    let first = msgs.iter().position(|m| json(&m.payload)["seq"].is_u64()).expect("an envelope");
+    let node_previews =
+        msgs[first..].iter().filter(|m| m.topic.contains("/node/") && m.topic.ends_with("/preview")).count();
+    let span = (seqs[seqs.len() - 1] - seqs[0] + 1) as usize;
+    assert_eq!(span, seqs.len() + node_previews, "no seq gap that a frame does not explain");
 
     let topics: Vec<&str> = msgs.iter().map(|m| m.topic.as_str()).collect();
     for t in ["execution_start", "node/2/progress", "node/2/preview", "node/4/executed", "execution_success"] {

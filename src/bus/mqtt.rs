@@ -63,10 +63,11 @@ impl Client {
         }
     }
 
-    async fn disconnect(&self) {
+    /// Asks for a clean DISCONNECT without waiting (a full request channel means the broker is gone anyway).
+    fn disconnect(&self) {
         let _ = match self {
-            Self::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Self::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Self::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Self::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
         };
     }
 }
@@ -126,7 +127,9 @@ pub fn spawn(
     let offline = Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
     let will_topic = offline.mqtt_topic(&cfg.base_topic);
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
-    let (loop_tx, loop_rx) = mpsc::channel(REQUEST_CAPACITY * 2);
+    // Unbounded so that the polling task never waits on the publisher; it holds at most about two events per
+    // in-flight QoS-1 message (the window) plus one per connection attempt.
+    let (loop_tx, loop_rx) = mpsc::unbounded_channel();
     let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
     let span = tracing::info_span!("mqtt", url = %cfg.url);
     let client = if cfg.protocol == "v311" {
@@ -166,7 +169,7 @@ pub fn spawn(
 fn spawn_publisher(
     settings: &Settings,
     client: Client,
-    loop_rx: mpsc::Receiver<LoopEvent>,
+    loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     availability: Route,
     tasks: &tokio_util::task::TaskTracker,
@@ -190,7 +193,7 @@ fn spawn_publisher(
 }
 
 /// Polls the v5 eventloop: nothing else, so rumqttc's request channel always drains.
-async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEvent>, max_ms: u64) {
+async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
     use rumqttc::v5::Event;
     let mut attempt = 0;
     loop {
@@ -204,7 +207,7 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEve
                 eventloop.clean();
                 eventloop.pending.clear();
                 telemetry::reconnecting("mqtt", attempt, &e);
-                if tx.send(LoopEvent::Disconnected).await.is_err() {
+                if tx.send(LoopEvent::Disconnected).is_err() {
                     break;
                 }
                 tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
@@ -215,7 +218,7 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEve
         if matches!(event, LoopEvent::Connected) {
             attempt = 0;
         }
-        if tx.send(event).await.is_err() {
+        if tx.send(event).is_err() {
             break;
         }
     }
@@ -223,7 +226,7 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<LoopEve
 }
 
 /// Polls the v3.1.1 eventloop, like [`poll_v5`].
-async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<LoopEvent>, max_ms: u64) {
+async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
     use rumqttc::Event;
     let mut attempt = 0;
     loop {
@@ -237,7 +240,7 @@ async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<LoopEvent
                 eventloop.clean();
                 eventloop.pending.clear();
                 telemetry::reconnecting("mqtt", attempt, &e);
-                if tx.send(LoopEvent::Disconnected).await.is_err() {
+                if tx.send(LoopEvent::Disconnected).is_err() {
                     break;
                 }
                 tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
@@ -248,7 +251,7 @@ async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<LoopEvent
         if matches!(event, LoopEvent::Connected) {
             attempt = 0;
         }
-        if tx.send(event).await.is_err() {
+        if tx.send(event).is_err() {
             break;
         }
     }
@@ -276,7 +279,11 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn run(mut self, mut loop_rx: mpsc::Receiver<LoopEvent>, mut outbound_rx: mpsc::Receiver<Arc<Outbound>>) {
+    async fn run(
+        mut self,
+        mut loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
+        mut outbound_rx: mpsc::Receiver<Arc<Outbound>>,
+    ) {
         let mut input_open = true;
         loop {
             tokio::select! {
@@ -320,7 +327,7 @@ impl Publisher {
         self.outbox.is_empty() && self.handed.is_empty() && self.unacked.is_empty()
     }
 
-    async fn drain(&mut self, loop_rx: &mut mpsc::Receiver<LoopEvent>) {
+    async fn drain(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
         loop {
             self.pump();
             if self.idle() {
@@ -397,12 +404,12 @@ impl Publisher {
     }
 
     /// Publishes the retained `offline` and waits (briefly) for its acknowledgement, then disconnects.
-    async fn go_offline(&mut self, loop_rx: &mut mpsc::Receiver<LoopEvent>) {
+    async fn go_offline(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
         if self.connected {
             self.outbox.push(Outbound::lifecycle(self.availability.clone(), "offline", true));
             let _ = tokio::time::timeout(Duration::from_secs(2), self.drain(loop_rx)).await;
         }
-        self.client.disconnect().await;
+        self.client.disconnect();
         // Let the eventloop send the DISCONNECT before the task ends.
         let _ = tokio::time::timeout(Duration::from_secs(1), async { while loop_rx.recv().await.is_some() {} }).await;
         info!("mqtt publisher stopped");
