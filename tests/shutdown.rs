@@ -34,15 +34,21 @@ async fn simulator() -> Simulator {
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
 }
 
-/// `kill -TERM`: the bridge publishes the retained `offline` itself and exits 0.
-#[tokio::test]
-async fn sigterm_publishes_offline_and_exits_cleanly() {
+/// Brokers, simulator and the bridge binary, with a subscriber that has seen the bridge come online.
+async fn start_online() -> (Mosquitto, Simulator, tempfile::TempDir, MqttSub, Child) {
     let broker = Mosquitto::start();
     let sim = simulator().await;
     let state = tempfile::tempdir().expect("state");
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
-    let mut child = spawn_bridge(&sim, &broker, state.path());
+    let child = spawn_bridge(&sim, &broker, state.path());
     sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
+    (broker, sim, state, sub, child)
+}
+
+/// `kill -TERM`: the bridge publishes the retained `offline` itself and exits 0.
+#[tokio::test]
+async fn sigterm_publishes_offline_and_exits_cleanly() {
+    let (_broker, _sim, _state, mut sub, mut child) = start_online().await;
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
     sub.expect(|m| &m.payload[..] == b"offline", WAIT).await;
@@ -53,12 +59,7 @@ async fn sigterm_publishes_offline_and_exits_cleanly() {
 /// `kill -9`: the broker publishes the last will, so subscribers still learn the bridge is gone.
 #[tokio::test]
 async fn crash_publishes_offline_through_the_last_will() {
-    let broker = Mosquitto::start();
-    let sim = simulator().await;
-    let state = tempfile::tempdir().expect("state");
-    let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
-    let mut child = spawn_bridge(&sim, &broker, state.path());
-    sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
+    let (broker, _sim, _state, mut sub, mut child) = start_online().await;
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     let will = sub.expect(|m| &m.payload[..] == b"offline", Duration::from_secs(15)).await;

@@ -143,7 +143,7 @@ pub fn spawn(
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
         eventloop.set_network_options(network_options());
-        tasks.spawn(poll_v311(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        tasks.spawn(poll(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
         Client::V311(client)
     } else {
         let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
@@ -160,7 +160,7 @@ pub fn spawn(
             opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
-        tasks.spawn(poll_v5(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        tasks.spawn(poll(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
     spawn_publisher(settings, client, loop_rx, outbound_rx, offline, tasks, span)
@@ -192,53 +192,70 @@ fn spawn_publisher(
     Ok(())
 }
 
-/// Polls the v5 eventloop: nothing else, so rumqttc's request channel always drains.
-async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
-    use rumqttc::v5::Event;
-    let mut attempt = 0;
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(V5Packet::ConnAck(_))) => LoopEvent::Connected,
-            Ok(Event::Incoming(V5Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => LoopEvent::Sent(pkid),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(_) => continue,
-            Err(e) => {
-                eventloop.clean();
-                eventloop.pending.clear();
-                telemetry::reconnecting("mqtt", attempt, &e);
-                if tx.send(LoopEvent::Disconnected).is_err() {
-                    break;
-                }
-                tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
-                attempt = attempt.saturating_add(1);
-                continue;
-            }
-        };
-        if matches!(event, LoopEvent::Connected) {
-            attempt = 0;
-        }
-        if tx.send(event).is_err() {
-            break;
-        }
-    }
-    debug!("mqtt eventloop stopped");
+/// What one poll of either protocol's eventloop meant for the publisher.
+enum Polled {
+    Event(LoopEvent),
+    Ignored,
+    Stopped,
+    Failed(String),
 }
 
-/// Polls the v3.1.1 eventloop, like [`poll_v5`].
-async fn poll_v311(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
-    use rumqttc::Event;
+/// The two protocol versions' eventloops behind one face, so there is one polling loop.
+trait EventSource {
+    async fn next(&mut self) -> Polled;
+    /// After an error: forget rumqttc's own replay queue; the publisher's outbox redelivers.
+    fn reset(&mut self);
+}
+
+impl EventSource for rumqttc::v5::EventLoop {
+    async fn next(&mut self) -> Polled {
+        use rumqttc::v5::Event;
+        match self.poll().await {
+            Ok(Event::Incoming(V5Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
+            Ok(Event::Incoming(V5Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
+            Ok(_) => Polled::Ignored,
+            Err(e) => Polled::Failed(e.to_string()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.clean();
+        self.pending.clear();
+    }
+}
+
+impl EventSource for rumqttc::EventLoop {
+    async fn next(&mut self) -> Polled {
+        use rumqttc::Event;
+        match self.poll().await {
+            Ok(Event::Incoming(V3Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
+            Ok(Event::Incoming(V3Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
+            Ok(_) => Polled::Ignored,
+            Err(e) => Polled::Failed(e.to_string()),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.clean();
+        self.pending.clear();
+    }
+}
+
+/// Polls the eventloop and nothing else, so rumqttc's request channel always drains; reports to the publisher
+/// without ever waiting for it.
+async fn poll(mut eventloop: impl EventSource, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
     let mut attempt = 0;
     loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(V3Packet::ConnAck(_))) => LoopEvent::Connected,
-            Ok(Event::Incoming(V3Packet::PubAck(ack))) => LoopEvent::Acked(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => LoopEvent::Sent(pkid),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(_) => continue,
-            Err(e) => {
-                eventloop.clean();
-                eventloop.pending.clear();
+        let event = match eventloop.next().await {
+            Polled::Event(event) => event,
+            Polled::Ignored => continue,
+            Polled::Stopped => break,
+            Polled::Failed(e) => {
+                eventloop.reset();
                 telemetry::reconnecting("mqtt", attempt, &e);
                 if tx.send(LoopEvent::Disconnected).is_err() {
                     break;

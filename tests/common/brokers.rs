@@ -7,6 +7,32 @@ use std::time::{Duration, Instant};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A broker that can be taken away and brought back on the same port.
+pub trait Outage {
+    /// Stops it gracefully (it saves its state).
+    fn stop(&mut self);
+    /// Starts it again on the same port, from its saved state.
+    fn resume(&mut self);
+}
+
+impl Outage for Mosquitto {
+    fn stop(&mut self) {
+        Mosquitto::stop(self);
+    }
+    fn resume(&mut self) {
+        Mosquitto::resume(self);
+    }
+}
+
+impl Outage for NatsServer {
+    fn stop(&mut self) {
+        NatsServer::stop(self);
+    }
+    fn resume(&mut self) {
+        NatsServer::resume(self);
+    }
+}
+
 fn binary(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
         let path = Path::new(dir).join(name);

@@ -6,7 +6,7 @@ pub mod brokers;
 pub mod daemon;
 pub mod subscribers;
 
-pub use brokers::{Mosquitto, NatsServer};
+pub use brokers::{Mosquitto, NatsServer, Outage};
 pub use subscribers::{
     mqtt_publish, mqtt_subscribe, mqtt_subscribe_persistent, nats_subscribe, MqttMsg, MqttSub, NatsMsg, NatsSub,
 };
