@@ -118,6 +118,8 @@ pub struct ComfySettings {
     pub reconnect_max_ms: u64,
     /// Interval of WebSocket pings; a connection that does not answer within two intervals is dropped.
     pub ping_interval_ms: u64,
+    /// Longest an HTTP request to ComfyUI may take, in milliseconds (uploads get four times as long).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ComfySettings {
@@ -129,6 +131,7 @@ impl Default for ComfySettings {
             headers: BTreeMap::new(),
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
+            request_timeout_ms: 30_000,
         }
     }
 }

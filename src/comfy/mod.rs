@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod event;
+pub mod queue;
 pub mod ws;
 
 /// What the WebSocket task tells the router.

@@ -1,0 +1,1 @@
+//! Requests from the buses: parsing, dispatch, responses.

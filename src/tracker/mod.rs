@@ -1,0 +1,1 @@
+//! The prompt tracker: the one owner of per-prompt state.
