@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod event;
+pub mod http;
 pub mod queue;
 pub mod ws;
 

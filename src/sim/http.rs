@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::queue::{self, Job};
 use super::server::Request;
+use super::upload;
 use super::Shared;
 
 /// An HTTP response.
@@ -39,7 +40,7 @@ pub(crate) fn server_features() -> Value {
     json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
 }
 
-/// Route one request.
+/// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (PROTOCOL §11).
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     shared.lock().requests.push((req.method.clone(), req.path.clone(), body.clone()));
@@ -51,6 +52,8 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
             Response::json(200, &json!({"exec_info": {"queue_remaining": n}}))
         }
         ("GET", "/queue") => get_queue(shared),
+        // ComfyUI reads these bodies with `request.json()`: a body that is not JSON fails with 500.
+        ("POST", "/queue" | "/history" | "/free") if body.is_null() => internal_error(),
         ("POST", "/queue") => post_queue(shared, &body),
         ("GET", "/history") => Response::json(200, &history_all(shared, &req)),
         ("POST", "/history") => post_history(shared, &body),
@@ -58,23 +61,48 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
             queue::interrupt(shared, body["prompt_id"].as_str());
             Response::empty()
         }
-        ("POST", "/free") => match body {
-            Value::Null => Response::text(500, "500 Internal Server Error"),
-            _ => Response::empty(),
-        },
+        ("POST", "/free") => Response::empty(),
         ("GET", "/system_stats") => Response::json(200, &system_stats()),
         ("GET", "/features") => Response::json(200, &server_features()),
         ("GET", "/embeddings" | "/extensions" | "/models") => Response::json(200, &json!([])),
-        ("POST", "/upload/image" | "/upload/mask") => upload(&req),
-        ("GET", p) if p.starts_with("/history/") => history_one(shared, &p["/history/".len()..]),
+        ("POST", "/upload/image" | "/upload/mask") => upload::upload(shared, &req),
+        ("GET", p) if p.starts_with("/history/") => history_one(shared, &percent_decode(&p["/history/".len()..])),
         ("GET", p) if p == "/object_info" || p.starts_with("/object_info/") => Response::json(200, &json!({})),
         _ => Response::text(404, "404: Not Found"),
     }
 }
 
+/// aiohttp's answer to an unhandled exception in a handler.
+pub(crate) fn internal_error() -> Response {
+    Response::text(500, "500 Internal Server Error\n\nServer got itself in trouble")
+}
+
+/// ComfyUI's 400 body for a prompt rejected as a whole (`node_errors` empty).
+fn rejected(kind: &str, message: &str, details: &str) -> Response {
+    let error = json!({"type": kind, "message": message, "details": details, "extra_info": {}});
+    Response::json(400, &json!({"error": error, "node_errors": {}}))
+}
+
+/// What `validate_prompt` would say about `prompt` that the simulator can know without a node catalogue:
+/// the recorded answer for a prompt a transcript saw rejected, or a node without `class_type`.
+fn validate(shared: &Shared, prompt: &Value) -> Option<Response> {
+    let Some(nodes) = prompt.as_object() else {
+        return Some(internal_error());
+    };
+    let recorded = shared.scenarios.iter().flat_map(|sc| &sc.rejections).find(|r| &r.prompt == prompt);
+    if let Some(r) = recorded {
+        return Some(Response::json(400, &r.response));
+    }
+    let missing = nodes.iter().find(|(_, node)| node.get("class_type").is_none());
+    missing.map(|(id, _)| {
+        let message = "Cannot execute because a node is missing the class_type property.";
+        rejected("invalid_prompt", message, &format!("Node ID '#{id}'"))
+    })
+}
+
 fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(raw) else {
-        return Response::text(500, "500 Internal Server Error");
+        return internal_error();
     };
     let (number, sort_key) = {
         let mut st = shared.lock();
@@ -89,12 +117,13 @@ fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
         }
     };
     let Some(prompt) = body.get("prompt").filter(|p| !p.is_null()) else {
-        let err = json!({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}, "node_errors": {}});
-        return Response::json(400, &err);
+        return rejected("no_prompt", "No prompt provided", "No prompt provided");
     };
+    if let Some(rejection) = validate(shared, prompt) {
+        return rejection;
+    }
     let Some(scenario) = pick_scenario(shared, prompt) else {
-        let err = json!({"error": {"type": "prompt_no_outputs", "message": "Simulator has no scenarios loaded", "details": "", "extra_info": {}}, "node_errors": {}});
-        return Response::json(400, &err);
+        return rejected("prompt_no_outputs", "Simulator has no scenarios loaded", "");
     };
     let id = match &body["prompt_id"] {
         Value::Null => super::frames::new_uuid(),
@@ -207,18 +236,23 @@ fn system_stats() -> Value {
     })
 }
 
-/// Answer an upload with the multipart file name (no file is stored).
-fn upload(req: &Request) -> Response {
-    let Some(name) = multipart_filename(&req.body) else {
-        return Response::text(400, "400: Bad Request");
-    };
-    Response::json(200, &json!({"name": name, "subfolder": "", "type": "input"}))
-}
-
-fn multipart_filename(body: &[u8]) -> Option<String> {
-    let needle = b"filename=\"";
-    let start = body.windows(needle.len()).position(|w| w == needle)? + needle.len();
-    let len = body[start..].iter().position(|&b| b == b'"')?;
-    let name = String::from_utf8_lossy(&body[start..start + len]).into_owned();
-    (!name.is_empty()).then_some(name)
+/// Undo `%XX` escapes (a path segment as aiohttp hands it to a handler).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

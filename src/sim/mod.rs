@@ -12,6 +12,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 mod transcript;
+mod upload;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -85,6 +86,8 @@ pub(crate) struct State {
     pub history: Vec<(String, Value)>,
     /// HTTP requests received.
     pub requests: Vec<(String, String, Value)>,
+    /// Uploaded files by `type/subfolder/name` (`/upload/image`).
+    pub uploads: HashMap<String, Vec<u8>>,
 }
 
 impl State {

@@ -32,6 +32,15 @@ pub(crate) struct RecordedPost {
     pub prompt: Value,
 }
 
+/// A `POST /prompt` that ComfyUI rejected with HTTP 400 in a transcript.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordedRejection {
+    /// The `prompt` graph of the request.
+    pub prompt: Value,
+    /// The recorded 400 body (`{"error", "node_errors"}`).
+    pub response: Value,
+}
+
 /// A loaded transcript.
 #[derive(Debug, Clone)]
 pub(crate) struct Scenario {
@@ -41,6 +50,8 @@ pub(crate) struct Scenario {
     pub frames: Vec<Frame>,
     /// Successful prompt submissions, in order.
     pub posts: Vec<RecordedPost>,
+    /// Rejected prompt submissions, answered again with the recorded 400.
+    pub rejections: Vec<RecordedRejection>,
     /// Every recorded prompt id, in order of first appearance.
     pub prompt_ids: Vec<String>,
 }
@@ -103,10 +114,11 @@ pub(crate) fn parse_scenario(name: &str, text: &str) -> Scenario {
         })
         .collect();
     let posts = recorded_posts(&lines);
+    let rejections = recorded_rejections(&lines);
     let primary = primary_label(&lines);
     let frames = primary_frames(name, &lines, primary.as_deref());
     let prompt_ids = collect_prompt_ids(&posts, &frames);
-    Scenario { name: name.to_string(), frames, posts, prompt_ids }
+    Scenario { name: name.to_string(), frames, posts, rejections, prompt_ids }
 }
 
 fn kind(v: &Value) -> &str {
@@ -123,6 +135,17 @@ fn recorded_posts(lines: &[Value]) -> Vec<RecordedPost> {
                 prompt_id: l["response"]["prompt_id"].as_str()?.to_string(),
                 prompt: l["request"].get("prompt").cloned().unwrap_or(Value::Null),
             })
+        })
+        .collect()
+}
+
+fn recorded_rejections(lines: &[Value]) -> Vec<RecordedRejection> {
+    lines
+        .iter()
+        .filter(|l| kind(l) == "http" && l["method"] == "POST" && l["path"] == "/prompt" && l["status"] == 400)
+        .filter_map(|l| {
+            let prompt = l["request"].get("prompt").filter(|p| p.is_object())?;
+            Some(RecordedRejection { prompt: prompt.clone(), response: l["response"].clone() })
         })
         .collect()
 }

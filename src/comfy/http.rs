@@ -1,0 +1,637 @@
+//! ComfyUI's HTTP API (PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
+//!
+//! [`ComfyHttp`] is a cheap handle on one `reqwest::Client` (a connection pool), so every task that talks to
+//! ComfyUI clones it. Every call names its endpoint in its [`HttpError`]: `Unavailable` when ComfyUI cannot be
+//! reached in time, `Status` when it answers with an error status (the 400 of `POST /prompt` keeps its JSON),
+//! `BadResponse` when a 2xx answer is not what the endpoint promises. Endpoints that answer an empty 200
+//! (PROTOCOL.md §1) are never parsed. No `Origin` header is ever sent: ComfyUI answers 403 to one that does
+//! not match the host (§1).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, ORIGIN};
+use reqwest::multipart::{Form, Part};
+use reqwest::{RequestBuilder, Url};
+use serde_json::{json, Value};
+use tracing::debug;
+
+use super::queue::QueueSnapshot;
+use crate::config::Settings;
+
+/// Sent as `User-Agent` with every request.
+const USER_AGENT: &str = concat!("comfy-bridge/", env!("CARGO_PKG_VERSION"));
+/// Longest a TCP (and TLS) connect may take, unless the request timeout is shorter.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Uploads may take this many request timeouts.
+const UPLOAD_TIMEOUT_FACTOR: u32 = 4;
+/// Longest body excerpt kept in [`HttpError::Status`], in characters.
+const MAX_EXCERPT_CHARS: usize = 512;
+
+/// Why a call to ComfyUI's HTTP API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The settings cannot make a client (base URL, a header, the timeout); only [`ComfyHttp::new`] returns it.
+    #[error("cannot build the comfyui http client: {reason}")]
+    InvalidSettings {
+        /// What is wrong, naming the configuration key.
+        reason: String,
+    },
+    /// Could not reach ComfyUI or it did not answer in time (connect refused, DNS, timeout, connection reset).
+    #[error("{endpoint}: comfyui unavailable: {reason}")]
+    Unavailable {
+        /// Method and path, e.g. `POST /prompt`.
+        endpoint: &'static str,
+        /// The transport error and its causes.
+        reason: String,
+    },
+    /// ComfyUI answered with a non-2xx status.
+    #[error("{endpoint}: comfyui answered {status}: {body}")]
+    Status {
+        /// Method and path, e.g. `POST /prompt`.
+        endpoint: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (at most 512 characters).
+        body: String,
+        /// The body when it parses as JSON (`POST /prompt`'s 400 carries `{"error", "node_errors"}`).
+        json: Option<Value>,
+    },
+    /// A 2xx answer that is not what the endpoint promises (e.g. not JSON where JSON is due).
+    #[error("{endpoint}: unexpected answer from comfyui: {reason}")]
+    BadResponse {
+        /// Method and path, e.g. `POST /prompt`.
+        endpoint: &'static str,
+        /// What is wrong with the answer.
+        reason: String,
+    },
+}
+
+/// A client for one ComfyUI server; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ComfyHttp {
+    client: reqwest::Client,
+    /// `comfyui.url`, which may carry a path prefix (a reverse proxy); never cannot-be-a-base.
+    base: Url,
+    upload_timeout: Duration,
+}
+
+impl ComfyHttp {
+    /// A client for `settings.comfyui`: its URL, extra headers and request timeout.
+    pub fn new(settings: &Settings) -> Result<Self, HttpError> {
+        let invalid = |reason: String| HttpError::InvalidSettings { reason };
+        let mut base = Url::parse(settings.comfy_base()).map_err(|e| invalid(format!("comfyui.url: {e}")))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(invalid("comfyui.url: must be an http:// or https:// URL".into()));
+        }
+        base.set_query(None);
+        base.set_fragment(None);
+        let mut headers = HeaderMap::new();
+        for (name, value) in &settings.comfyui.headers {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("comfyui.headers: {name:?} is not a header name")))?;
+            if header == ORIGIN {
+                return Err(invalid(
+                    "comfyui.headers: Origin is never sent (ComfyUI answers 403 to a foreign one)".into(),
+                ));
+            }
+            let mut value = HeaderValue::from_str(value.expose())
+                .map_err(|_| invalid(format!("comfyui.headers.{name}: not a valid header value")))?;
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        if settings.comfyui.request_timeout_ms == 0 {
+            return Err(invalid("comfyui.request_timeout_ms: must be at least 1".into()));
+        }
+        let timeout = Duration::from_millis(settings.comfyui.request_timeout_ms);
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| invalid(format!("http client: {}", error_chain(&e))))?;
+        Ok(Self { client, base, upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR) })
+    }
+
+    /// `POST /prompt`: queues `body` (`{"prompt", "client_id", "prompt_id", ...}`); returns the 200 JSON
+    /// `{"prompt_id", "number", "node_errors"}`. A rejected workflow is [`HttpError::Status`] 400 with JSON.
+    pub async fn post_prompt(&self, body: &Value) -> Result<Value, HttpError> {
+        const ENDPOINT: &str = "POST /prompt";
+        let answer = self.send_json(ENDPOINT, self.client.post(self.url(&["prompt"])), body).await?;
+        let answer = parse_json(ENDPOINT, &answer)?;
+        if answer.get("prompt_id").is_none() {
+            return Err(bad_response(ENDPOINT, "no prompt_id in the answer"));
+        }
+        Ok(answer)
+    }
+
+    /// `GET /queue`: the running and pending prompts, pending in run order.
+    pub async fn queue(&self) -> Result<QueueSnapshot, HttpError> {
+        const ENDPOINT: &str = "GET /queue";
+        let body = self.send(ENDPOINT, self.client.get(self.url(&["queue"]))).await?;
+        QueueSnapshot::parse(&parse_json(ENDPOINT, &body)?).ok_or_else(|| bad_response(ENDPOINT, "not a queue"))
+    }
+
+    /// `GET /history/{prompt_id}`: the history entry, or `None` when ComfyUI has none (`{}`).
+    ///
+    /// The ids `.` and `..` cannot be put in a URL path, so they are never found.
+    pub async fn history(&self, prompt_id: &str) -> Result<Option<Value>, HttpError> {
+        const ENDPOINT: &str = "GET /history/{id}";
+        if matches!(prompt_id, "." | "..") {
+            return Ok(None);
+        }
+        let body = self.send(ENDPOINT, self.client.get(self.url(&["history", prompt_id]))).await?;
+        let Value::Object(mut entries) = parse_json(ENDPOINT, &body)? else {
+            return Err(bad_response(ENDPOINT, "not a JSON object"));
+        };
+        match entries.remove(prompt_id) {
+            Some(entry) => Ok(Some(entry)),
+            None if entries.is_empty() => Ok(None),
+            None => Err(bad_response(ENDPOINT, "entries for other prompts only")),
+        }
+    }
+
+    /// `POST /interrupt`: stops `prompt_id` if it is the running prompt, or whatever runs when `None`.
+    /// ComfyUI's answer does not say whether anything was interrupted.
+    pub async fn interrupt(&self, prompt_id: Option<&str>) -> Result<(), HttpError> {
+        let body = match prompt_id {
+            Some(id) => json!({"prompt_id": id}),
+            None => json!({}),
+        };
+        self.send_json("POST /interrupt", self.client.post(self.url(&["interrupt"])), &body).await.map(drop)
+    }
+
+    /// `POST /queue {"delete": ids}`: removes these prompts if they are pending (running ones stay).
+    pub async fn delete_pending(&self, ids: &[String]) -> Result<(), HttpError> {
+        let body = json!({"delete": ids});
+        self.send_json("POST /queue", self.client.post(self.url(&["queue"])), &body).await.map(drop)
+    }
+
+    /// `POST /queue {"clear": true}`: removes every pending prompt (the running one stays).
+    pub async fn clear_pending(&self) -> Result<(), HttpError> {
+        let body = json!({"clear": true});
+        self.send_json("POST /queue", self.client.post(self.url(&["queue"])), &body).await.map(drop)
+    }
+
+    /// `POST /free`: unload models and/or free memory once ComfyUI is between prompts.
+    pub async fn free(&self, unload_models: bool, free_memory: bool) -> Result<(), HttpError> {
+        let body = json!({"unload_models": unload_models, "free_memory": free_memory});
+        self.send_json("POST /free", self.client.post(self.url(&["free"])), &body).await.map(drop)
+    }
+
+    /// `POST /upload/image` into the `input` folder; returns `{"name", "subfolder", "type"}`. Without
+    /// `overwrite`, ComfyUI renames on a clash with different bytes, so use the returned `name`.
+    pub async fn upload_image(
+        &self,
+        filename: &str,
+        data: Bytes,
+        subfolder: &str,
+        overwrite: bool,
+    ) -> Result<Value, HttpError> {
+        const ENDPOINT: &str = "POST /upload/image";
+        let form = Form::new()
+            .part("image", Part::stream(data).file_name(filename.to_string()))
+            .text("type", "input")
+            .text("subfolder", subfolder.to_string())
+            .text("overwrite", if overwrite { "true" } else { "false" });
+        let request = self.client.post(self.url(&["upload", "image"])).multipart(form).timeout(self.upload_timeout);
+        let answer = parse_json(ENDPOINT, &self.send(ENDPOINT, request).await?)?;
+        if !answer.get("name").is_some_and(Value::is_string) {
+            return Err(bad_response(ENDPOINT, "no name in the answer"));
+        }
+        Ok(answer)
+    }
+
+    /// `GET /system_stats`: versions, RAM and devices; a good health probe.
+    pub async fn system_stats(&self) -> Result<Value, HttpError> {
+        const ENDPOINT: &str = "GET /system_stats";
+        let stats = parse_json(ENDPOINT, &self.send(ENDPOINT, self.client.get(self.url(&["system_stats"]))).await?)?;
+        if !stats.is_object() {
+            return Err(bad_response(ENDPOINT, "not a JSON object"));
+        }
+        Ok(stats)
+    }
+
+    /// Probes `GET /api/jobs?limit=1` (PROTOCOL.md §11): `true` on newer ComfyUI, `false` on a 404 (0.3.64).
+    pub async fn jobs_supported(&self) -> Result<bool, HttpError> {
+        const ENDPOINT: &str = "GET /api/jobs";
+        let mut url = self.url(&["api", "jobs"]);
+        url.set_query(Some("limit=1"));
+        match self.send(ENDPOINT, self.client.get(url)).await {
+            Ok(body) if parse_json(ENDPOINT, &body)?.get("jobs").is_some_and(Value::is_array) => Ok(true),
+            Ok(_) => Err(bad_response(ENDPOINT, "no jobs list in the answer")),
+            Err(HttpError::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `{public_base}/view?filename=..&subfolder=..&type=..` for an output image
+    /// (`{"filename", "subfolder", "type"}`); `None` without a filename or with a base that is not a URL.
+    pub fn view_url(public_base: &str, image: &Value) -> Option<String> {
+        let filename = image.get("filename")?.as_str().filter(|f| !f.is_empty())?;
+        let field = |key: &str, default: &'static str| image.get(key).and_then(Value::as_str).unwrap_or(default);
+        let mut url = Url::parse(public_base).ok()?;
+        url.path_segments_mut().ok()?.pop_if_empty().push("view");
+        let query = format!(
+            "filename={}&subfolder={}&type={}",
+            query_encode(filename),
+            query_encode(field("subfolder", "")),
+            query_encode(field("type", "output")),
+        );
+        url.set_query(Some(&query));
+        url.set_fragment(None);
+        Some(url.into())
+    }
+
+    /// The base URL with these path segments appended, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        // `new` refuses cannot-be-a-base URLs, the only ones without path segments.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// Sends `body` as JSON; returns the answer's body.
+    async fn send_json(
+        &self,
+        endpoint: &'static str,
+        request: RequestBuilder,
+        body: &Value,
+    ) -> Result<Bytes, HttpError> {
+        self.send(endpoint, request.header(CONTENT_TYPE, "application/json").body(body.to_string())).await
+    }
+
+    /// Sends the request and reads the whole answer; a non-2xx status is [`HttpError::Status`].
+    async fn send(&self, endpoint: &'static str, request: RequestBuilder) -> Result<Bytes, HttpError> {
+        let unavailable = |e: reqwest::Error| {
+            let reason = error_chain(&e.without_url());
+            debug!(endpoint, error = %reason, "comfyui unavailable");
+            HttpError::Unavailable { endpoint, reason }
+        };
+        let response = request.send().await.map_err(unavailable)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(unavailable)?;
+        debug!(endpoint, status = status.as_u16(), bytes = body.len(), "comfyui answered");
+        if !status.is_success() {
+            let json = serde_json::from_slice(&body).ok();
+            return Err(HttpError::Status { endpoint, status: status.as_u16(), body: excerpt(&body), json });
+        }
+        Ok(body)
+    }
+}
+
+fn parse_json(endpoint: &'static str, body: &[u8]) -> Result<Value, HttpError> {
+    serde_json::from_slice(body).map_err(|e| bad_response(endpoint, &format!("not JSON ({e}): {}", excerpt(body))))
+}
+
+fn bad_response(endpoint: &'static str, reason: &str) -> HttpError {
+    HttpError::BadResponse { endpoint, reason: reason.to_string() }
+}
+
+/// The start of a body as text, at most [`MAX_EXCERPT_CHARS`] characters.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).chars().take(MAX_EXCERPT_CHARS).collect()
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message alone says little).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Percent-encodes everything but unreserved characters, so spaces become `%20` (never `+`) and `&`, `=`,
+/// `/` and non-ASCII cannot break a query value.
+fn query_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::Secret;
+    use crate::sim::{SimOptions, Simulator};
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transcripts")
+    }
+
+    fn settings(url: &str, request_timeout_ms: u64) -> Settings {
+        let mut settings = Settings::default();
+        settings.comfyui.url = url.to_string();
+        settings.comfyui.request_timeout_ms = request_timeout_ms;
+        settings
+    }
+
+    /// A simulator and a client for it. At speed 1.0 a prompt runs for ~1.9 s unless interrupted.
+    async fn sim(speed: f64) -> (Simulator, ComfyHttp) {
+        let opts = SimOptions { transcripts: vec![fixtures()], speed, autoplay: false };
+        let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
+        let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client");
+        (sim, http)
+    }
+
+    /// Polls `check` every 10 ms until it yields a value; fails after 5 s.
+    async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn finished(http: &ComfyHttp, id: &str) -> Value {
+        eventually("the history entry", || async { http.history(id).await.expect("history") }).await
+    }
+
+    async fn running(http: &ComfyHttp, id: &str) {
+        let is_running = || async { (http.queue().await.expect("queue").position(id) == Some(0)).then_some(()) };
+        eventually("the prompt to run", is_running).await;
+    }
+
+    fn prompt(id: &str) -> Value {
+        let graph =
+            json!({"1": {"class_type": "EmptyImage", "inputs": {}}, "2": {"class_type": "PreviewImage", "inputs": {}}});
+        json!({"prompt": graph, "client_id": "bridge-test", "prompt_id": id})
+    }
+
+    fn pending_ids(queue: &QueueSnapshot) -> Vec<&str> {
+        queue.pending.iter().map(|i| i.prompt_id.as_str()).collect()
+    }
+
+    /// Accepts one connection, answers `response` verbatim and returns the request head it read.
+    async fn serve_once(response: String) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&chunk[..n]);
+            }
+            stream.write_all(response.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (url, task)
+    }
+
+    fn answer(status: &str, content_type: &str, body: &str) -> String {
+        let len = body.len();
+        let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n");
+        format!("{head}Connection: close\r\n\r\n{body}")
+    }
+
+    #[tokio::test]
+    async fn prompt_with_caller_ids_lands_in_history_under_an_encoded_path() {
+        let (_sim, http) = sim(0.0).await;
+        let id = "bridge 1/ü?&#";
+        let answer = http.post_prompt(&prompt(id)).await.expect("queued");
+        assert_eq!(answer["prompt_id"], id);
+        assert!(answer["number"].is_number());
+        assert_eq!(answer["node_errors"], json!({}));
+        let entry = finished(&http, id).await;
+        assert_eq!(entry["prompt"][1], id);
+        assert_eq!(entry["prompt"][3]["client_id"], "bridge-test");
+        assert_eq!(entry["status"]["status_str"], "success");
+        assert_eq!(http.history("never-queued").await.expect("history"), None);
+        assert_eq!(http.history("..").await.expect("history"), None);
+    }
+
+    #[tokio::test]
+    async fn queue_order_front_number_delete_clear_and_targeted_interrupt() {
+        let (sim, http) = sim(1.0).await;
+        http.post_prompt(&prompt("p1")).await.expect("p1");
+        running(&http, "p1").await;
+        http.post_prompt(&prompt("p2")).await.expect("p2");
+        http.post_prompt(&prompt("p3")).await.expect("p3");
+        let mut front = prompt("p4");
+        front["front"] = json!(true);
+        assert!(http.post_prompt(&front).await.expect("p4")["number"].as_f64().is_some_and(|n| n < 0.0));
+        let mut numbered = prompt("p5");
+        numbered["number"] = json!(-1000);
+        assert_eq!(http.post_prompt(&numbered).await.expect("p5")["number"].as_f64(), Some(-1000.0));
+
+        let queue = http.queue().await.expect("queue");
+        assert_eq!(queue.running[0].client_id(), Some("bridge-test"));
+        assert_eq!(pending_ids(&queue), ["p5", "p4", "p2", "p3"]);
+        http.delete_pending(&["p3".to_string(), "unknown".to_string()]).await.expect("delete");
+        assert_eq!(pending_ids(&http.queue().await.expect("queue")), ["p5", "p4", "p2"]);
+
+        // Aimed at a pending prompt: nothing happens to the running one.
+        http.interrupt(Some("p2")).await.expect("interrupt p2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let queue = http.queue().await.expect("queue");
+        assert_eq!((queue.position("p1"), queue.position("p2")), (Some(0), Some(3)));
+
+        http.clear_pending().await.expect("clear");
+        http.interrupt(Some("p1")).await.expect("interrupt p1");
+        assert_eq!(finished(&http, "p1").await["status"]["status_str"], "error");
+        assert_eq!(http.queue().await.expect("queue"), QueueSnapshot::default());
+        assert_eq!(http.history("p2").await.expect("history"), None);
+
+        let bodies: Vec<Value> =
+            sim.requests().into_iter().filter(|r| r.0 == "POST" && r.1 != "/prompt").map(|r| r.2).collect();
+        let expected = [json!({"delete": ["p3", "unknown"]}), json!({"prompt_id": "p2"}), json!({"clear": true})];
+        assert_eq!(&bodies[..3], &expected);
+    }
+
+    #[tokio::test]
+    async fn global_interrupt_stops_whatever_runs() {
+        let (sim, http) = sim(1.0).await;
+        http.post_prompt(&prompt("g1")).await.expect("queued");
+        running(&http, "g1").await;
+        http.interrupt(None).await.expect("interrupt");
+        let entry = finished(&http, "g1").await;
+        let messages = entry["status"]["messages"].as_array().expect("messages");
+        assert!(messages.iter().any(|m| m[0] == "execution_interrupted"), "{messages:?}");
+        assert!(sim.requests().iter().any(|r| r.1 == "/interrupt" && r.2 == json!({})));
+    }
+
+    #[tokio::test]
+    async fn rejected_workflows_are_status_400_with_comfyui_json() {
+        let (_sim, http) = sim(0.0).await;
+        let transcript = std::fs::read_to_string(fixtures().join("d_validation_errors.jsonl")).expect("fixture");
+        let bad_inputs = transcript
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["status"] == 400 && l["response"]["node_errors"].as_object().is_some_and(|m| !m.is_empty()))
+            .expect("a recorded rejection with node errors");
+        let err = http.post_prompt(&json!({"prompt": bad_inputs["request"]["prompt"]})).await.expect_err("rejected");
+        let HttpError::Status { endpoint: "POST /prompt", status: 400, json: Some(body), .. } = err else {
+            panic!("expected a 400 with JSON, got {err:?}");
+        };
+        assert_eq!(body["error"]["type"], "prompt_outputs_failed_validation");
+        assert_eq!(body["node_errors"]["1"]["errors"][0]["type"], "value_smaller_than_min");
+
+        let no_class = http.post_prompt(&json!({"prompt": {"7": {"inputs": {}}}})).await.expect_err("rejected");
+        assert!(matches!(&no_class, HttpError::Status { status: 400, json: Some(j), .. }
+            if j["error"]["type"] == "invalid_prompt" && j["error"]["details"] == "Node ID '#7'"));
+        let no_prompt = http.post_prompt(&json!({"client_id": "x"})).await.expect_err("rejected");
+        assert!(matches!(&no_prompt, HttpError::Status { status: 400, json: Some(j), .. }
+            if j["error"]["type"] == "no_prompt" && j["node_errors"] == json!({})));
+        assert_eq!(http.queue().await.expect("queue"), QueueSnapshot::default());
+    }
+
+    #[tokio::test]
+    async fn upload_answers_name_subfolder_type_and_renames_on_a_clash() {
+        let (_sim, http) = sim(0.0).await;
+        let upload =
+            |data: &'static [u8], overwrite| http.upload_image("my pic ü.png", Bytes::from(data), "in box", overwrite);
+        let first = upload(b"one", false).await.expect("upload");
+        assert_eq!(first, json!({"name": "my pic ü.png", "subfolder": "in box", "type": "input"}));
+        assert_eq!(upload(b"one", false).await.expect("same bytes")["name"], "my pic ü.png");
+        assert_eq!(upload(b"two", false).await.expect("clash")["name"], "my pic ü (1).png");
+        assert_eq!(upload(b"three", true).await.expect("overwrite")["name"], "my pic ü.png");
+    }
+
+    #[tokio::test]
+    async fn free_system_stats_and_no_jobs_api_on_the_simulator() {
+        let (sim, http) = sim(0.0).await;
+        http.free(true, false).await.expect("free");
+        assert!(sim
+            .requests()
+            .iter()
+            .any(|r| r.1 == "/free" && r.2 == json!({"unload_models": true, "free_memory": false})));
+        let stats = http.system_stats().await.expect("stats");
+        assert!(stats["system"]["comfyui_version"].is_string());
+        assert!(!http.jobs_supported().await.expect("probe"));
+    }
+
+    #[tokio::test]
+    async fn jobs_api_is_detected_on_newer_comfyui() {
+        let body = r#"{"jobs": [], "pagination": {"offset": 0, "limit": 1, "total": 0, "has_more": false}}"#;
+        let (url, server) = serve_once(answer("200 OK", "application/json", body)).await;
+        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        assert!(http.jobs_supported().await.expect("probe"));
+        assert!(server.await.expect("server").starts_with("GET /api/jobs?limit=1 HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn requests_carry_prefix_headers_and_user_agent_but_no_origin() {
+        let (url, server) = serve_once(answer("200 OK", "application/json", "{}")).await;
+        let mut settings = settings(&format!("{url}/comfy/"), 5_000);
+        settings
+            .comfyui
+            .headers
+            .insert("Authorization".into(), serde_json::from_value::<Secret>(json!("Bearer t0k")).expect("secret"));
+        let http = ComfyHttp::new(&settings).expect("client");
+        assert_eq!(http.system_stats().await.expect("stats"), json!({}));
+        let head = server.await.expect("server").to_ascii_lowercase();
+        assert!(head.starts_with("get /comfy/system_stats http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nauthorization: bearer t0k\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nuser-agent: comfy-bridge/{}\r\n", env!("CARGO_PKG_VERSION"))), "{head}");
+        assert!(!head.contains("\r\norigin:"), "{head}");
+        assert!(!format!("{http:?}").contains("t0k"));
+    }
+
+    #[tokio::test]
+    async fn unusable_settings_are_refused() {
+        let mut with_origin = settings("http://127.0.0.1:8188", 5_000);
+        with_origin.comfyui.headers.insert("Origin".into(), Secret::default());
+        let mut bad_name = settings("http://127.0.0.1:8188", 5_000);
+        bad_name.comfyui.headers.insert("bad name".into(), Secret::default());
+        for s in [with_origin, bad_name, settings("http://127.0.0.1:8188", 0), settings("not a url", 5_000)] {
+            assert!(matches!(ComfyHttp::new(&s), Err(HttpError::InvalidSettings { .. })));
+        }
+    }
+
+    #[tokio::test]
+    async fn error_status_and_non_json_answers() {
+        let long = "x".repeat(2_000);
+        let (url, _server) = serve_once(answer("500 Internal Server Error", "text/plain", &long)).await;
+        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        let err = http.queue().await.expect_err("500");
+        let excerpt_len = match &err {
+            HttpError::Status { endpoint: "GET /queue", status: 500, body, json: None } => body.len(),
+            other => panic!("expected a 500 without JSON, got {other:?}"),
+        };
+        assert_eq!(excerpt_len, MAX_EXCERPT_CHARS);
+
+        let (url, _server) = serve_once(answer("200 OK", "text/html", "<html>proxy login</html>")).await;
+        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        assert!(matches!(http.system_stats().await, Err(HttpError::BadResponse { endpoint: "GET /system_stats", .. })));
+    }
+
+    #[tokio::test]
+    async fn empty_200s_are_not_parsed() {
+        let (url, _server) = serve_once(answer("200 OK", "", "")).await;
+        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        http.interrupt(None).await.expect("empty 200 is success");
+    }
+
+    #[tokio::test]
+    async fn comfyui_down_is_unavailable_at_once() {
+        let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+        let http = ComfyHttp::new(&settings(&format!("http://127.0.0.1:{port}"), 30_000)).expect("client");
+        let started = Instant::now();
+        let err = http.post_prompt(&prompt("x")).await.expect_err("nobody listens");
+        assert!(matches!(err, HttpError::Unavailable { endpoint: "POST /prompt", .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn silent_comfyui_is_unavailable_after_the_timeout() {
+        // Connections complete in the backlog, but nobody ever reads or answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let http = ComfyHttp::new(&settings(&url, 300)).expect("client");
+        let started = Instant::now();
+        let err = http.queue().await.expect_err("no answer");
+        let elapsed = started.elapsed();
+        assert!(matches!(err, HttpError::Unavailable { endpoint: "GET /queue", .. }), "{err:?}");
+        assert!(elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(1), "{elapsed:?}");
+        drop(listener);
+    }
+
+    #[test]
+    fn view_url_encodes_every_query_value() {
+        let image = json!({"filename": "my cat & dog=ü.png", "subfolder": "a b/c", "type": "temp"});
+        let url = ComfyHttp::view_url("https://example.com/comfy/", &image).expect("url");
+        assert_eq!(
+            url,
+            "https://example.com/comfy/view?filename=my%20cat%20%26%20dog%3D%C3%BC.png&subfolder=a%20b%2Fc&type=temp"
+        );
+        let parsed = Url::parse(&url).expect("parses");
+        let pairs: Vec<(String, String)> =
+            parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        assert_eq!(pairs[0], ("filename".into(), "my cat & dog=ü.png".into()));
+        assert_eq!(
+            ComfyHttp::view_url("http://127.0.0.1:8188", &json!({"filename": "x.png"})).as_deref(),
+            Some("http://127.0.0.1:8188/view?filename=x.png&subfolder=&type=output")
+        );
+        assert_eq!(ComfyHttp::view_url("http://h", &json!({"subfolder": "s"})), None);
+        assert_eq!(ComfyHttp::view_url("not a url", &json!({"filename": "x.png"})), None);
+    }
+}
