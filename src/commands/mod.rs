@@ -1,1 +1,4 @@
 //! Requests from the buses: parsing, dispatch, responses.
+
+pub mod request;
+pub mod response;
