@@ -8,9 +8,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::bus::{self, Bus};
-use crate::comfy::{self, ws::WsClient};
+use crate::comfy::{self, http::ComfyHttp, ws::WsClient};
+use crate::commands::plane::Plane;
 use crate::config::Settings;
 use crate::router;
+use crate::tracker::resync;
 
 /// Capacity of each channel on the event path.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -27,41 +29,60 @@ pub enum AppError {
     /// NATS could not be set up.
     #[error(transparent)]
     Nats(#[from] bus::nats::NatsError),
+    /// The HTTP client for ComfyUI could not be built.
+    #[error(transparent)]
+    Http(#[from] comfy::http::HttpError),
 }
 
 /// Runs the bridge until `shutdown` is cancelled, then drains and returns.
 ///
-/// Only the WebSocket task watches `shutdown`. When it ends it drops its sender, the router's input closes,
-/// the router drops the bus senders, and each publisher drains its outbox, publishes `offline` and
-/// disconnects. The whole drain is bounded by `bridge.shutdown_grace_ms` (plus a little for the goodbyes).
+/// The WebSocket task, the command plane and the NATS request intake watch `shutdown`. When the WebSocket
+/// task ends it drops its sender, the router's input closes, the router drops its bus senders and the resync
+/// worker's; the command plane answers what it already received and drops its own. Each publisher then
+/// drains its outbox, publishes `offline` and disconnects. The whole drain is bounded by
+/// `bridge.shutdown_grace_ms` (plus a little for the goodbyes).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
     let tasks = TaskTracker::new();
     let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
+    let http = ComfyHttp::new(&settings)?;
+    let (request_tx, request_rx) = mpsc::unbounded_channel();
+    let requests = settings.commands.enabled.then_some(request_tx);
     let mut buses = Vec::new();
     if settings.mqtt.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::mqtt::spawn(&settings, rx, &tasks)?;
+        bus::mqtt::spawn(&settings, rx, requests.clone(), &tasks)?;
         buses.push((Bus::Mqtt, tx));
     }
     if settings.nats.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::nats::spawn(&settings, rx, &tasks).await?;
+        bus::nats::spawn(&settings, rx, requests.clone(), &tasks, shutdown.clone()).await?;
         buses.push((Bus::Nats, tx));
     }
     if buses.is_empty() {
         warn!("both mqtt and nats are disabled: events go nowhere");
     }
+    let grace = Duration::from_millis(settings.bridge.shutdown_grace_ms);
+
+    let (control_tx, control_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    tasks.spawn(resync::run(http.clone(), work_rx, control_tx.clone()));
+    if requests.is_some() {
+        let senders = buses.iter().cloned().collect();
+        let plane = Plane::new(&settings, &client_id, http, control_tx, senders);
+        tasks.spawn(plane.run(request_rx, shutdown.clone(), grace));
+    }
+    drop(requests);
 
     let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    tasks.spawn(router::run(settings.clone(), inbound_rx, buses));
+    tasks.spawn(router::run(settings.clone(), inbound_rx, control_rx, work_tx, buses));
     tasks.spawn(WsClient::new(&settings, &client_id, inbound_tx).run(shutdown.clone()));
     tasks.close();
 
     shutdown.cancelled().await;
     info!("shutting down");
-    let grace = Duration::from_millis(settings.bridge.shutdown_grace_ms) + Duration::from_secs(4);
+    let grace = grace + Duration::from_secs(4);
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(?grace, "some tasks did not stop in time");
     }

@@ -20,6 +20,10 @@ pub struct Counters {
     pub previews_throttled: AtomicU64,
     /// Reconnect attempts of any connection.
     pub reconnects: AtomicU64,
+    /// Requests answered, by outcome: [ok, error].
+    pub requests: [AtomicU64; 2],
+    /// Messages on request topics that were not requests (retained, or arriving during shutdown).
+    pub requests_ignored: AtomicU64,
 }
 
 /// The counters.
@@ -30,6 +34,8 @@ pub static COUNTERS: Counters = Counters {
     dropped: [AtomicU64::new(0), AtomicU64::new(0)],
     previews_throttled: AtomicU64::new(0),
     reconnects: AtomicU64::new(0),
+    requests: [AtomicU64::new(0), AtomicU64::new(0)],
+    requests_ignored: AtomicU64::new(0),
 };
 
 fn index(bus: Bus) -> usize {
@@ -87,5 +93,22 @@ pub fn init(filter: &str, json: bool) {
     let result = if json { builder.json().try_init() } else { builder.try_init() };
     if let Err(e) = result {
         eprintln!("logging already initialised: {e}");
+    }
+}
+
+/// A message on a request topic was not taken as a request.
+pub fn request_ignored(bus: Bus, reason: &'static str, topic: &str) {
+    let total = COUNTERS.requests_ignored.fetch_add(1, Relaxed) + 1;
+    tracing::warn!(bus = bus.name(), reason, topic, total, "ignored message on a request topic");
+}
+
+/// A request was answered; `code` is the error code, `None` for success.
+pub fn request_answered(command: &str, code: Option<&str>, elapsed: std::time::Duration) {
+    let ok = code.is_none();
+    COUNTERS.requests[usize::from(!ok)].fetch_add(1, Relaxed);
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    match code {
+        None => tracing::info!(command, ms, "request ok"),
+        Some(code) => tracing::info!(command, code, ms, "request failed"),
     }
 }

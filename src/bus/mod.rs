@@ -45,17 +45,44 @@ pub struct Outbound {
     pub class: Class,
     /// Headers for NATS (previews): `Content-Type`, `Comfy-Prompt-Id`, `Comfy-Node-Id`.
     pub headers: Vec<(&'static str, String)>,
+    /// For a response: the requester's own reply topic or subject, used instead of `route`.
+    pub reply: Option<Reply>,
+}
+
+/// Where a requester asked for its response: a NATS reply subject, or an MQTT v5 response topic with its
+/// correlation data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The whole topic or subject, used verbatim.
+    pub to: String,
+    /// MQTT v5 correlation data, echoed back.
+    pub correlation: Option<Bytes>,
+}
+
+/// A message that arrived on a request topic or subject.
+#[derive(Debug)]
+pub struct Inquiry {
+    /// The bus it came from, which the response goes back on.
+    pub bus: Bus,
+    /// The levels after `<base>/<inst>/request/`, still escaped, joined by `/` (e.g. `queue`,
+    /// `upload/cat=2Epng`).
+    pub path: String,
+    /// The body, untouched.
+    pub payload: Bytes,
+    /// Where the requester wants the response; `None` means `<base>/<inst>/response/<command>`.
+    pub reply: Option<Reply>,
 }
 
 impl Outbound {
     /// A QoS-1, kept message.
     pub fn lifecycle(route: Route, payload: impl Into<Bytes>, retain: bool) -> Arc<Self> {
-        Arc::new(Self { route, payload: payload.into(), qos: 1, retain, class: Class::Lifecycle, headers: Vec::new() })
+        let payload = payload.into();
+        Arc::new(Self { route, payload, qos: 1, retain, class: Class::Lifecycle, headers: Vec::new(), reply: None })
     }
 }
 
 /// The bus name, for logs and counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Bus {
     /// MQTT.
     Mqtt,

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::Packet as V5Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet as V5Packet, PublishProperties};
 use rumqttc::{Outgoing, Packet as V3Packet};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Outbound, Outbox, Route, HIGH_WATER};
+use super::{topics, Bus, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::comfy::backoff;
 use crate::config::Settings;
 use crate::telemetry;
@@ -56,10 +56,25 @@ enum Client {
 }
 
 impl Client {
-    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Bytes) -> bool {
+    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Bytes, correlation: Option<Bytes>) -> bool {
         match self {
+            Self::V5(c) if correlation.is_some() => {
+                let properties = PublishProperties { correlation_data: correlation, ..Default::default() };
+                c.try_publish_with_properties(topic, v5_qos(qos), retain, payload, properties).is_ok()
+            }
             Self::V5(c) => c.try_publish(topic, v5_qos(qos), retain, payload).is_ok(),
             Self::V311(c) => c.try_publish(topic, v3_qos(qos), retain, payload.to_vec()).is_ok(),
+        }
+    }
+
+    /// Subscribes to the request topics (again: every connection starts clean).
+    fn subscribe(&self, filter: &str) {
+        let result = match self {
+            Self::V5(c) => c.try_subscribe(filter, v5_qos(1)).map_err(|e| e.to_string()),
+            Self::V311(c) => c.try_subscribe(filter, v3_qos(1)).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            warn!(filter, error = %e, "cannot subscribe to the request topics");
         }
     }
 
@@ -113,9 +128,12 @@ fn host_port(url: &str) -> Result<(String, u16), MqttError> {
 
 /// Connects (lazily: the first poll connects) and spawns the eventloop and publisher tasks on `tasks`.
 /// The publisher reads `outbound_rx` until it closes, drains, publishes `offline` and disconnects.
+/// With `requests`, it also subscribes to `<base>/<inst>/request/#` and hands every non-retained message
+/// there to that channel.
 pub fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
+    requests: Option<mpsc::UnboundedSender<Inquiry>>,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
     let cfg = &settings.mqtt;
@@ -131,6 +149,9 @@ pub fn spawn(
     // in-flight QoS-1 message (the window) plus one per connection attempt.
     let (loop_tx, loop_rx) = mpsc::unbounded_channel();
     let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
+    let request_prefix = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).mqtt_topic(&cfg.base_topic) + "/";
+    let intake = requests.map(|tx| Intake { prefix: request_prefix, tx });
+    let subscription = intake.as_ref().map(|i| format!("{}#", i.prefix));
     let span = tracing::info_span!("mqtt", url = %cfg.url);
     let client = if cfg.protocol == "v311" {
         let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
@@ -143,7 +164,7 @@ pub fn spawn(
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
         eventloop.set_network_options(network_options());
-        tasks.spawn(poll(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V311(client)
     } else {
         let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
@@ -160,41 +181,44 @@ pub fn spawn(
             opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
-        tasks.spawn(poll(eventloop, loop_tx, reconnect_max_ms).instrument(span.clone()));
+        tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    spawn_publisher(settings, client, loop_rx, outbound_rx, offline, tasks, span)
-}
-
-fn spawn_publisher(
-    settings: &Settings,
-    client: Client,
-    loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
-    outbound_rx: mpsc::Receiver<Arc<Outbound>>,
-    availability: Route,
-    tasks: &tokio_util::task::TaskTracker,
-    span: tracing::Span,
-) -> Result<(), MqttError> {
-    let publisher = Publisher {
-        client,
-        base: settings.mqtt.base_topic.clone(),
-        max_packet_bytes: settings.mqtt.max_packet_bytes,
-        outbox: Outbox::new(Bus::Mqtt, settings.bridge.outbox_capacity),
-        handed: VecDeque::new(),
-        blocked: false,
-        unacked: VecDeque::new(),
-        retained: HashMap::new(),
-        connected: false,
-        availability,
-        grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
-    };
+    let publisher = Publisher::new(settings, client, offline, subscription);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }
 
-/// What one poll of either protocol's eventloop meant for the publisher.
+impl Publisher {
+    fn new(settings: &Settings, client: Client, availability: Route, subscription: Option<String>) -> Self {
+        Self {
+            client,
+            base: settings.mqtt.base_topic.clone(),
+            max_packet_bytes: settings.mqtt.max_packet_bytes,
+            outbox: Outbox::new(Bus::Mqtt, settings.bridge.outbox_capacity),
+            handed: VecDeque::new(),
+            blocked: false,
+            unacked: VecDeque::new(),
+            retained: HashMap::new(),
+            connected: false,
+            availability,
+            subscription,
+            grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+        }
+    }
+}
+
+/// What one poll of either protocol's eventloop meant.
 enum Polled {
+    /// For the publisher.
     Event(LoopEvent),
+    /// A message from the broker.
+    Message {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+        reply: Option<Reply>,
+    },
     Ignored,
     Stopped,
     Failed(String),
@@ -213,6 +237,17 @@ impl EventSource for rumqttc::v5::EventLoop {
         match self.poll().await {
             Ok(Event::Incoming(V5Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
             Ok(Event::Incoming(V5Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
+            Ok(Event::Incoming(V5Packet::Publish(p))) => {
+                let properties = p.properties.unwrap_or_default();
+                let reply = properties
+                    .response_topic
+                    .filter(|t| !t.is_empty())
+                    .map(|to| Reply { to, correlation: properties.correlation_data });
+                match String::from_utf8(p.topic.to_vec()) {
+                    Ok(topic) => Polled::Message { topic, payload: p.payload, retain: p.retain, reply },
+                    Err(_) => Polled::Ignored,
+                }
+            }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
             Ok(_) => Polled::Ignored,
@@ -232,6 +267,9 @@ impl EventSource for rumqttc::EventLoop {
         match self.poll().await {
             Ok(Event::Incoming(V3Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
             Ok(Event::Incoming(V3Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
+            Ok(Event::Incoming(V3Packet::Publish(p))) => {
+                Polled::Message { topic: p.topic, payload: p.payload, retain: p.retain, reply: None }
+            }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
             Ok(_) => Polled::Ignored,
@@ -245,13 +283,46 @@ impl EventSource for rumqttc::EventLoop {
     }
 }
 
+/// Where request messages go.
+struct Intake {
+    /// `<base>/<inst>/request/`.
+    prefix: String,
+    tx: mpsc::UnboundedSender<Inquiry>,
+}
+
+impl Intake {
+    fn take(&self, topic: String, payload: Bytes, retain: bool, reply: Option<Reply>) {
+        let Some(path) = topic.strip_prefix(&self.prefix) else { return };
+        if retain {
+            // A retained command must never replay on (re)connect.
+            telemetry::request_ignored(Bus::Mqtt, "retained", &topic);
+            return;
+        }
+        let inquiry = Inquiry { bus: Bus::Mqtt, path: path.to_string(), payload, reply };
+        if self.tx.send(inquiry).is_err() {
+            telemetry::request_ignored(Bus::Mqtt, "shutting_down", &topic);
+        }
+    }
+}
+
 /// Polls the eventloop and nothing else, so rumqttc's request channel always drains; reports to the publisher
-/// without ever waiting for it.
-async fn poll(mut eventloop: impl EventSource, tx: mpsc::UnboundedSender<LoopEvent>, max_ms: u64) {
+/// and hands over requests without ever waiting.
+async fn poll(
+    mut eventloop: impl EventSource,
+    tx: mpsc::UnboundedSender<LoopEvent>,
+    intake: Option<Intake>,
+    max_ms: u64,
+) {
     let mut attempt = 0;
     loop {
         let event = match eventloop.next().await {
             Polled::Event(event) => event,
+            Polled::Message { topic, payload, retain, reply } => {
+                if let Some(intake) = &intake {
+                    intake.take(topic, payload, retain, reply);
+                }
+                continue;
+            }
             Polled::Ignored => continue,
             Polled::Stopped => break,
             Polled::Failed(e) => {
@@ -292,6 +363,8 @@ struct Publisher {
     retained: HashMap<Route, Arc<Outbound>>,
     connected: bool,
     availability: Route,
+    /// The request filter, when commands are on.
+    subscription: Option<String>,
     grace: Duration,
 }
 
@@ -362,6 +435,9 @@ impl Publisher {
             LoopEvent::Connected => {
                 info!("connected to mqtt broker");
                 self.connected = true;
+                if let Some(filter) = &self.subscription {
+                    self.client.subscribe(filter);
+                }
                 // Order: `online` first, then retained state, then whatever waited.
                 let retained: Vec<_> = self.retained.values().cloned().collect();
                 self.outbox.requeue_front(retained.into_iter());
@@ -399,12 +475,16 @@ impl Publisher {
                 self.outbox.requeue_front(std::iter::once(msg));
                 break;
             }
-            let topic = msg.route.mqtt_topic(&self.base);
-            if topic.len() + msg.payload.len() + 16 > self.max_packet_bytes {
+            let (topic, correlation) = match &msg.reply {
+                Some(reply) => (reply.to.clone(), reply.correlation.clone()),
+                None => (msg.route.mqtt_topic(&self.base), None),
+            };
+            let extra = correlation.as_ref().map_or(0, Bytes::len);
+            if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
                 telemetry::dropped(Bus::Mqtt, "too_large", &msg.route);
                 continue;
             }
-            if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone()) {
+            if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone(), correlation) {
                 self.outbox.requeue_front(std::iter::once(msg));
                 self.blocked = true;
                 break;

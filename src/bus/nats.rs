@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{client::RequestErrorKind, ConnectOptions, Event, HeaderMap};
+use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Class, Outbound, Outbox, Route, HIGH_WATER};
+use super::{topics, Bus, Class, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::config::Settings;
 use crate::telemetry;
 
@@ -38,10 +40,13 @@ pub enum NatsError {
 }
 
 /// Connects (retrying in the background until the server is there) and spawns the publisher on `tasks`.
+/// With `requests`, it also subscribes to `<prefix>.<inst>.request.>` until `shutdown`.
 pub async fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
+    requests: Option<mpsc::UnboundedSender<Inquiry>>,
     tasks: &tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
 ) -> Result<(), NatsError> {
     let cfg = &settings.nats;
     let (event_tx, event_rx) = mpsc::channel(16);
@@ -72,6 +77,11 @@ pub async fn spawn(
         );
     }
     let client = options.connect(cfg.url.as_str()).await?;
+    let span = tracing::info_span!("nats", url = %cfg.url);
+    if let Some(tx) = requests {
+        let subject = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix);
+        tasks.spawn(intake(client.clone(), subject, tx, shutdown).instrument(span.clone()));
+    }
     let publisher = Publisher {
         client,
         prefix: cfg.subject_prefix.clone(),
@@ -81,9 +91,42 @@ pub async fn spawn(
         retained: HashMap::new(),
         grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
     };
-    let span = tracing::info_span!("nats", url = %cfg.url);
     tasks.spawn(publisher.run(event_rx, outbound_rx).instrument(span));
     Ok(())
+}
+
+/// Hands every message on the request subjects to `tx` until `shutdown`.
+async fn intake(
+    client: async_nats::Client,
+    base: String,
+    tx: mpsc::UnboundedSender<Inquiry>,
+    shutdown: CancellationToken,
+) {
+    let mut subscriber = match client.subscribe(format!("{base}.>")).await {
+        Ok(subscriber) => subscriber,
+        Err(e) => {
+            warn!(error = %e, "cannot subscribe to the request subjects");
+            return;
+        }
+    };
+    let prefix = format!("{base}.");
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = subscriber.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Some(path) = msg.subject.strip_prefix(&prefix) else { continue };
+        let reply = msg.reply.map(|to| Reply { to: to.to_string(), correlation: None });
+        let inquiry = Inquiry { bus: Bus::Nats, path: path.replace('.', "/"), payload: msg.payload, reply };
+        if tx.send(inquiry).is_err() {
+            break;
+        }
+    }
+    let _ = subscriber.unsubscribe().await;
+    debug!("nats request intake stopped");
 }
 
 struct Publisher {
@@ -200,7 +243,10 @@ impl Publisher {
             telemetry::dropped(Bus::Nats, "too_large", &msg.route);
             return true;
         }
-        let subject = msg.route.nats_subject(&self.prefix);
+        let subject = match &msg.reply {
+            Some(reply) => reply.to.clone(),
+            None => msg.route.nats_subject(&self.prefix),
+        };
         let publish = async {
             if msg.headers.is_empty() {
                 self.client.publish(subject, msg.payload.clone()).await

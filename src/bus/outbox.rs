@@ -78,6 +78,7 @@ mod tests {
             retain: false,
             class,
             headers: Vec::new(),
+            reply: None,
         })
     }
 

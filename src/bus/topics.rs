@@ -23,6 +23,14 @@ pub const EVENT: &str = "event";
 pub const PREVIEW: &str = "preview";
 /// Last level of binary progress text.
 pub const TEXT: &str = "text";
+/// Last level of a prompt's derived state.
+pub const STATE: &str = "state";
+/// Last level of a prompt's result.
+pub const RESULT: &str = "result";
+/// Level before a command name, on the way in.
+pub const REQUEST: &str = "request";
+/// Level before a command name, on the way out.
+pub const RESPONSE: &str = "response";
 
 /// A destination below the base topic / subject prefix: escaped levels starting with the instance, kept
 /// joined by `/` (escaped levels never contain `/` or `.`, so either separator can be swapped in cheaply).
@@ -69,6 +77,21 @@ impl Route {
         route.push_fixed(NODE);
         route.push_escaped(node_id);
         route.push_fixed(last);
+        route
+    }
+
+    /// `prompt/<pid>/<last>` for derived messages (`state`, `result`).
+    pub fn for_prompt(instance: &str, prompt_id: &str, last: &str) -> Self {
+        let mut route = Self::fixed(instance, &[PROMPT]);
+        route.push_escaped(prompt_id);
+        route.push_fixed(last);
+        route
+    }
+
+    /// `response/<command>`: where responses go when the request named no reply topic.
+    pub fn for_response(instance: &str, command: &str) -> Self {
+        let mut route = Self::fixed(instance, &[RESPONSE]);
+        route.push_escaped(command);
         route
     }
 

@@ -152,6 +152,18 @@ impl ComfyHttp {
         }
     }
 
+    /// `GET /history?max_items=n`: the `n` most recently finished prompts, oldest first.
+    pub async fn history_recent(&self, max_items: usize) -> Result<Vec<(String, Value)>, HttpError> {
+        const ENDPOINT: &str = "GET /history";
+        let mut url = self.url(&["history"]);
+        url.query_pairs_mut().append_pair("max_items", &max_items.to_string());
+        let body = self.send(ENDPOINT, self.client.get(url)).await?;
+        match parse_json(ENDPOINT, &body)? {
+            Value::Object(entries) => Ok(entries.into_iter().collect()),
+            _ => Err(bad_response(ENDPOINT, "not a JSON object")),
+        }
+    }
+
     /// `POST /interrupt`: stops `prompt_id` if it is the running prompt, or whatever runs when `None`.
     /// ComfyUI's answer does not say whether anything was interrupted.
     pub async fn interrupt(&self, prompt_id: Option<&str>) -> Result<(), HttpError> {

@@ -1,7 +1,9 @@
 //! Turns what ComfyUI sent into messages for the buses. The one owner of the per-connection event state: the
-//! sequence counter, the prompt and node currently executing, and the preview rate limits.
+//! sequence counter, the prompt and node currently executing, the preview rate limits, and (through the
+//! [`Tracker`] it holds) every prompt's lifecycle.
 //!
-//! [`Router::route`] is synchronous and does no I/O; [`run`] is the task around it that fans out to the buses.
+//! [`Router::route`] and [`Router::control`] are synchronous and do no I/O; [`run`] is the task around them
+//! that fans out to the buses and hands queue and history reads to the resync worker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
 use crate::comfy::Inbound;
 use crate::config::Settings;
 use crate::telemetry;
+use crate::tracker::{self, Control, Tracker, Work};
 
 /// The envelope: ComfyUI's own `{type, data}` plus the bridge's fields (INTERFACE.md §2).
 #[derive(Serialize)]
@@ -32,6 +35,8 @@ struct Envelope<'a> {
     node_id: Option<&'a str>,
     seq: u64,
     ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
 }
 
 /// Per-connection event state.
@@ -43,6 +48,9 @@ pub struct Router {
     previews_enabled: bool,
     preview_interval: Duration,
     last_preview: HashMap<(String, String), Instant>,
+    tracker: Tracker,
+    /// Reads the resync worker should do.
+    work: Work,
 }
 
 impl Router {
@@ -55,13 +63,72 @@ impl Router {
             previews_enabled: settings.previews.enabled,
             preview_interval: Duration::from_secs_f64(1.0 / settings.previews.max_per_second),
             last_preview: HashMap::new(),
+            tracker: Tracker::new(settings.public_base()),
+            work: Work::default(),
         }
+    }
+
+    /// Queue and history reads wanted since the last call.
+    pub fn take_work(&mut self) -> Work {
+        std::mem::take(&mut self.work)
+    }
+
+    /// A message from the command plane or the resync worker.
+    pub fn control(&mut self, control: Control, now: Instant) -> Vec<Arc<Outbound>> {
+        let now_ms = crate::comfy::ws::now_ms();
+        let effects = match control {
+            Control::Expect { prompt_id, request_id, workflow } => {
+                self.tracker.expect(&prompt_id, request_id, &workflow, now);
+                return Vec::new();
+            }
+            Control::Accepted { prompt_id } => self.tracker.accepted(&prompt_id, now_ms, now),
+            Control::Rejected { prompt_id } => {
+                self.tracker.rejected(&prompt_id);
+                return Vec::new();
+            }
+            Control::Queue { snapshot, recent, requested } => {
+                let mut effects = self.tracker.on_queue(&snapshot, requested, now_ms, now);
+                effects.extend(self.tracker.on_recent_history(&recent, now_ms, now));
+                effects
+            }
+            Control::History { prompt_id, entry } => self.tracker.on_history(&prompt_id, entry.as_ref(), now_ms),
+        };
+        self.apply(effects)
+    }
+
+    /// Turns tracker effects into messages, and remembers the reads it asked for.
+    fn apply(&mut self, effects: tracker::Effects) -> Vec<Arc<Outbound>> {
+        self.work.merge(Work { resync: false, lookups: effects.lookups });
+        effects
+            .updates
+            .into_iter()
+            .map(|update| {
+                let last = match update.topic {
+                    tracker::Topic::State => topics::STATE,
+                    tracker::Topic::Result => topics::RESULT,
+                };
+                let class = if update.lifecycle { Class::Lifecycle } else { Class::Droppable };
+                Arc::new(Outbound {
+                    route: Route::for_prompt(&self.instance, &update.prompt_id, last),
+                    payload: update.payload,
+                    qos: 1,
+                    retain: false,
+                    class,
+                    headers: Vec::new(),
+                    reply: None,
+                })
+            })
+            .collect()
     }
 
     /// The messages one inbound item becomes (none for a skipped frame).
     pub fn route(&mut self, inbound: Inbound, now: Instant) -> Vec<Arc<Outbound>> {
         match inbound {
-            Inbound::Connected => vec![self.availability(true)],
+            Inbound::Connected => {
+                // Whatever ended while the bridge was away is found in the queue and history.
+                self.work.resync = true;
+                vec![self.availability(true)]
+            }
             Inbound::Disconnected => {
                 self.current = None;
                 vec![self.availability(false)]
@@ -69,7 +136,7 @@ impl Router {
             Inbound::Text(text, ts) => {
                 self.seq += 1;
                 match event::parse_text(&text) {
-                    Ok(event) => self.route_text(&event, ts),
+                    Ok(event) => self.route_text(&event, ts, now),
                     Err(e) => {
                         telemetry::frame_skipped(e.reason(), &e);
                         Vec::new()
@@ -94,8 +161,13 @@ impl Router {
         Outbound::lifecycle(route, if online { "online" } else { "offline" }, true)
     }
 
-    fn route_text(&mut self, event: &TextEvent, ts: u64) -> Vec<Arc<Outbound>> {
+    fn route_text(&mut self, event: &TextEvent, ts: u64, now: Instant) -> Vec<Arc<Outbound>> {
         self.track_current(event);
+        if event.kind == Kind::Status {
+            // Prompts queued by others show only as queue changes (PROTOCOL.md §3).
+            self.work.resync = true;
+        }
+        let effects = self.tracker.on_event(event, ts, now);
         let prompt_id = event.prompt_id.as_deref();
         let node_id = event.node_id.as_deref();
         let route = Route::for_event(&self.instance, &event.kind_name, prompt_id, node_id);
@@ -108,7 +180,10 @@ impl Router {
             _ => (1, Class::Lifecycle),
         };
         tracing::debug!("routed");
-        vec![Arc::new(Outbound { route, payload, qos, retain: event.kind == Kind::Status, class, headers: Vec::new() })]
+        let retain = event.kind == Kind::Status;
+        let mut out = vec![Arc::new(Outbound { route, payload, qos, retain, class, headers: Vec::new(), reply: None })];
+        out.extend(self.apply(effects));
+        out
     }
 
     /// Remembers which prompt and node are executing, for frames that do not say.
@@ -140,7 +215,9 @@ impl Router {
     }
 
     fn envelope(&self, kind: &str, data: &RawValue, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
-        let envelope = Envelope { kind, data, instance: &self.instance, prompt_id, node_id, seq: self.seq, ts };
+        let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
+        let envelope =
+            Envelope { kind, data, instance: &self.instance, prompt_id, node_id, seq: self.seq, ts, request_id };
         // Serialising borrowed strings and a RawValue cannot fail.
         Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
     }
@@ -188,6 +265,7 @@ impl Router {
                 retain: false,
                 class: Class::Droppable,
                 headers: headers.clone(),
+                reply: None,
             })
         };
         let mut out = Vec::with_capacity(2);
@@ -207,7 +285,15 @@ impl Router {
             None => Route::for_event(&self.instance, "progress_text", None, None),
         };
         let payload = self.envelope("progress_text", &data, prompt_id.as_deref(), Some(&node_id), ts);
-        vec![Arc::new(Outbound { route, payload, qos: 0, retain: false, class: Class::Droppable, headers: Vec::new() })]
+        vec![Arc::new(Outbound {
+            route,
+            payload,
+            qos: 0,
+            retain: false,
+            class: Class::Droppable,
+            headers: Vec::new(),
+            reply: None,
+        })]
     }
 }
 
@@ -216,16 +302,39 @@ fn is_blocked(event: &TextEvent) -> bool {
     event.data.get().contains("\"ExecutionBlocked\"")
 }
 
-/// The router task: reads [`Inbound`] until the WebSocket task is gone, fans each message out to every bus.
-/// Dropping the bus senders on return is what tells the publishers to drain and stop.
+/// The router task: reads [`Inbound`] until the WebSocket task is gone, and [`Control`] messages, and fans
+/// each resulting message out to every bus. Control goes first, so a prompt the command plane announced is
+/// known before any event about it. Dropping the bus senders on return is what tells the publishers to drain
+/// and stop; dropping `work_tx` stops the resync worker.
 pub async fn run(
     settings: Settings,
     mut inbound_rx: mpsc::Receiver<Inbound>,
+    mut control_rx: mpsc::Receiver<Control>,
+    work_tx: mpsc::UnboundedSender<Work>,
     buses: Vec<(Bus, mpsc::Sender<Arc<Outbound>>)>,
 ) {
     let mut router = Router::new(&settings);
-    while let Some(inbound) = inbound_rx.recv().await {
-        for msg in router.route(inbound, Instant::now()) {
+    let mut control_open = true;
+    loop {
+        let out = tokio::select! {
+            biased;
+            control = control_rx.recv(), if control_open => match control {
+                Some(control) => router.control(control, Instant::now()),
+                None => {
+                    control_open = false;
+                    continue;
+                }
+            },
+            inbound = inbound_rx.recv() => match inbound {
+                Some(inbound) => router.route(inbound, Instant::now()),
+                None => break,
+            },
+        };
+        let work = router.take_work();
+        if !work.is_empty() {
+            let _ = work_tx.send(work);
+        }
+        for msg in out {
             for (bus, tx) in &buses {
                 deliver(*bus, tx, msg.clone()).await;
             }

@@ -31,7 +31,11 @@ fn success_run_routes_every_frame_with_untouched_data_and_gapless_seq() {
     let out = replay("a_success", &settings);
     let pid = "b5ce2ae5-3b1f-4ded-aabc-98cde2f52de0";
     assert_eq!(topic(&out[0]), "comfyui/local/comfyui/availability");
-    let envelopes: Vec<_> = out.iter().filter(|m| m.payload.starts_with(b"{")).collect();
+    let derived = |m: &Outbound| matches!(m.route.last(), "state" | "result");
+    let envelopes: Vec<_> = out.iter().filter(|m| m.payload.starts_with(b"{") && !derived(m)).collect();
+    let results: Vec<_> = out.iter().filter(|m| m.route.last() == "result").collect();
+    assert_eq!(results.len(), 1, "one result per prompt");
+    assert_eq!(topic(results[0]), format!("comfyui/local/prompt/{pid}/result"));
     let texts: Vec<_> = recorded_frames("a_success").into_iter().filter_map(Result::ok).collect();
     let seqs: Vec<u64> = envelopes.iter().map(|m| json(m)["seq"].as_u64().expect("seq")).collect();
     assert!(seqs.windows(2).all(|w| w[1] > w[0]), "seq increases: {seqs:?}");

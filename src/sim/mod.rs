@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     /// Cancelled when the simulator is dropped.
     pub shutdown: CancellationToken,
     pub next_conn: AtomicU64,
+    /// Answer WebSocket upgrades with 503 (a proxy in front of a restarting ComfyUI).
+    pub refuse_websockets: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -180,6 +182,7 @@ impl Simulator {
             wake: Notify::new(),
             shutdown: CancellationToken::new(),
             next_conn: AtomicU64::new(1),
+            refuse_websockets: std::sync::atomic::AtomicBool::new(false),
         });
         spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
         spawn_guarded(&shared, queue::worker(shared.clone()));
@@ -234,6 +237,11 @@ impl Simulator {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// While `refuse` is set, WebSocket upgrades get 503: clients cannot reconnect, HTTP still works.
+    pub fn refuse_websockets(&self, refuse: bool) {
+        self.shared.refuse_websockets.store(refuse, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Close every open WebSocket from the server side.

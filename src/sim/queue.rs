@@ -182,7 +182,7 @@ fn job_frames<'s>(sc: &'s Scenario, recorded: &str) -> Vec<&'s Frame> {
     };
     sc.frames[first..=last]
         .iter()
-        .filter(|f| mentions(f).map_or(true, |id| id == recorded))
+        .filter(|f| mentions(f).is_none_or(|id| id == recorded))
         .filter(|f| !matches!(&f.body, FrameBody::Text(v) if v["type"] == "status"))
         .collect()
 }
@@ -264,7 +264,7 @@ fn history_entry(item: Value, rec: Record) -> Value {
 pub(crate) fn interrupt(shared: &Shared, prompt_id: Option<&str>) {
     let st = shared.lock();
     if let Some(job) = &st.running {
-        if prompt_id.map_or(true, |id| id == job.id) {
+        if prompt_id.is_none_or(|id| id == job.id) {
             job.cancel.cancel();
         }
     }

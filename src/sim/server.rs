@@ -70,6 +70,10 @@ async fn handle_conn(shared: Arc<Shared>, mut stream: TcpStream) {
         }
     };
     if req.method == "GET" && req.path == "/ws" {
+        if shared.refuse_websockets.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = write_response(&mut stream, &http::Response::text(503, "503: Service Unavailable")).await;
+            return;
+        }
         websocket(shared, stream, req).await;
         return;
     }
@@ -156,6 +160,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }

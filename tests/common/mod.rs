@@ -4,6 +4,7 @@
 
 pub mod brokers;
 pub mod daemon;
+pub mod requester;
 pub mod subscribers;
 
 pub use brokers::{Mosquitto, NatsServer, Outage};

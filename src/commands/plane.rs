@@ -1,0 +1,502 @@
+//! The command plane task: takes [`Inquiry`]s from the buses and answers each exactly once.
+//!
+//! The task owns the templates and the record of answered request ids. Parsing, permission checks, template
+//! edits and duplicate detection happen here, synchronously; whatever talks to ComfyUI runs as a job of its
+//! own (at most [`CONCURRENCY`] at a time), so a slow ComfyUI never holds up other requests or any event.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument as _};
+
+use super::request::{self, Command, QueuePrompt, Source, Upload};
+use super::response::{self, Code, Failure, Outcome};
+use crate::bus::{topics, Bus, Class, Inquiry, Outbound, Reply, Route};
+use crate::comfy::http::{ComfyHttp, HttpError};
+use crate::config::Settings;
+use crate::telemetry;
+use crate::tracker::Control;
+use crate::workflow::patch;
+use crate::workflow::template::{TemplateError, Templates};
+use crate::workflow::Edits;
+
+/// Most requests talking to ComfyUI at once.
+pub const CONCURRENCY: usize = 8;
+/// How long a request id is remembered: a repeat within this gets the first response again.
+pub const REMEMBER: Duration = Duration::from_secs(600);
+/// Most request ids remembered; the oldest are forgotten first beyond this.
+const REMEMBER_MAX: usize = 10_000;
+
+/// Where a response goes.
+#[derive(Debug, Clone)]
+struct Target {
+    bus: Bus,
+    reply: Option<Reply>,
+    command: String,
+}
+
+/// What a request id has led to so far.
+enum Answer {
+    /// Being worked on; repeats wait for the same response.
+    Pending(Vec<Target>),
+    /// Answered at this time with this response.
+    Done(Bytes, Instant),
+}
+
+/// A finished job: who asked, and what came of it.
+struct Finished {
+    target: Target,
+    id: Option<String>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+/// The command plane's state.
+pub struct Plane {
+    instance: String,
+    allow: Vec<String>,
+    max_payload_bytes: usize,
+    client_id: String,
+    /// Reply topics under these would feed our own responses back in as requests.
+    request_prefixes: [String; 2],
+    http: ComfyHttp,
+    templates: Templates,
+    control: mpsc::Sender<Control>,
+    buses: HashMap<Bus, mpsc::Sender<Arc<Outbound>>>,
+    answers: HashMap<(String, String), Answer>,
+    permits: Arc<Semaphore>,
+    rng: fastrand::Rng,
+}
+
+impl Plane {
+    /// A plane answering on `buses`, telling the tracker about prompts it queues through `control`.
+    pub fn new(
+        settings: &Settings,
+        client_id: &str,
+        http: ComfyHttp,
+        control: mpsc::Sender<Control>,
+        buses: HashMap<Bus, mpsc::Sender<Arc<Outbound>>>,
+    ) -> Self {
+        let templates = Templates::load(&settings.commands.templates_dir, &settings.state.dir);
+        for (file, error) in templates.errors() {
+            warn!(file, error, "template skipped");
+        }
+        let request = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]);
+        Self {
+            instance: settings.bridge.instance.clone(),
+            allow: settings.commands.allow.clone(),
+            max_payload_bytes: settings.commands.max_payload_bytes,
+            client_id: client_id.to_string(),
+            request_prefixes: [
+                request.mqtt_topic(&settings.mqtt.base_topic),
+                request.nats_subject(&settings.nats.subject_prefix),
+            ],
+            http,
+            templates,
+            control,
+            buses,
+            answers: HashMap::new(),
+            permits: Arc::new(Semaphore::new(CONCURRENCY)),
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    /// Answers requests until `shutdown`; then answers what already arrived and waits (up to `grace`) for
+    /// running jobs. Dropping the bus senders on return lets the publishers finish.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Inquiry>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) {
+        let mut jobs = JoinSet::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
+                    Ok(finished) => self.finish(finished).await,
+                    Err(e) => warn!(error = %e, "a request job failed"),
+                },
+                inquiry = requests.recv(), if open => match inquiry {
+                    Some(inquiry) => self.take(inquiry, &mut jobs).await,
+                    None => open = false,
+                },
+                _ = shutdown.cancelled(), if open => {
+                    // Stop taking new requests; those already received are still answered.
+                    requests.close();
+                }
+            }
+            if !open && jobs.is_empty() {
+                break;
+            }
+            if !open && shutdown.is_cancelled() {
+                let drain = async {
+                    while let Some(done) = jobs.join_next().await {
+                        if let Ok(finished) = done {
+                            self.finish(finished).await;
+                        }
+                    }
+                };
+                if tokio::time::timeout(grace, drain).await.is_err() {
+                    warn!("requests still running at shutdown were abandoned");
+                }
+                break;
+            }
+        }
+        debug!("command plane stopped");
+    }
+
+    /// Handles one inquiry up to the point where it needs ComfyUI.
+    async fn take(&mut self, inquiry: Inquiry, jobs: &mut JoinSet<Finished>) {
+        let started = Instant::now();
+        let (command_level, rest) = match inquiry.path.split_once('/') {
+            Some((first, rest)) => (first, Some(rest)),
+            None => (inquiry.path.as_str(), None),
+        };
+        let command = topics::unescape(command_level).unwrap_or_else(|| command_level.to_string());
+        let reply = inquiry.reply.filter(|r| !self.request_prefixes.iter().any(|p| r.to.starts_with(p.as_str())));
+        let target = Target { bus: inquiry.bus, reply, command: command.clone() };
+        let parsed = match (command.as_str(), rest) {
+            ("upload", Some(filename)) => request::parse_raw_upload(filename, inquiry.payload, self.max_payload_bytes),
+            (_, Some(_)) => request::parse(&inquiry.path, b"", self.max_payload_bytes),
+            (_, None) => request::parse(&command, &inquiry.payload, self.max_payload_bytes),
+        };
+        let request = match parsed {
+            Ok(request) => request,
+            Err(rejected) => {
+                let finished = Finished { target, id: rejected.id, started, outcome: Err(rejected.failure) };
+                return self.finish(finished).await;
+            }
+        };
+        let id = request.id.clone();
+        let span = tracing::info_span!(
+            "request",
+            command = request.command.name(),
+            id = id.as_deref(),
+            prompt_id = tracing::field::Empty
+        );
+        if !self.allow.is_empty() && !self.allow.iter().any(|a| a == request.command.name()) {
+            let failure = Failure::new(Code::NotAllowed, format!("command `{command}` is not allowed here"));
+            return self.finish(Finished { target, id, started, outcome: Err(failure) }).await;
+        }
+        if let Some(id) = &id {
+            let key = (request.command.name().to_string(), id.clone());
+            match self.answers.get_mut(&key) {
+                Some(Answer::Done(response, at)) if at.elapsed() < REMEMBER => {
+                    debug!(parent: &span, "repeated request id: first response again");
+                    let response = response.clone();
+                    return self.send(&target, response).await;
+                }
+                Some(Answer::Pending(waiting)) => {
+                    waiting.push(target);
+                    return;
+                }
+                _ => {
+                    self.answers.insert(key, Answer::Pending(Vec::new()));
+                }
+            }
+        }
+        let outcome = match request.command {
+            Command::Templates => Ok(self.templates.describe()),
+            Command::Patch { template, edits } => self.patch_template(&template, &edits),
+            Command::Queue(queue) => match self.prepare(queue) {
+                Ok(body) => {
+                    let prompt_id = body["prompt_id"].as_str().unwrap_or_default().to_string();
+                    span.record("prompt_id", prompt_id.as_str());
+                    let job = queue_prompt(self.http.clone(), self.control.clone(), body, id.clone());
+                    return self.spawn(jobs, target, id, started, job.instrument(span));
+                }
+                Err(failure) => Err(failure),
+            },
+            command => {
+                let job = call(self.http.clone(), command);
+                return self.spawn(jobs, target, id, started, job.instrument(span));
+            }
+        };
+        self.finish(Finished { target, id, started, outcome }).await;
+    }
+
+    fn spawn(
+        &self,
+        jobs: &mut JoinSet<Finished>,
+        target: Target,
+        id: Option<String>,
+        started: Instant,
+        job: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) {
+        let permits = self.permits.clone();
+        jobs.spawn(async move {
+            let outcome = match permits.acquire_owned().await {
+                Ok(_permit) => job.await,
+                Err(_) => Err(Failure::new(Code::ComfyuiUnavailable, "the bridge is shutting down")),
+            };
+            Finished { target, id, started, outcome }
+        });
+    }
+
+    /// Answers, remembers the answer for repeats of its id, and answers those repeats too.
+    async fn finish(&mut self, finished: Finished) {
+        let Finished { target, id, started, outcome } = finished;
+        let code = outcome.as_ref().err().map(|f| f.code.as_str());
+        telemetry::request_answered(&target.command, code, started.elapsed());
+        let response = response::render(id.as_deref(), &outcome);
+        let mut waiting = Vec::new();
+        if let Some(id) = id {
+            self.forget_old();
+            let key = (target.command.clone(), id);
+            // Only a request that got as far as being carried out is remembered: a rejected one did nothing.
+            if let Some(Answer::Pending(w)) = self.answers.remove(&key) {
+                waiting = w;
+                self.answers.insert(key, Answer::Done(response.clone(), Instant::now()));
+            }
+        }
+        self.send(&target, response.clone()).await;
+        for target in waiting {
+            self.send(&target, response.clone()).await;
+        }
+    }
+
+    fn forget_old(&mut self) {
+        self.answers.retain(|_, a| !matches!(a, Answer::Done(_, at) if at.elapsed() >= REMEMBER));
+        if self.answers.len() > REMEMBER_MAX {
+            let mut done: Vec<_> = self
+                .answers
+                .iter()
+                .filter_map(|(k, a)| match a {
+                    Answer::Done(_, at) => Some((*at, k.clone())),
+                    Answer::Pending(_) => None,
+                })
+                .collect();
+            done.sort();
+            for (_, key) in done.into_iter().take(self.answers.len() - REMEMBER_MAX) {
+                self.answers.remove(&key);
+            }
+        }
+    }
+
+    async fn send(&self, target: &Target, payload: Bytes) {
+        let Some(tx) = self.buses.get(&target.bus) else { return };
+        let msg = Arc::new(Outbound {
+            route: Route::for_response(&self.instance, &target.command),
+            payload,
+            qos: 1,
+            retain: false,
+            class: Class::Lifecycle,
+            headers: Vec::new(),
+            reply: target.reply.clone(),
+        });
+        if tx.send(msg).await.is_err() {
+            warn!(bus = target.bus.name(), "response lost: publisher gone");
+        }
+    }
+
+    fn patch_template(&mut self, name: &str, edits: &Edits) -> Outcome {
+        match self.templates.patch(name, edits, &mut self.rng) {
+            Ok(changed) => Ok(json!({ "template": name, "changed": changed })),
+            Err(e) => Err(template_failure(e)),
+        }
+    }
+
+    /// The `POST /prompt` body for a queue request: template or workflow, edited and checked.
+    fn prepare(&mut self, queue: QueuePrompt) -> Result<Value, Failure> {
+        let mut workflow = match queue.source {
+            Source::Template(name) => match self.templates.get(&name) {
+                Some(workflow) => workflow.clone(),
+                None => return Err(template_failure(TemplateError::Unknown(name))),
+            },
+            Source::Workflow(workflow) => {
+                let value = Value::Object(workflow);
+                patch::validate(&value).map_err(|e| Failure::new(Code::InvalidRequest, format!("`workflow`: {e}")))?;
+                match value {
+                    Value::Object(map) => map,
+                    _ => Map::new(),
+                }
+            }
+        };
+        if !queue.edits.is_empty() {
+            patch::apply(&mut workflow, &queue.edits, &mut self.rng)
+                .map_err(|e| Failure::new(Code::PatchFailed, e.to_string()).with_details(e.details()))?;
+        }
+        let mut body = json!({
+            "prompt": workflow,
+            "client_id": self.client_id,
+            "prompt_id": new_prompt_id(&mut self.rng),
+        });
+        if let Some(number) = queue.number {
+            body["number"] = json!(number);
+        } else if queue.front {
+            body["front"] = json!(true);
+        }
+        if let Some(targets) = queue.partial_execution_targets {
+            body["partial_execution_targets"] = json!(targets);
+        }
+        if let Some(extra) = queue.extra_data {
+            body["extra_data"] = Value::Object(extra);
+        }
+        Ok(body)
+    }
+}
+
+/// A random UUID v4 in its usual text form: ComfyUI takes any string, the web UI shows these.
+fn new_prompt_id(rng: &mut fastrand::Rng) -> String {
+    let mut b: [u8; 16] = std::array::from_fn(|_| rng.u8(..));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+fn template_failure(error: TemplateError) -> Failure {
+    match error {
+        TemplateError::Unknown(name) => Failure::new(Code::UnknownTemplate, format!("no template named `{name}`")),
+        TemplateError::Patch(e) => Failure::new(Code::PatchFailed, e.to_string()).with_details(e.details()),
+        other => Failure::new(Code::PatchFailed, other.to_string()),
+    }
+}
+
+/// What a failed HTTP call to ComfyUI means for the requester.
+fn http_failure(error: HttpError) -> Failure {
+    match error {
+        HttpError::Unavailable { .. } | HttpError::Status { status: 502..=504, .. } => {
+            Failure::new(Code::ComfyuiUnavailable, error.to_string())
+        }
+        HttpError::Status { json: Some(body), .. } if body.get("error").is_some() => {
+            let message = body["error"]["message"].as_str().or(body["error"].as_str()).unwrap_or("rejected");
+            let details =
+                json!({ "error": body["error"], "node_errors": body.get("node_errors").cloned().unwrap_or(json!({})) });
+            Failure::new(Code::ComfyuiRejected, format!("ComfyUI rejected the request: {message}"))
+                .with_details(details)
+        }
+        other => Failure::new(Code::ComfyuiRejected, other.to_string()),
+    }
+}
+
+/// Posts a prompt, telling the tracker before (so no event overtakes it) and after.
+async fn queue_prompt(
+    http: ComfyHttp,
+    control: mpsc::Sender<Control>,
+    body: Value,
+    request_id: Option<String>,
+) -> Outcome {
+    let prompt_id = body["prompt_id"].as_str().unwrap_or_default().to_string();
+    let expect = Control::Expect { prompt_id: prompt_id.clone(), request_id, workflow: body["prompt"].clone() };
+    if control.send(expect).await.is_err() {
+        return Err(Failure::new(Code::ComfyuiUnavailable, "the bridge is shutting down"));
+    }
+    match http.post_prompt(&body).await {
+        Ok(answer) => {
+            let _ = control.send(Control::Accepted { prompt_id: prompt_id.clone() }).await;
+            Ok(json!({
+                "prompt_id": answer.get("prompt_id").cloned().unwrap_or(json!(prompt_id)),
+                "number": answer.get("number").cloned().unwrap_or(Value::Null),
+                "node_errors": answer.get("node_errors").cloned().unwrap_or(json!({})),
+            }))
+        }
+        Err(e) => {
+            let _ = control.send(Control::Rejected { prompt_id }).await;
+            Err(http_failure(e))
+        }
+    }
+}
+
+/// The commands that are one or two calls to ComfyUI.
+async fn call(http: ComfyHttp, command: Command) -> Outcome {
+    let result = match command {
+        Command::Interrupt { prompt_id } => interrupt(&http, prompt_id).await,
+        Command::Cancel { prompt_id } => cancel(&http, &prompt_id).await,
+        Command::Clear => clear(&http).await,
+        Command::Status => return Ok(status(&http).await),
+        Command::Upload(upload) => upload_image(&http, upload).await,
+        Command::Free { unload_models, free_memory } => {
+            http.free(unload_models, free_memory).await.map(|()| Ok(json!({})))
+        }
+        Command::Queue(_) | Command::Patch { .. } | Command::Templates => {
+            return Err(Failure::new(Code::InvalidRequest, "not a ComfyUI call"))
+        }
+    };
+    result.map_err(http_failure)?
+}
+
+type Called = Result<Outcome, HttpError>;
+
+async fn interrupt(http: &ComfyHttp, prompt_id: Option<String>) -> Called {
+    let queue = http.queue().await?;
+    let running = queue.running.first().map(|i| i.prompt_id.clone());
+    let target = match (prompt_id, running) {
+        (Some(wanted), Some(running)) if wanted == running => running,
+        (None, Some(running)) => running,
+        (wanted, _) => return Ok(Ok(json!({ "interrupted": false, "prompt_id": wanted }))),
+    };
+    // Targeted even when the request named no prompt, so an interrupt cannot hit the next prompt instead.
+    http.interrupt(Some(&target)).await?;
+    Ok(Ok(json!({ "interrupted": true, "prompt_id": target })))
+}
+
+async fn cancel(http: &ComfyHttp, prompt_id: &str) -> Called {
+    let queue = http.queue().await?;
+    if queue.running.iter().any(|i| i.prompt_id == prompt_id) {
+        http.interrupt(Some(prompt_id)).await?;
+        return Ok(Ok(json!({ "cancelled": true, "was": "running", "prompt_id": prompt_id })));
+    }
+    if queue.pending.iter().any(|i| i.prompt_id == prompt_id) {
+        http.delete_pending(&[prompt_id.to_string()]).await?;
+        return Ok(Ok(json!({ "cancelled": true, "was": "pending", "prompt_id": prompt_id })));
+    }
+    let message = format!("prompt `{prompt_id}` is neither running nor pending");
+    Ok(Err(Failure::new(Code::NotFound, message).with_details(json!({ "prompt_id": prompt_id }))))
+}
+
+async fn clear(http: &ComfyHttp) -> Called {
+    let pending = http.queue().await?.pending.len();
+    http.clear_pending().await?;
+    Ok(Ok(json!({ "cleared": pending })))
+}
+
+async fn upload_image(http: &ComfyHttp, upload: Upload) -> Called {
+    let Upload { filename, data, subfolder, overwrite } = upload;
+    let answer = http.upload_image(&filename, data, &subfolder, overwrite).await?;
+    Ok(Ok(json!({ "name": answer["name"], "subfolder": answer["subfolder"], "type": answer["type"] })))
+}
+
+/// Never an error: an unreachable ComfyUI is part of the status.
+async fn status(http: &ComfyHttp) -> Value {
+    let (queue, stats) = tokio::join!(http.queue(), http.system_stats());
+    let bridge = json!({ "version": env!("CARGO_PKG_VERSION") });
+    let ids = |items: &[crate::comfy::queue::QueueItem]| items.iter().map(|i| i.prompt_id.clone()).collect::<Vec<_>>();
+    match (queue, stats) {
+        (Ok(queue), stats) => json!({
+            "comfyui": {
+                "reachable": true,
+                "version": stats.ok().and_then(|s| s.pointer("/system/comfyui_version").cloned()),
+            },
+            "queue": { "running": ids(&queue.running), "pending": ids(&queue.pending) },
+            "bridge": bridge,
+        }),
+        (Err(e), _) => json!({
+            "comfyui": { "reachable": false, "error": e.to_string() },
+            "bridge": bridge,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_ids_are_uuid_v4_text() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let id = new_prompt_id(&mut rng);
+        assert_eq!(id.len(), 36);
+        assert_eq!(id.as_bytes()[14], b'4');
+        assert!(matches!(id.as_bytes()[19], b'8' | b'9' | b'a' | b'b'), "{id}");
+        assert_ne!(id, new_prompt_id(&mut rng));
+    }
+}

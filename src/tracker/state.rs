@@ -1,0 +1,640 @@
+//! Per-prompt state and its transitions. No I/O, no async: events, queue snapshots and history entries go in,
+//! `state` and `result` objects (INTERFACE.md §2) and history lookups come out.
+//!
+//! A prompt is known from whichever comes first: the bridge submitting it ([`Tracker::expect`]), one of its
+//! execution events (prompts the bridge queued before a restart keep sending them: the client id is
+//! persistent), or a `GET /queue` snapshot (prompts queued by others). It ends exactly once, from its terminal
+//! event or, when that was never seen, from its history entry; a prompt that left the queue without reaching
+//! history was deleted and ends `cancelled`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::comfy::event::{Kind, TextEvent};
+use crate::comfy::queue::{QueueItem, QueueSnapshot};
+
+/// Least time between two `state` messages that only report progress.
+pub const STATE_INTERVAL: Duration = Duration::from_millis(200);
+/// How many finished prompts are remembered, so late events and lookups do not bring them back.
+const FINISHED_MEMORY: usize = 4096;
+
+/// Where a prompt is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The bridge is posting it; nothing published yet.
+    Submitting,
+    /// In ComfyUI's queue.
+    Queued,
+    /// Executing.
+    Running,
+    /// Finished without error.
+    Success,
+    /// Failed in a node.
+    Error,
+    /// Interrupted while running.
+    Interrupted,
+    /// Deleted from the queue before it ran.
+    Cancelled,
+}
+
+impl Phase {
+    /// The name used in `state` and `result` objects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Submitting | Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Success => "success",
+            Self::Error => "error",
+            Self::Interrupted => "interrupted",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Which derived topic an [`Update`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// `prompt/<pid>/state`.
+    State,
+    /// `prompt/<pid>/result`.
+    Result,
+}
+
+/// A message to publish for one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The prompt.
+    pub prompt_id: String,
+    /// `state` or `result`.
+    pub topic: Topic,
+    /// The JSON object.
+    pub payload: Bytes,
+    /// False for a `state` that only reports progress (may be dropped under pressure).
+    pub lifecycle: bool,
+}
+
+/// What the tracker wants done after an input.
+#[derive(Debug, Default, PartialEq)]
+pub struct Effects {
+    /// Messages to publish, in order.
+    pub updates: Vec<Update>,
+    /// Prompts that left the queue without a terminal event: read `GET /history/<id>` and call
+    /// [`Tracker::on_history`].
+    pub lookups: Vec<String>,
+}
+
+impl Effects {
+    /// Appends `other`.
+    pub fn extend(&mut self, other: Effects) {
+        self.updates.extend(other.updates);
+        self.lookups.extend(other.lookups);
+    }
+}
+
+#[derive(Debug)]
+struct Prompt {
+    id: String,
+    phase: Phase,
+    request_id: Option<String>,
+    /// When the tracker first knew it: a queue snapshot requested before this cannot say it vanished.
+    known_since: Instant,
+    queue_position: Option<usize>,
+    /// The workflow's node ids, when known: the denominator of `fraction`.
+    nodes: Option<HashSet<String>>,
+    /// Workflow nodes finished or cached.
+    done: HashSet<String>,
+    /// The executing node (display id) and the workflow node it counts for.
+    current: Option<(String, Option<String>)>,
+    progress: Option<(f64, f64)>,
+    queued_at: Option<u64>,
+    started_at: Option<u64>,
+    finished_at: Option<u64>,
+    outputs: Map<String, Value>,
+    error: Option<Value>,
+    last_state: Option<Instant>,
+}
+
+impl Prompt {
+    fn new(id: &str, phase: Phase, now: Instant) -> Self {
+        Self {
+            id: id.to_string(),
+            phase,
+            request_id: None,
+            known_since: now,
+            queue_position: None,
+            nodes: None,
+            done: HashSet::new(),
+            current: None,
+            progress: None,
+            queued_at: None,
+            started_at: None,
+            finished_at: None,
+            outputs: Map::new(),
+            error: None,
+            last_state: None,
+        }
+    }
+
+    fn set_workflow(&mut self, workflow: &Value) {
+        if self.nodes.is_none() {
+            if let Some(map) = workflow.as_object().filter(|m| !m.is_empty()) {
+                self.nodes = Some(map.keys().cloned().collect());
+            }
+        }
+    }
+
+    /// The workflow node an executing id counts for: itself, else its display node (expansions, subgraphs).
+    fn workflow_node(&self, node: &str, display: Option<&str>) -> Option<String> {
+        let nodes = self.nodes.as_ref()?;
+        [Some(node), display].into_iter().flatten().find(|n| nodes.contains(*n)).map(str::to_string)
+    }
+
+    fn fraction(&self) -> Option<f64> {
+        let total = self.nodes.as_ref()?.len();
+        if self.phase == Phase::Success {
+            return Some(1.0);
+        }
+        let current = self.current.as_ref().and_then(|(_, w)| w.as_ref());
+        let done = self.done.iter().filter(|n| Some(*n) != current).count() as f64;
+        let partial = match (current, self.progress) {
+            (Some(_), Some((value, max))) if max > 0.0 => (value / max).clamp(0.0, 1.0),
+            _ => 0.0,
+        };
+        Some(((done + partial) / total.max(1) as f64).clamp(0.0, 1.0))
+    }
+
+    fn state_object(&self) -> Value {
+        let mut obj = Map::new();
+        obj.insert("prompt_id".into(), json!(self.id));
+        obj.insert("state".into(), json!(self.phase.as_str()));
+        let mut put = |key: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                obj.insert(key.into(), value);
+            }
+        };
+        let running = self.phase == Phase::Running;
+        put("queue_position", self.queue_position.filter(|_| self.phase == Phase::Queued).map(|p| json!(p)));
+        put("node_id", self.current.as_ref().filter(|_| running).map(|(n, _)| json!(n)));
+        put("progress", self.progress.filter(|_| running).map(|(value, max)| json!({"value": value, "max": max})));
+        put("fraction", self.fraction().map(|f| json!(f)));
+        put("nodes_done", self.nodes.as_ref().map(|_| json!(self.done.len())));
+        put("nodes_total", self.nodes.as_ref().map(|n| json!(n.len())));
+        put("queued_at", self.queued_at.map(|t| json!(t)));
+        put("started_at", self.started_at.map(|t| json!(t)));
+        put("finished_at", self.finished_at.map(|t| json!(t)));
+        put("request_id", self.request_id.as_ref().map(|r| json!(r)));
+        put("error", self.error.clone());
+        Value::Object(obj)
+    }
+
+    fn result_object(&self, public_base: &str) -> Value {
+        let mut outputs = self.outputs.clone();
+        for output in outputs.values_mut() {
+            add_view_urls(output, public_base);
+        }
+        let mut obj = Map::new();
+        obj.insert("prompt_id".into(), json!(self.id));
+        obj.insert("status".into(), json!(self.phase.as_str()));
+        obj.insert("outputs".into(), Value::Object(outputs));
+        let start = self.started_at.or(self.queued_at);
+        if let (Some(start), Some(end)) = (start, self.finished_at) {
+            obj.insert("duration_ms".into(), json!(end.saturating_sub(start)));
+        }
+        if let Some(r) = &self.request_id {
+            obj.insert("request_id".into(), json!(r));
+        }
+        if let Some(e) = &self.error {
+            obj.insert("error".into(), e.clone());
+        }
+        Value::Object(obj)
+    }
+}
+
+/// Adds `url` (a `/view` link) to every `{filename, subfolder, type}` entry of a node's UI output.
+fn add_view_urls(output: &mut Value, public_base: &str) {
+    let Some(output) = output.as_object_mut() else { return };
+    for list in output.values_mut() {
+        let Some(list) = list.as_array_mut() else { continue };
+        for item in list.iter_mut().filter_map(Value::as_object_mut) {
+            let Some(filename) = item.get("filename").and_then(Value::as_str) else { continue };
+            let text = |key: &str| item.get(key).and_then(Value::as_str).unwrap_or_default();
+            let url = view_url(public_base, filename, text("subfolder"), text("type"));
+            item.insert("url".into(), json!(url));
+        }
+    }
+}
+
+/// `<base>/view?filename=…&subfolder=…&type=…`, query values percent-encoded.
+pub fn view_url(base: &str, filename: &str, subfolder: &str, kind: &str) -> String {
+    let kind = if kind.is_empty() { "output" } else { kind };
+    format!(
+        "{base}/view?filename={}&subfolder={}&type={}",
+        percent_encode(filename),
+        percent_encode(subfolder),
+        percent_encode(kind)
+    )
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The fields of `data` the tracker reads; the rest is the router's business.
+#[derive(Deserialize, Default)]
+struct Data {
+    #[serde(default)]
+    timestamp: Option<f64>,
+    #[serde(default)]
+    nodes: Option<Value>,
+    #[serde(default)]
+    node: Option<Value>,
+    #[serde(default)]
+    value: Option<f64>,
+    #[serde(default)]
+    max: Option<f64>,
+    #[serde(default)]
+    output: Option<Value>,
+    #[serde(default)]
+    node_id: Option<Value>,
+    #[serde(default)]
+    node_type: Option<Value>,
+    #[serde(default)]
+    exception_type: Option<Value>,
+    #[serde(default)]
+    exception_message: Option<Value>,
+}
+
+/// The one owner of per-prompt state.
+#[derive(Debug)]
+pub struct Tracker {
+    public_base: String,
+    prompts: HashMap<String, Prompt>,
+    /// Recently finished prompts and their request ids, oldest first.
+    finished: VecDeque<(String, Option<String>)>,
+    finished_ids: HashMap<String, Option<String>>,
+    /// Whether recent history has been read once: what was there before the bridge looked is not news.
+    history_baseline: bool,
+}
+
+impl Tracker {
+    /// A tracker whose results link images on `public_base` (`comfyui.public_url`).
+    pub fn new(public_base: &str) -> Self {
+        Self {
+            public_base: public_base.trim_end_matches('/').to_string(),
+            prompts: HashMap::new(),
+            finished: VecDeque::new(),
+            finished_ids: HashMap::new(),
+            history_baseline: false,
+        }
+    }
+
+    /// The bus request that queued `prompt_id`, for the envelope's `request_id`.
+    pub fn request_id(&self, prompt_id: &str) -> Option<&str> {
+        match self.prompts.get(prompt_id) {
+            Some(p) => p.request_id.as_deref(),
+            None => self.finished_ids.get(prompt_id)?.as_deref(),
+        }
+    }
+
+    /// Prompts not finished yet.
+    pub fn live(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// The bridge is about to post `prompt_id`: remember who asked and what the workflow is, so that even
+    /// events racing the HTTP answer carry the `request_id`.
+    pub fn expect(&mut self, prompt_id: &str, request_id: Option<String>, workflow: &Value, now: Instant) {
+        let prompt =
+            self.prompts.entry(prompt_id.to_string()).or_insert_with(|| Prompt::new(prompt_id, Phase::Submitting, now));
+        prompt.request_id = request_id;
+        prompt.set_workflow(workflow);
+    }
+
+    /// ComfyUI accepted a prompt the bridge posted.
+    pub fn accepted(&mut self, prompt_id: &str, now_ms: u64, now: Instant) -> Effects {
+        let Some(prompt) = self.prompts.get_mut(prompt_id) else { return Effects::default() };
+        prompt.queued_at.get_or_insert(now_ms);
+        if prompt.phase != Phase::Submitting {
+            return Effects::default();
+        }
+        prompt.phase = Phase::Queued;
+        prompt.known_since = now;
+        self.publish_state(prompt_id, true, now)
+    }
+
+    /// ComfyUI refused (or never got) a prompt the bridge tried to post: forget it.
+    pub fn rejected(&mut self, prompt_id: &str) {
+        if self.prompts.get(prompt_id).is_some_and(|p| p.phase == Phase::Submitting) {
+            self.prompts.remove(prompt_id);
+        }
+    }
+
+    /// Whether `prompt_id` has ended (and is still remembered).
+    pub fn is_finished(&self, prompt_id: &str) -> bool {
+        self.finished_ids.contains_key(prompt_id)
+    }
+
+    /// A text event from ComfyUI.
+    pub fn on_event(&mut self, event: &TextEvent, now_ms: u64, now: Instant) -> Effects {
+        let Some(pid) = event.prompt_id.as_deref() else { return Effects::default() };
+        let relevant = matches!(
+            event.kind,
+            Kind::ExecutionStart
+                | Kind::ExecutionCached
+                | Kind::Executing
+                | Kind::Progress
+                | Kind::Executed
+                | Kind::ExecutionSuccess
+                | Kind::ExecutionError
+                | Kind::ExecutionInterrupted
+        );
+        if !relevant || self.is_finished(pid) {
+            return Effects::default();
+        }
+        let data: Data = serde_json::from_str(event.data.get()).unwrap_or_default();
+        let at = data.timestamp.map_or(now_ms, |t| t as u64);
+        let prompt = self.prompts.entry(pid.to_string()).or_insert_with(|| Prompt::new(pid, Phase::Running, now));
+        let was = prompt.phase;
+        if matches!(prompt.phase, Phase::Submitting | Phase::Queued) {
+            prompt.phase = Phase::Running;
+        }
+        let mut lifecycle = was != prompt.phase;
+        match event.kind {
+            Kind::ExecutionStart => {
+                prompt.started_at = Some(at);
+                lifecycle = true;
+            }
+            Kind::ExecutionCached => {
+                let cached = data.nodes.as_ref().and_then(Value::as_array).into_iter().flatten();
+                prompt.done.extend(cached.filter_map(Value::as_str).map(str::to_string));
+                lifecycle = true;
+            }
+            Kind::Executing => match as_text(&data.node) {
+                Some(node) => {
+                    let display = event.node_id.clone().unwrap_or_else(|| node.clone());
+                    let workflow_node = prompt.workflow_node(&node, Some(&display));
+                    let previous = prompt.current.take().and_then(|(_, w)| w);
+                    if let Some(previous) = previous.filter(|p| Some(p) != workflow_node.as_ref()) {
+                        prompt.done.insert(previous);
+                    }
+                    lifecycle |= prompt.current.as_ref().map(|(d, _)| d) != Some(&display);
+                    prompt.current = Some((display, workflow_node));
+                    prompt.progress = None;
+                }
+                // `node: null`: the prompt is over. Without a terminal event before it, history says how.
+                None => return Effects { updates: Vec::new(), lookups: vec![pid.to_string()] },
+            },
+            Kind::Progress => {
+                if let (Some(value), Some(max)) = (data.value, data.max) {
+                    prompt.progress = Some((value, max));
+                }
+            }
+            Kind::Executed => {
+                let node = event.node_id.clone().or_else(|| as_text(&data.node));
+                if let (Some(node), Some(output)) = (node, data.output.filter(|o| !o.is_null())) {
+                    merge_output(prompt.outputs.entry(node).or_insert(Value::Null), output);
+                }
+                if let Some(workflow_node) =
+                    as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id.as_deref()))
+                {
+                    prompt.done.insert(workflow_node);
+                }
+            }
+            Kind::ExecutionSuccess => return self.finish(pid, Phase::Success, at, None),
+            Kind::ExecutionError => {
+                if as_text(&data.exception_type).as_deref() == Some("ExecutionBlocked") {
+                    return Effects::default();
+                }
+                let error = json!({
+                    "node_id": data.node_id, "node_type": data.node_type,
+                    "exception_type": data.exception_type, "exception_message": data.exception_message,
+                });
+                return self.finish(pid, Phase::Error, at, Some(error));
+            }
+            Kind::ExecutionInterrupted => return self.finish(pid, Phase::Interrupted, at, None),
+            _ => {}
+        }
+        self.publish_state(pid, lifecycle, now)
+    }
+
+    /// A `GET /queue` snapshot, requested at `requested`. Adds prompts queued by others, updates positions,
+    /// and asks for the history of prompts that left the queue unseen.
+    pub fn on_queue(&mut self, queue: &QueueSnapshot, requested: Instant, now_ms: u64, now: Instant) -> Effects {
+        let mut effects = Effects::default();
+        let mut seen = HashSet::new();
+        let items = queue.running.iter().map(|i| (i, 0)).chain(queue.pending.iter().zip(1..));
+        for (item, position) in items {
+            seen.insert(item.prompt_id.as_str());
+            effects.extend(self.on_queue_item(item, position, now_ms, now));
+        }
+        for prompt in self.prompts.values() {
+            let left = !seen.contains(prompt.id.as_str()) && prompt.known_since < requested;
+            if left && matches!(prompt.phase, Phase::Queued | Phase::Running) {
+                effects.lookups.push(prompt.id.clone());
+            }
+        }
+        effects.lookups.sort();
+        effects
+    }
+
+    fn on_queue_item(&mut self, item: &QueueItem, position: usize, now_ms: u64, now: Instant) -> Effects {
+        if self.is_finished(&item.prompt_id) {
+            return Effects::default();
+        }
+        let pid = item.prompt_id.as_str();
+        let prompt = self.prompts.entry(pid.to_string()).or_insert_with(|| Prompt::new(pid, Phase::Queued, now));
+        prompt.set_workflow(&item.prompt);
+        if let Some(t) = item.extra_data.get("create_time").and_then(Value::as_u64) {
+            prompt.queued_at.get_or_insert(t);
+        }
+        prompt.queued_at.get_or_insert(now_ms);
+        let changed = match (prompt.phase, position) {
+            (Phase::Submitting, _) => {
+                prompt.phase = if position == 0 { Phase::Running } else { Phase::Queued };
+                prompt.queue_position = Some(position);
+                true
+            }
+            (Phase::Queued, 0) => {
+                prompt.phase = Phase::Running;
+                prompt.started_at.get_or_insert(now_ms);
+                prompt.queue_position = Some(0);
+                true
+            }
+            (Phase::Queued, n) => prompt.queue_position.replace(n) != Some(n),
+            _ => false,
+        };
+        let first = prompt.last_state.is_none();
+        if changed || first {
+            self.publish_state(pid, true, now)
+        } else {
+            Effects::default()
+        }
+    }
+
+    /// The most recent history entries (`GET /history?max_items=…`): finishes prompts that ended unseen,
+    /// including prompts of others that came and went between two queue reads. The first read only sets the
+    /// baseline: prompts that ended before the bridge started are not reported.
+    pub fn on_recent_history(&mut self, recent: &[(String, Value)], now_ms: u64, now: Instant) -> Effects {
+        let baseline = !std::mem::replace(&mut self.history_baseline, true);
+        let mut effects = Effects::default();
+        for (id, entry) in recent {
+            if self.is_finished(id) {
+                continue;
+            }
+            if !self.prompts.contains_key(id) {
+                if baseline {
+                    self.remember_finished(id.clone(), None);
+                    continue;
+                }
+                self.prompts.insert(id.clone(), Prompt::new(id, Phase::Queued, now));
+            }
+            effects.extend(self.on_history(id, Some(entry), now_ms));
+        }
+        effects
+    }
+
+    /// The history entry of a prompt that left the queue (`None`: ComfyUI does not know it, so it was deleted).
+    pub fn on_history(&mut self, prompt_id: &str, entry: Option<&Value>, now_ms: u64) -> Effects {
+        let Some(prompt) = self.prompts.get_mut(prompt_id) else { return Effects::default() };
+        let Some(entry) = entry else {
+            if prompt.phase == Phase::Submitting {
+                return Effects::default();
+            }
+            return self.finish(prompt_id, Phase::Cancelled, now_ms, None);
+        };
+        if let Some(item) = entry.get("prompt") {
+            if let Some(item) = QueueItem::parse(item) {
+                prompt.set_workflow(&item.prompt);
+            }
+        }
+        if let Some(outputs) = entry.get("outputs").and_then(Value::as_object) {
+            for (node, output) in outputs {
+                prompt.outputs.entry(node.clone()).or_insert_with(|| output.clone());
+            }
+        }
+        let status = entry.get("status");
+        let messages = status.and_then(|s| s.get("messages")).and_then(Value::as_array);
+        let message = |kind: &str| {
+            messages?.iter().find(|m| m.get(0).and_then(Value::as_str) == Some(kind)).and_then(|m| m.get(1))
+        };
+        let timestamp = |kind: &str| message(kind)?.get("timestamp")?.as_u64();
+        if let Some(t) = timestamp("execution_start") {
+            prompt.started_at = Some(t);
+        }
+        let (phase, at, error) = if let Some(data) = message("execution_interrupted") {
+            (Phase::Interrupted, data.get("timestamp").and_then(Value::as_u64), None)
+        } else if let Some(data) = message("execution_error") {
+            let error = json!({
+                "node_id": data.get("node_id"), "node_type": data.get("node_type"),
+                "exception_type": data.get("exception_type"), "exception_message": data.get("exception_message"),
+            });
+            (Phase::Error, data.get("timestamp").and_then(Value::as_u64), Some(error))
+        } else if status.and_then(|s| s.get("status_str")).and_then(Value::as_str) == Some("error") {
+            (Phase::Error, None, Some(json!({"exception_message": "ComfyUI reported an error"})))
+        } else {
+            (Phase::Success, timestamp("execution_success"), None)
+        };
+        self.finish(prompt_id, phase, at.unwrap_or(now_ms), error)
+    }
+
+    fn finish(&mut self, pid: &str, phase: Phase, at: u64, error: Option<Value>) -> Effects {
+        let Some(mut prompt) = self.prompts.remove(pid) else { return Effects::default() };
+        prompt.phase = phase;
+        prompt.finished_at = Some(at);
+        prompt.error = error;
+        prompt.queue_position = None;
+        if phase == Phase::Success {
+            if let Some(nodes) = &prompt.nodes {
+                prompt.done = nodes.clone();
+            }
+        }
+        let state = Update {
+            prompt_id: pid.to_string(),
+            topic: Topic::State,
+            payload: to_bytes(&prompt.state_object()),
+            lifecycle: true,
+        };
+        let result = Update {
+            prompt_id: pid.to_string(),
+            topic: Topic::Result,
+            payload: to_bytes(&prompt.result_object(&self.public_base)),
+            lifecycle: true,
+        };
+        self.remember_finished(prompt.id, prompt.request_id);
+        Effects { updates: vec![state, result], lookups: Vec::new() }
+    }
+
+    fn remember_finished(&mut self, id: String, request_id: Option<String>) {
+        if self.finished.len() >= FINISHED_MEMORY {
+            if let Some((old, _)) = self.finished.pop_front() {
+                self.finished_ids.remove(&old);
+            }
+        }
+        self.finished_ids.insert(id.clone(), request_id.clone());
+        self.finished.push_back((id, request_id));
+    }
+
+    /// A `state` update for `pid`: always for lifecycle changes, at most every [`STATE_INTERVAL`] otherwise.
+    fn publish_state(&mut self, pid: &str, lifecycle: bool, now: Instant) -> Effects {
+        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
+        if prompt.phase == Phase::Submitting {
+            return Effects::default();
+        }
+        let due = prompt.last_state.is_none_or(|last| now.duration_since(last) >= STATE_INTERVAL);
+        if !lifecycle && !due {
+            return Effects::default();
+        }
+        prompt.last_state = Some(now);
+        let update = Update {
+            prompt_id: pid.to_string(),
+            topic: Topic::State,
+            payload: to_bytes(&prompt.state_object()),
+            lifecycle,
+        };
+        Effects { updates: vec![update], lookups: Vec::new() }
+    }
+}
+
+/// A node may report outputs more than once (expansions): lists are concatenated, other keys replaced.
+fn merge_output(into: &mut Value, output: Value) {
+    match (into, output) {
+        (Value::Object(into), Value::Object(output)) => {
+            for (key, value) in output {
+                match (into.get_mut(&key), value) {
+                    (Some(Value::Array(list)), Value::Array(more)) => list.extend(more),
+                    (_, value) => {
+                        into.insert(key, value);
+                    }
+                }
+            }
+        }
+        (into, output) => *into = output,
+    }
+}
+
+fn as_text(value: &Option<Value>) -> Option<String> {
+    match value.as_ref()? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn to_bytes(value: &Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+use super::*;
+use crate::comfy::event::parse_text;
+use crate::comfy::event::tests::recorded_frames;
+
+const BASE: &str = "http://gpu.local:8188";
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
+}
+
+fn parse(update: &Update) -> Value {
+    serde_json::from_slice(&update.payload).expect("json")
+}
+
+/// Feeds every text frame of a recorded session, 50 ms apart; returns every update.
+fn replay(tracker: &mut Tracker, scenario: &str, start: Instant) -> Vec<Update> {
+    let mut updates = Vec::new();
+    for (i, frame) in recorded_frames(scenario).into_iter().filter_map(Result::ok).enumerate() {
+        let event = parse_text(&frame).expect("recorded frames parse");
+        let now = start + Duration::from_millis(50 * i as u64);
+        updates.extend(tracker.on_event(&event, 1_795_000_000_000 + i as u64, now).updates);
+    }
+    updates
+}
+
+fn states(updates: &[Update]) -> Vec<Value> {
+    updates.iter().filter(|u| u.topic == Topic::State).map(parse).collect()
+}
+
+fn results(updates: &[Update]) -> Vec<Value> {
+    updates.iter().filter(|u| u.topic == Topic::Result).map(parse).collect()
+}
+
+#[test]
+fn a_prompt_the_bridge_queued_goes_queued_running_success_with_one_result() {
+    let mut tracker = Tracker::new(BASE);
+    let pid = "b5ce2ae5-3b1f-4ded-aabc-98cde2f52de0";
+    let workflow = fixture("workflows/a_success__prompt.json");
+    let start = Instant::now();
+    tracker.expect(pid, Some("req-7".into()), &workflow, start);
+    assert_eq!(tracker.request_id(pid), Some("req-7"), "known before ComfyUI answers");
+    let mut updates = tracker.accepted(pid, 1_794_999_999_000, start).updates;
+    updates.extend(replay(&mut tracker, "a_success", start));
+
+    let states = states(&updates);
+    let phases: Vec<&str> = states.iter().map(|s| s["state"].as_str().expect("state")).collect();
+    assert_eq!(phases.first(), Some(&"queued"));
+    assert_eq!(phases.last(), Some(&"success"));
+    let running = phases.iter().position(|p| *p == "running").expect("a running state");
+    assert!(phases[running..phases.len() - 1].iter().all(|p| *p == "running"), "{phases:?}");
+    let fractions: Vec<f64> = states.iter().filter_map(|s| s["fraction"].as_f64()).collect();
+    assert!(fractions.windows(2).all(|w| w[1] >= w[0]), "fraction never goes back: {fractions:?}");
+    assert_eq!(fractions.last(), Some(&1.0));
+    assert!(states.iter().any(|s| s["progress"]["max"].as_f64() > Some(1.0)), "step progress is reported");
+    assert!(states.iter().all(|s| s["request_id"] == "req-7"));
+
+    let results = results(&updates);
+    assert_eq!(results.len(), 1, "exactly one result");
+    let result = &results[0];
+    assert_eq!(result["status"], "success");
+    assert_eq!(result["request_id"], "req-7");
+    assert!(result["duration_ms"].as_u64().is_some());
+    let image = &result["outputs"]["4"]["images"][0];
+    assert_eq!(
+        image["url"],
+        format!(
+            "{BASE}/view?filename={}&subfolder=bridge_probe&type=output",
+            image["filename"].as_str().expect("filename")
+        )
+    );
+    assert!(tracker.is_finished(pid) && tracker.live() == 0);
+    assert_eq!(tracker.request_id(pid), Some("req-7"), "late events still carry the request id");
+}
+
+#[test]
+fn all_cached_prompt_counts_cached_nodes_as_done() {
+    let mut tracker = Tracker::new(BASE);
+    let workflow = fixture("workflows/b_cached__prompt.json");
+    let frames = recorded_frames("b_cached");
+    let pid = frames
+        .iter()
+        .filter_map(|f| f.as_ref().ok())
+        .filter_map(|f| parse_text(f).ok())
+        .find_map(|e| e.prompt_id)
+        .expect("a prompt id");
+    let start = Instant::now();
+    tracker.expect(&pid, None, &workflow, start);
+    let updates = replay(&mut tracker, "b_cached", start);
+    let states = states(&updates);
+    let cached = states.iter().find(|s| s["nodes_done"].as_u64() > Some(0)).expect("cached nodes counted");
+    assert_eq!(cached["nodes_done"], cached["nodes_total"]);
+    assert_eq!(results(&updates)[0]["status"], "success");
+}
+
+#[test]
+fn node_error_ends_in_error_with_the_exception() {
+    let mut tracker = Tracker::new(BASE);
+    let updates = replay(&mut tracker, "c_execution_error", Instant::now());
+    let results = results(&updates);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "error");
+    assert!(results[0]["error"]["exception_message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(results[0]["error"]["node_type"].as_str().is_some());
+    assert_eq!(states(&updates).last().expect("a state")["state"], "error");
+}
+
+#[test]
+fn interrupt_ends_the_running_prompt_interrupted_and_the_next_one_runs() {
+    let mut tracker = Tracker::new(BASE);
+    let updates = replay(&mut tracker, "e_interrupt", Instant::now());
+    let statuses: Vec<Value> = results(&updates).iter().map(|r| r["status"].clone()).collect();
+    assert_eq!(statuses, ["interrupted", "success"]);
+}
+
+#[test]
+fn progress_only_states_are_rate_limited_but_lifecycle_changes_are_not() {
+    let mut tracker = Tracker::new(BASE);
+    let start = Instant::now();
+    let event = |text: &str| parse_text(text).expect("frame");
+    let begin = event(r#"{"type":"execution_start","data":{"prompt_id":"p","timestamp":1}}"#);
+    assert_eq!(tracker.on_event(&begin, 1, start).updates.len(), 1);
+    let node = event(r#"{"type":"executing","data":{"node":"3","display_node":"3","prompt_id":"p"}}"#);
+    assert_eq!(tracker.on_event(&node, 2, start).updates.len(), 1, "a node change is always published");
+    let mut published = 0;
+    for i in 0..100u64 {
+        let tick =
+            event(&format!(r#"{{"type":"progress","data":{{"value":{i},"max":100,"prompt_id":"p","node":"3"}}}}"#));
+        let now = start + Duration::from_millis(10 * i);
+        published += tracker.on_event(&tick, 3 + i, now).updates.len();
+    }
+    // 1 s of ticks at 100/s: one state per 200 ms.
+    assert!((4..=6).contains(&published), "{published} progress states");
+}
+
+#[test]
+fn foreign_prompt_is_found_in_the_queue_and_finished_from_history() {
+    let mut tracker = Tracker::new(BASE);
+    let pid = "dfc88918-4580-4d64-8b7b-e5b28ce91ef7";
+    let workflow = fixture("workflows/o_foreign_prompt__prompt.json");
+    let start = Instant::now();
+    let item = |number| json!([number, pid, workflow, {"client_id": "someone-else"}, ["4"]]);
+    let pending = QueueSnapshot::parse(&json!({"queue_running": [], "queue_pending": [item(32)]})).expect("queue");
+    let updates = tracker.on_queue(&pending, start, 1000, start).updates;
+    assert_eq!(states(&updates)[0]["state"], "queued");
+    assert_eq!(states(&updates)[0]["queue_position"], 1);
+    assert_eq!(states(&updates)[0]["nodes_total"], workflow.as_object().expect("object").len());
+
+    let running = QueueSnapshot::parse(&json!({"queue_running": [item(32)], "queue_pending": []})).expect("queue");
+    let later = start + Duration::from_millis(10);
+    assert_eq!(states(&tracker.on_queue(&running, later, 1010, later).updates)[0]["state"], "running");
+    assert!(tracker.on_queue(&running, later, 1011, later).updates.is_empty(), "nothing new, nothing published");
+
+    let empty = QueueSnapshot::default();
+    let effects = tracker.on_queue(&empty, later + Duration::from_millis(1), 1020, later);
+    assert_eq!(effects.lookups, [pid]);
+    let history = fixture("history.success.json");
+    let entry = history.as_object().and_then(|h| h.values().next()).expect("entry");
+    let updates = tracker.on_history(pid, Some(entry), 1030).updates;
+    let result = &results(&updates)[0];
+    assert_eq!(result["status"], "success");
+    assert!(result["outputs"].as_object().is_some_and(|o| !o.is_empty()));
+    assert!(result["outputs"].to_string().contains(&format!("{BASE}/view?filename=")));
+    assert!(tracker.on_history(pid, Some(entry), 1040).updates.is_empty(), "a result is published once");
+}
+
+#[test]
+fn history_tells_interrupted_from_error() {
+    for (file, status) in [("history.interrupted.json", "interrupted"), ("history.error.json", "error")] {
+        let history = fixture(file);
+        let (pid, entry) = history.as_object().and_then(|h| h.iter().next()).expect("entry");
+        let mut tracker = Tracker::new(BASE);
+        let start = Instant::now();
+        let running = json!({"queue_running": [entry["prompt"]], "queue_pending": []});
+        tracker.on_queue(&QueueSnapshot::parse(&running).expect("queue"), start, 1, start);
+        let updates = tracker.on_history(pid, Some(entry), 2).updates;
+        let result = &results(&updates)[0];
+        assert_eq!(result["status"], status, "{file}");
+        assert!(result["duration_ms"].as_u64().is_some(), "{file}: timestamps come from the history messages");
+    }
+}
+
+#[test]
+fn a_deleted_prompt_is_cancelled_but_a_fresh_one_is_not_mistaken_for_deleted() {
+    let mut tracker = Tracker::new(BASE);
+    let t0 = Instant::now();
+    let queued = json!({"queue_running": [], "queue_pending": [[5, "gone", {}, {}, []]]});
+    tracker.on_queue(&QueueSnapshot::parse(&queued).expect("queue"), t0, 1, t0);
+
+    // Our own prompt, accepted after this snapshot was requested: not in it, but not gone either.
+    let t1 = t0 + Duration::from_millis(5);
+    tracker.expect("mine", None, &json!({"1": {"class_type": "X", "inputs": {}}}), t1);
+    tracker.accepted("mine", 2, t1);
+    let effects = tracker.on_queue(&QueueSnapshot::default(), t0 + Duration::from_millis(1), 3, t1);
+    assert_eq!(effects.lookups, ["gone"]);
+
+    let updates = tracker.on_history("gone", None, 4).updates;
+    assert_eq!(results(&updates)[0]["status"], "cancelled");
+    assert!(!tracker.is_finished("mine"));
+}
+
+#[test]
+fn a_rejected_submission_is_forgotten_without_a_word() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    tracker.expect("p", Some("r".into()), &json!({}), now);
+    tracker.rejected("p");
+    assert_eq!((tracker.live(), tracker.request_id("p")), (0, None));
+}
+
+#[test]
+fn execution_blocked_is_not_the_end() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    let blocked = parse_text(
+        r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"3","exception_type":"ExecutionBlocked",
+        "exception_message":"Execution Blocked: x","traceback":[],"current_inputs":[],"current_outputs":[]}}"#,
+    )
+    .expect("frame");
+    assert!(results(&tracker.on_event(&blocked, 1, now).updates).is_empty());
+    assert!(!tracker.is_finished("p"));
+}
+
+#[test]
+fn executing_null_without_a_terminal_event_asks_history() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    let start = parse_text(r#"{"type":"execution_start","data":{"prompt_id":"p","timestamp":1}}"#).expect("frame");
+    tracker.on_event(&start, 1, now);
+    let end = parse_text(r#"{"type":"executing","data":{"node":null,"prompt_id":"p"}}"#).expect("frame");
+    assert_eq!(tracker.on_event(&end, 2, now).lookups, ["p"]);
+}
+
+#[test]
+fn recent_history_reports_prompts_that_came_and_went_unseen_but_not_old_ones() {
+    let history = fixture("history.success.json");
+    let (pid, entry) = history.as_object().and_then(|h| h.iter().next()).expect("entry");
+    let recent = vec![(pid.clone(), entry.clone())];
+    let now = Instant::now();
+    let mut tracker = Tracker::new(BASE);
+    assert!(tracker.on_recent_history(&recent, 1, now).updates.is_empty(), "before the bridge looked: not news");
+
+    let mut tracker = Tracker::new(BASE);
+    tracker.on_recent_history(&[], 1, now);
+    let updates = tracker.on_recent_history(&recent, 2, now).updates;
+    assert_eq!(results(&updates)[0]["status"], "success");
+    assert_eq!(states(&updates)[0]["state"], "success");
+    assert!(tracker.on_recent_history(&recent, 3, now).updates.is_empty(), "reported once");
+}
