@@ -1,17 +1,47 @@
-//! `comfy-bridge check`: the effective configuration and the topic map, for a human to read.
+//! `comfy-bridge check`: the effective configuration, the templates and the topic map, for a human to read.
 
 use std::fmt::Write as _;
 
 use crate::bus::topics::{self, Route};
 use crate::config::Settings;
+use crate::workflow::template::Templates;
 
-/// The report `check` prints: configuration (secrets redacted), then every topic and subject pattern.
-pub fn report(settings: &Settings) -> String {
+/// What `check` found: the report to print, and whether anything is wrong (a template that cannot be used).
+pub struct Checked {
+    /// Configuration (secrets redacted), templates, then every topic and subject pattern.
+    pub report: String,
+    /// Problems found; `check` exits non-zero when there is any.
+    pub problems: usize,
+}
+
+/// Checks what configuration loading cannot: the templates.
+pub fn check(settings: &Settings) -> Checked {
     let mut out = String::from("# effective configuration\n");
     out.push_str(&settings.to_redacted_toml());
+    let mut problems = 0;
+    if settings.commands.enabled {
+        let templates = Templates::load(&settings.commands.templates_dir, &settings.state.dir);
+        let _ = writeln!(out, "\n# templates in {}", settings.commands.templates_dir.display());
+        for t in templates.describe()["templates"].as_array().into_iter().flatten() {
+            let nodes = t["nodes"].as_array().map_or(0, Vec::len);
+            let patched = if t["patched"] == true { " (patched copy in state.dir)" } else { "" };
+            let _ = writeln!(out, "ok     {} ({nodes} nodes){patched}", t["name"].as_str().unwrap_or_default());
+        }
+        for (file, error) in templates.errors() {
+            problems += 1;
+            let _ = writeln!(out, "ERROR  {file}: {error}");
+        }
+    }
+    out.push_str(&report(settings));
+    Checked { report: out, problems }
+}
+
+/// The topic map.
+fn report(settings: &Settings) -> String {
+    let mut out = String::new();
     out.push_str("\n# topic map (MQTT topic | NATS subject)\n");
     let inst = &settings.bridge.instance;
-    let rows: [(&str, Route); 10] = [
+    let rows: [(&str, Route); 13] = [
         ("bridge availability (retained)", Route::fixed(inst, &[topics::BRIDGE, topics::AVAILABILITY])),
         ("comfyui availability (retained)", Route::fixed(inst, &[topics::COMFYUI, topics::AVAILABILITY])),
         ("queue status (retained)", Route::fixed(inst, &[topics::STATUS])),
@@ -21,7 +51,10 @@ pub fn report(settings: &Settings) -> String {
         ("preview image", Route::fixed(inst, &[topics::PROMPT, "<pid>", topics::NODE, "<nid>", topics::PREVIEW])),
         ("progress text", Route::fixed(inst, &[topics::PROMPT, "<pid>", topics::NODE, "<nid>", topics::TEXT])),
         ("latest preview", Route::fixed(inst, &[topics::PREVIEW])),
-        ("requests", Route::fixed(inst, &["request", "<command>"])),
+        ("prompt state", Route::fixed(inst, &[topics::PROMPT, "<pid>", topics::STATE])),
+        ("prompt result", Route::fixed(inst, &[topics::PROMPT, "<pid>", topics::RESULT])),
+        ("requests", Route::fixed(inst, &[topics::REQUEST, "<command>"])),
+        ("responses (no reply topic)", Route::fixed(inst, &[topics::RESPONSE, "<command>"])),
     ];
     for (what, route) in rows {
         let mqtt = if settings.mqtt.enabled { route.mqtt_topic(&settings.mqtt.base_topic) } else { "-".into() };
@@ -29,4 +62,28 @@ pub fn report(settings: &Settings) -> String {
         let _ = writeln!(out, "{what:<32} {mqtt} | {nats}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_templates_are_reported_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/templates/txt2img.json");
+        std::fs::copy(example, dir.path().join("txt2img.json")).expect("copy");
+        let mut settings = Settings::default();
+        settings.commands.templates_dir = dir.path().to_path_buf();
+        settings.state.dir = dir.path().join("state");
+        let good = check(&settings);
+        assert_eq!(good.problems, 0, "{}", good.report);
+        assert!(good.report.contains("ok     txt2img (7 nodes)"), "{}", good.report);
+        assert!(good.report.contains("comfyui/local/prompt/<pid>/result | comfyui.local.prompt.<pid>.result"));
+
+        std::fs::write(dir.path().join("broken.json"), "[1, 2").expect("write");
+        let bad = check(&settings);
+        assert_eq!(bad.problems, 1);
+        assert!(bad.report.contains("ERROR  broken.json: invalid JSON"), "{}", bad.report);
+    }
 }

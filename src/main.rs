@@ -57,7 +57,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check => {
             let settings = load(cli.config.as_deref())?;
-            print!("{}", comfy_bridge::check::report(&settings));
+            let checked = comfy_bridge::check::check(&settings);
+            print!("{}", checked.report);
+            anyhow::ensure!(checked.problems == 0, "{} problem(s) found", checked.problems);
         }
         Command::Simulate { listen, transcript, speed, autoplay } => {
             comfy_bridge::telemetry::init("info", false);

@@ -205,7 +205,7 @@ async fn every_command_answers_over_nats_request_reply() {
 async fn mqtt_v311_requests_are_answered_on_the_response_topic() {
     let setup = start(0.0, |_| {}).await;
     let mut responses = mqtt_subscribe(&setup.broker, "comfyui/local/response/#").await;
-    mqtt311_publish(&setup.broker, "comfyui/local/request/status", br#"{"id":"v311"}"#, false).await;
+    mqtt311_publish(setup.broker.port, "comfyui/local/request/status", br#"{"id":"v311"}"#, false).await;
     let msg = responses.expect(|m| m.topic == "comfyui/local/response/status", WAIT).await;
     let body = json(&msg.payload);
     assert_eq!((body["id"].clone(), body["status"].clone()), (json!("v311"), json!("ok")));
@@ -218,7 +218,7 @@ async fn mqtt_v311_requests_are_answered_on_the_response_topic() {
 async fn a_repeated_request_id_acts_once_and_retained_requests_are_ignored() {
     let broker = Mosquitto::start();
     // Retained before the bridge even starts: it must not replay when the bridge subscribes.
-    mqtt311_publish(&broker, "comfyui/local/request/queue", br#"{"id":"old","template":"probe"}"#, true).await;
+    mqtt311_publish(broker.port, "comfyui/local/request/queue", br#"{"id":"old","template":"probe"}"#, true).await;
     let sim = simulator(0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     let _templates = templates(&mut s);
@@ -331,4 +331,97 @@ async fn post_json(url: &str, body: &Value) -> Value {
     let client = reqwest::Client::new();
     let response = client.post(url).body(body.to_string()).send().await.expect("post");
     json(&response.bytes().await.expect("answer"))
+}
+
+/// One way of asking the bridge.
+enum Via {
+    V5(MqttRequester),
+    V311(u16, MqttSub),
+    Nats(async_nats::Client),
+}
+
+impl Via {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::V5(_) => "mqtt v5",
+            Self::V311(..) => "mqtt v3.1.1",
+            Self::Nats(_) => "nats",
+        }
+    }
+
+    /// Sends `body` (which carries an `id`) as `command` and returns the response with that id.
+    async fn ask(&mut self, command: &str, body: &Value) -> Value {
+        let payload = body.to_string();
+        match self {
+            Self::V5(requester) => requester.request(&format!("comfyui/local/request/{command}"), payload, WAIT).await,
+            Self::V311(port, responses) => {
+                mqtt311_publish(*port, &format!("comfyui/local/request/{command}"), payload.as_bytes(), false).await;
+                let topic = format!("comfyui/local/response/{command}");
+                // A request too large to read has no id to echo.
+                let ours = |m: &MqttMsg| {
+                    let id = &json(&m.payload)["id"];
+                    id.is_null() || *id == body["id"]
+                };
+                let msg = responses.expect(|m| m.topic == topic && ours(m), WAIT).await;
+                json(&msg.payload)
+            }
+            Self::Nats(client) => nats_request(client, &format!("comfyui.local.request.{command}"), payload).await,
+        }
+    }
+}
+
+/// Each command, on each of the three ways in, gets its one response with the same outcome.
+#[tokio::test]
+async fn every_command_works_the_same_over_mqtt_v5_mqtt_v311_and_nats() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start();
+    let sim = simulator(0.0).await;
+    let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
+    let _templates = templates(&mut s);
+    s.commands.max_payload_bytes = 64 * 1024;
+    let mut online = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
+    let daemon = Daemon::start(s, state);
+    online.expect(|m| &m.payload[..] == b"online", WAIT).await;
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let client = nats_client(&nats).await;
+    // The NATS subscription is made right after connecting; wait until it answers.
+    for _ in 0..50 {
+        let probe = client.request("comfyui.local.request.status".to_string(), "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
+            break;
+        }
+    }
+    let ways = [
+        Via::V5(MqttRequester::connect(&broker).await),
+        Via::V311(broker.port, mqtt_subscribe(&broker, "comfyui/local/response/#").await),
+        Via::Nats(client),
+    ];
+    let big = "x".repeat(100 * 1024);
+    for mut via in ways {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("status", json!({}), "ok"),
+            ("templates", json!({}), "ok"),
+            ("patch", json!({"template": "probe", "set": {"2.seed": 1}}), "ok"),
+            ("upload", json!({"filename": "in.png", "data_base64": "AAAA"}), "ok"),
+            ("free", json!({"free_memory": true}), "ok"),
+            ("clear", json!({}), "ok"),
+            ("interrupt", json!({}), "ok"),
+            ("queue", json!({"template": "probe"}), "ok"),
+            ("cancel", json!({"prompt_id": "nobody"}), "not_found"),
+            ("queue", json!({"template": "probe", "pad": big}), "payload_too_large"),
+            ("nope", json!({}), "unknown_command"),
+        ];
+        for (i, (command, mut body, expected)) in cases.into_iter().enumerate() {
+            let id = format!("{}-{i}", via.name());
+            body["id"] = json!(id);
+            let answer = via.ask(command, &body).await;
+            let outcome = answer["error"]["code"].as_str().unwrap_or(answer["status"].as_str().unwrap_or("?"));
+            assert_eq!(outcome, expected, "{} {command}: {answer}", via.name());
+            if expected != "payload_too_large" {
+                assert_eq!(answer["id"], json!(id), "{} {command}: the id is echoed", via.name());
+            }
+        }
+    }
+    assert_eq!(posted_prompts(&sim).len(), 3, "one prompt per way in");
+    daemon.stop().await;
 }

@@ -123,8 +123,8 @@ pub async fn nats_client(server: &NatsServer) -> async_nats::Client {
 }
 
 /// Publishes one QoS-1 message with a v3.1.1 client and waits for the broker's acknowledgement.
-pub async fn mqtt311_publish(broker: &Mosquitto, topic: &str, payload: &[u8], retain: bool) {
-    let mut opts = rumqttc::MqttOptions::new(format!("test-311-{}", fastrand::u64(..)), "127.0.0.1", broker.port);
+pub async fn mqtt311_publish(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    let mut opts = rumqttc::MqttOptions::new(format!("test-311-{}", fastrand::u64(..)), "127.0.0.1", port);
     opts.set_max_packet_size(32 * 1024 * 1024, 32 * 1024 * 1024);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
     client.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.to_vec()).await.expect("queue publish");
