@@ -276,6 +276,15 @@ struct Data {
     exception_message: Option<Value>,
 }
 
+/// The fields of a `progress` message the tracker reads.
+#[derive(Deserialize, Default)]
+struct Tick {
+    #[serde(default)]
+    value: Option<f64>,
+    #[serde(default)]
+    max: Option<f64>,
+}
+
 /// The one owner of per-prompt state.
 #[derive(Debug)]
 pub struct Tracker {
@@ -360,12 +369,24 @@ impl Tracker {
                 | Kind::ExecutionError
                 | Kind::ExecutionInterrupted
         );
-        if !relevant || self.is_finished(pid) {
+        if !relevant {
             return Effects::default();
         }
-        let data: Data = serde_json::from_str(event.data.get()).unwrap_or_default();
+        if !self.prompts.contains_key(pid) {
+            if self.is_finished(pid) {
+                return Effects::default();
+            }
+            self.prompts.insert(pid.to_string(), Prompt::new(pid, Phase::Running, now));
+        }
+        // Progress is most of the traffic: read only its two numbers.
+        let data: Data = if event.kind == Kind::Progress {
+            let tick: Tick = serde_json::from_str(event.data.get()).unwrap_or_default();
+            Data { value: tick.value, max: tick.max, ..Data::default() }
+        } else {
+            serde_json::from_str(event.data.get()).unwrap_or_default()
+        };
         let at = data.timestamp.map_or(now_ms, |t| t as u64);
-        let prompt = self.prompts.entry(pid.to_string()).or_insert_with(|| Prompt::new(pid, Phase::Running, now));
+        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
         let was = prompt.phase;
         if matches!(prompt.phase, Phase::Submitting | Phase::Queued) {
             prompt.phase = Phase::Running;
