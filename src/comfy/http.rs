@@ -225,19 +225,6 @@ impl ComfyHttp {
         Ok(stats)
     }
 
-    /// Probes `GET /api/jobs?limit=1` (PROTOCOL.md §11): `true` on newer ComfyUI, `false` on a 404 (0.3.64).
-    pub async fn jobs_supported(&self) -> Result<bool, HttpError> {
-        const ENDPOINT: &str = "GET /api/jobs";
-        let mut url = self.url(&["api", "jobs"]);
-        url.set_query(Some("limit=1"));
-        match self.send(ENDPOINT, self.client.get(url)).await {
-            Ok(body) if parse_json(ENDPOINT, &body)?.get("jobs").is_some_and(Value::is_array) => Ok(true),
-            Ok(_) => Err(bad_response(ENDPOINT, "no jobs list in the answer")),
-            Err(HttpError::Status { status: 404, .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
     /// `{public_base}/view?filename=..&subfolder=..&type=..` for an output image
     /// (`{"filename", "subfolder", "type"}`); `None` without a filename or with a base that is not a URL.
     pub fn view_url(public_base: &str, image: &Value) -> Option<String> {
@@ -247,9 +234,9 @@ impl ComfyHttp {
         url.path_segments_mut().ok()?.pop_if_empty().push("view");
         let query = format!(
             "filename={}&subfolder={}&type={}",
-            query_encode(filename),
-            query_encode(field("subfolder", "")),
-            query_encode(field("type", "output")),
+            super::percent_encode(filename),
+            super::percent_encode(field("subfolder", "")),
+            super::percent_encode(field("type", "output")),
         );
         url.set_query(Some(&query));
         url.set_fragment(None);
@@ -318,17 +305,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Percent-encodes everything but unreserved characters, so spaces become `%20` (never `+`) and `&`, `=`,
-/// `/` and non-ASCII cannot break a query value.
-fn query_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -529,7 +505,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn free_system_stats_and_no_jobs_api_on_the_simulator() {
+    async fn free_and_system_stats_on_the_simulator() {
         let (sim, http) = sim(0.0).await;
         http.free(true, false).await.expect("free");
         assert!(sim
@@ -538,16 +514,6 @@ mod tests {
             .any(|r| r.1 == "/free" && r.2 == json!({"unload_models": true, "free_memory": false})));
         let stats = http.system_stats().await.expect("stats");
         assert!(stats["system"]["comfyui_version"].is_string());
-        assert!(!http.jobs_supported().await.expect("probe"));
-    }
-
-    #[tokio::test]
-    async fn jobs_api_is_detected_on_newer_comfyui() {
-        let body = r#"{"jobs": [], "pagination": {"offset": 0, "limit": 1, "total": 0, "has_more": false}}"#;
-        let (url, server) = serve_once(answer("200 OK", "application/json", body)).await;
-        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
-        assert!(http.jobs_supported().await.expect("probe"));
-        assert!(server.await.expect("server").starts_with("GET /api/jobs?limit=1 HTTP/1.1\r\n"));
     }
 
     #[tokio::test]

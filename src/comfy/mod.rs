@@ -18,3 +18,18 @@ pub enum Inbound {
     /// A binary frame and its receipt time (ms since the epoch).
     Binary(bytes::Bytes, u64),
 }
+
+/// Percent-encodes everything but unreserved characters, so spaces become `%20` (never `+`) and `&`, `=`,
+/// `/` and non-ASCII cannot break a query value.
+pub fn percent_encode(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}

@@ -58,17 +58,8 @@ pub fn ws_url(http_base: &str, client_id: &str) -> String {
     } else {
         format!("ws://{}", base.trim_start_matches("http://"))
     };
-    let id: String = url_encode(client_id);
+    let id = super::percent_encode(client_id);
     format!("{ws}/ws?clientId={id}")
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl WsClient {

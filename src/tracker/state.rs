@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::comfy::event::{Kind, TextEvent};
+use crate::comfy::http::ComfyHttp;
 use crate::comfy::queue::{QueueItem, QueueSnapshot};
 
 /// Least time between two `state` messages that only report progress.
@@ -217,38 +218,11 @@ impl Prompt {
 /// Adds `url` (a `/view` link) to every `{filename, subfolder, type}` entry of a node's UI output.
 fn add_view_urls(output: &mut Value, public_base: &str) {
     let Some(output) = output.as_object_mut() else { return };
-    for list in output.values_mut() {
-        let Some(list) = list.as_array_mut() else { continue };
-        for item in list.iter_mut().filter_map(Value::as_object_mut) {
-            let Some(filename) = item.get("filename").and_then(Value::as_str) else { continue };
-            let text = |key: &str| item.get(key).and_then(Value::as_str).unwrap_or_default();
-            let url = view_url(public_base, filename, text("subfolder"), text("type"));
-            item.insert("url".into(), json!(url));
+    for item in output.values_mut().filter_map(Value::as_array_mut).flatten() {
+        if let Some(url) = ComfyHttp::view_url(public_base, item) {
+            item["url"] = json!(url);
         }
     }
-}
-
-/// `<base>/view?filename=…&subfolder=…&type=…`, query values percent-encoded.
-pub fn view_url(base: &str, filename: &str, subfolder: &str, kind: &str) -> String {
-    let kind = if kind.is_empty() { "output" } else { kind };
-    format!(
-        "{base}/view?filename={}&subfolder={}&type={}",
-        percent_encode(filename),
-        percent_encode(subfolder),
-        percent_encode(kind)
-    )
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The fields of `data` the tracker reads; the rest is the router's business.
