@@ -11,6 +11,7 @@ use crate::bus::{self, Bus};
 use crate::comfy::{self, http::ComfyHttp, ws::WsClient};
 use crate::commands::plane::Plane;
 use crate::config::Settings;
+use crate::health::Health;
 use crate::router;
 use crate::tracker::resync;
 
@@ -29,6 +30,9 @@ pub enum AppError {
     /// NATS could not be set up.
     #[error(transparent)]
     Nats(#[from] bus::nats::NatsError),
+    /// `http.listen` could not be bound.
+    #[error("cannot listen on http.listen: {0}")]
+    Listen(std::io::Error),
     /// The HTTP client for ComfyUI could not be built.
     #[error(transparent)]
     Http(#[from] comfy::http::HttpError),
@@ -47,17 +51,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
     let http = ComfyHttp::new(&settings)?;
+    let health = Health::new(&settings);
+    if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
+        tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
+    }
     let (request_tx, request_rx) = mpsc::unbounded_channel();
     let requests = settings.commands.enabled.then_some(request_tx);
     let mut buses = Vec::new();
     if settings.mqtt.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::mqtt::spawn(&settings, rx, requests.clone(), &tasks)?;
+        bus::mqtt::spawn(&settings, rx, requests.clone(), health.clone(), &tasks)?;
         buses.push((Bus::Mqtt, tx));
     }
     if settings.nats.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::nats::spawn(&settings, rx, requests.clone(), &tasks, shutdown.clone()).await?;
+        bus::nats::spawn(&settings, rx, requests.clone(), health.clone(), &tasks, shutdown.clone()).await?;
         buses.push((Bus::Nats, tx));
     }
     if buses.is_empty() {
@@ -76,7 +84,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     drop(requests);
 
     let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    tasks.spawn(router::run(settings.clone(), inbound_rx, control_rx, work_tx, buses));
+    tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses));
     tasks.spawn(WsClient::new(&settings, &client_id, inbound_tx).run(shutdown.clone()));
     tasks.close();
 

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn, Instrument as _};
 use super::{topics, Bus, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::comfy::backoff;
 use crate::config::Settings;
+use crate::health::{Health, Part};
 use crate::telemetry;
 
 /// Most QoS-1 messages handed to rumqttc and not yet acknowledged (rumqttc's own inflight default is 100).
@@ -134,6 +135,7 @@ pub fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     requests: Option<mpsc::UnboundedSender<Inquiry>>,
+    health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
     let cfg = &settings.mqtt;
@@ -184,13 +186,19 @@ pub fn spawn(
         tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    let publisher = Publisher::new(settings, client, offline, subscription);
+    let publisher = Publisher::new(settings, client, offline, subscription, health);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }
 
 impl Publisher {
-    fn new(settings: &Settings, client: Client, availability: Route, subscription: Option<String>) -> Self {
+    fn new(
+        settings: &Settings,
+        client: Client,
+        availability: Route,
+        subscription: Option<String>,
+        health: Arc<Health>,
+    ) -> Self {
         Self {
             client,
             base: settings.mqtt.base_topic.clone(),
@@ -203,6 +211,7 @@ impl Publisher {
             connected: false,
             availability,
             subscription,
+            health,
             grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
         }
     }
@@ -365,6 +374,7 @@ struct Publisher {
     availability: Route,
     /// The request filter, when commands are on.
     subscription: Option<String>,
+    health: Arc<Health>,
     grace: Duration,
 }
 
@@ -435,6 +445,7 @@ impl Publisher {
             LoopEvent::Connected => {
                 info!("connected to mqtt broker");
                 self.connected = true;
+                self.health.set(Part::Mqtt, true);
                 if let Some(filter) = &self.subscription {
                     self.client.subscribe(filter);
                 }
@@ -460,6 +471,7 @@ impl Publisher {
                     warn!(unconfirmed = self.handed.len() + self.unacked.len(), "mqtt broker connection lost");
                 }
                 self.connected = false;
+                self.health.set(Part::Mqtt, false);
                 let unconfirmed: Vec<_> = self.unacked.drain(..).map(|(_, m)| m).chain(self.handed.drain(..)).collect();
                 self.outbox.requeue_front(unconfirmed.into_iter());
             }

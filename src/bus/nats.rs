@@ -18,6 +18,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::{topics, Bus, Class, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::config::Settings;
+use crate::health::{Health, Part};
 use crate::telemetry;
 
 /// Most messages published between two confirmations.
@@ -45,6 +46,7 @@ pub async fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     requests: Option<mpsc::UnboundedSender<Inquiry>>,
+    health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), NatsError> {
@@ -90,6 +92,7 @@ pub async fn spawn(
         availability: Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
         retained: HashMap::new(),
         grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+        health,
     };
     tasks.spawn(publisher.run(event_rx, outbound_rx).instrument(span));
     Ok(())
@@ -139,6 +142,7 @@ struct Publisher {
     /// subscriber that asks can catch up (NATS core keeps nothing).
     retained: HashMap<Route, Arc<Outbound>>,
     grace: Duration,
+    health: Arc<Health>,
 }
 
 impl Publisher {
@@ -195,12 +199,16 @@ impl Publisher {
                 info!("connected to nats");
                 self.on_connected();
             }
-            Event::Disconnected => warn!("nats connection lost"),
+            Event::Disconnected => {
+                warn!("nats connection lost");
+                self.health.set(Part::Nats, false);
+            }
             other => debug!(event = %other, "nats event"),
         }
     }
 
     fn on_connected(&mut self) {
+        self.health.set(Part::Nats, true);
         let retained: Vec<_> = self.retained.values().cloned().collect();
         self.outbox.requeue_front(retained.into_iter());
         let online = Outbound::lifecycle(self.availability.clone(), "online", true);

@@ -35,6 +35,7 @@ impl Outbox {
             }
         }
         self.queue.push_back(msg);
+        telemetry::outbox_depth(self.bus, self.queue.len());
     }
 
     /// Puts messages that were handed to a broker but not confirmed back at the front, in their order.
@@ -47,11 +48,14 @@ impl Outbox {
                 telemetry::dropped(self.bus, "outbox_full", &old.route);
             }
         }
+        telemetry::outbox_depth(self.bus, self.queue.len());
     }
 
     /// Takes the oldest message.
     pub fn pop(&mut self) -> Option<Arc<Outbound>> {
-        self.queue.pop_front()
+        let msg = self.queue.pop_front();
+        telemetry::outbox_depth(self.bus, self.queue.len());
+        msg
     }
 
     /// Messages waiting.

@@ -19,6 +19,7 @@ use crate::bus::{Bus, Class, Outbound};
 use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
 use crate::comfy::Inbound;
 use crate::config::Settings;
+use crate::health::{Health, Part};
 use crate::telemetry;
 use crate::tracker::{self, Control, Tracker, Work};
 
@@ -136,7 +137,10 @@ impl Router {
             Inbound::Text(text, ts) => {
                 self.seq += 1;
                 match event::parse_text(&text) {
-                    Ok(event) => self.route_text(&event, ts, now),
+                    Ok(event) => {
+                        telemetry::event_received(&event.kind_name);
+                        self.route_text(&event, ts, now)
+                    }
                     Err(e) => {
                         telemetry::frame_skipped(e.reason(), &e);
                         Vec::new()
@@ -166,6 +170,9 @@ impl Router {
         if event.kind == Kind::Status {
             // Prompts queued by others show only as queue changes (PROTOCOL.md §3).
             self.work.resync = true;
+            if let Some(remaining) = queue_remaining(&event.data) {
+                telemetry::comfyui_queue(remaining);
+            }
         }
         let effects = self.tracker.on_event(event, ts, now);
         let prompt_id = event.prompt_id.as_deref();
@@ -297,6 +304,12 @@ impl Router {
     }
 }
 
+/// `status.exec_info.queue_remaining` of a `status` message.
+fn queue_remaining(data: &RawValue) -> Option<u64> {
+    let data: serde_json::Value = serde_json::from_str(data.get()).ok()?;
+    data.pointer("/status/exec_info/queue_remaining")?.as_u64()
+}
+
 /// "Execution Blocked" errors are not terminal (PROTOCOL.md §4.10).
 fn is_blocked(event: &TextEvent) -> bool {
     event.data.get().contains("\"ExecutionBlocked\"")
@@ -308,6 +321,7 @@ fn is_blocked(event: &TextEvent) -> bool {
 /// and stop; dropping `work_tx` stops the resync worker.
 pub async fn run(
     settings: Settings,
+    health: Arc<Health>,
     mut inbound_rx: mpsc::Receiver<Inbound>,
     mut control_rx: mpsc::Receiver<Control>,
     work_tx: mpsc::UnboundedSender<Work>,
@@ -326,7 +340,14 @@ pub async fn run(
                 }
             },
             inbound = inbound_rx.recv() => match inbound {
-                Some(inbound) => router.route(inbound, Instant::now()),
+                Some(inbound) => {
+                    match inbound {
+                        Inbound::Connected => health.set(Part::Comfyui, true),
+                        Inbound::Disconnected => health.set(Part::Comfyui, false),
+                        _ => {}
+                    }
+                    router.route(inbound, Instant::now())
+                }
                 None => break,
             },
         };
