@@ -241,6 +241,8 @@ pub struct CommandSettings {
     pub templates_dir: PathBuf,
     /// Largest request payload, in bytes.
     pub max_payload_bytes: usize,
+    /// Node classes a queued workflow may not contain (e.g. nodes that run code or touch files).
+    pub deny_node_classes: Vec<String>,
 }
 
 impl Default for CommandSettings {
@@ -250,6 +252,7 @@ impl Default for CommandSettings {
             allow: Vec::new(),
             templates_dir: PathBuf::from("templates"),
             max_payload_bytes: 16 * 1024 * 1024,
+            deny_node_classes: Vec::new(),
         }
     }
 }
@@ -303,6 +306,7 @@ impl Settings {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("commands.allow")
+            .with_list_parse_key("commands.deny_node_classes")
             .source(env);
         let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         settings.validate()?;

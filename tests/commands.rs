@@ -314,16 +314,28 @@ async fn a_prompt_that_ends_while_the_websocket_is_down_still_gets_its_result() 
     setup.daemon.stop().await;
 }
 
-/// `commands.allow` limits what runs; the rest is `not_allowed`.
+/// `commands.allow` limits what runs and `commands.deny_node_classes` what may be queued; the rest is
+/// `not_allowed`.
 #[tokio::test]
-async fn commands_outside_the_allow_list_are_not_allowed() {
-    let setup = start(0.0, |s| s.commands.allow = vec!["status".into()]).await;
+async fn commands_outside_the_allow_list_and_denied_node_classes_are_not_allowed() {
+    let setup = start(0.0, |s| {
+        s.commands.allow = vec!["status".into(), "queue".into()];
+        s.commands.deny_node_classes = vec!["SaveImage".into()];
+    })
+    .await;
     let mut requester = MqttRequester::connect(&setup.broker).await;
     let denied = requester.request("comfyui/local/request/clear", r#"{"id":"no"}"#, WAIT).await;
     assert_eq!((denied["id"].clone(), denied["error"]["code"].clone()), (json!("no"), json!("not_allowed")));
+    let denied = requester.request("comfyui/local/request/queue", r#"{"template":"probe"}"#, WAIT).await;
+    assert_eq!(denied["error"]["code"], "not_allowed", "{denied}");
+    assert_eq!(denied["error"]["details"]["nodes"], json!(["4 (SaveImage)"]));
+    let merged = json!({"template": "probe", "merge": {"4": null, "5": null}});
+    let queued = requester.request("comfyui/local/request/queue", merged.to_string(), WAIT).await;
+    assert_eq!(queued["status"], "ok", "without the denied node it runs: {queued}");
     let allowed = requester.request("comfyui/local/request/status", "", WAIT).await;
     assert_eq!(allowed["status"], "ok");
     assert!(!setup.sim.requests().iter().any(|(m, p, _)| m == "POST" && p == "/queue"));
+    assert_eq!(posted_prompts(&setup.sim).len(), 1, "only the allowed workflow reached ComfyUI");
     setup.daemon.stop().await;
 }
 

@@ -61,6 +61,7 @@ struct Finished {
 pub struct Plane {
     instance: String,
     allow: Vec<String>,
+    deny_node_classes: Vec<String>,
     max_payload_bytes: usize,
     client_id: String,
     /// Reply topics under these would feed our own responses back in as requests.
@@ -91,6 +92,7 @@ impl Plane {
         Self {
             instance: settings.bridge.instance.clone(),
             allow: settings.commands.allow.clone(),
+            deny_node_classes: settings.commands.deny_node_classes.clone(),
             max_payload_bytes: settings.commands.max_payload_bytes,
             client_id: client_id.to_string(),
             request_prefixes: [
@@ -323,6 +325,18 @@ impl Plane {
         if !queue.edits.is_empty() {
             patch::apply(&mut workflow, &queue.edits, &mut self.rng)
                 .map_err(|e| Failure::new(Code::PatchFailed, e.to_string()).with_details(e.details()))?;
+        }
+        let denied: Vec<String> = workflow
+            .iter()
+            .filter_map(|(id, node)| {
+                let class = node.get("class_type")?.as_str()?;
+                self.deny_node_classes.iter().any(|d| d == class).then(|| format!("{id} ({class})"))
+            })
+            .collect();
+        if !denied.is_empty() {
+            let message =
+                format!("the workflow contains node classes that are not allowed here: {}", denied.join(", "));
+            return Err(Failure::new(Code::NotAllowed, message).with_details(json!({ "nodes": denied })));
         }
         let mut body = json!({
             "prompt": workflow,
