@@ -356,4 +356,38 @@ pub(crate) mod tests {
             assert_eq!(err.reason(), reason, "{bytes:?}");
         }
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A binary frame that starts like a real one (type 1, 3 or 4, plausible header lengths) and then
+        /// goes anywhere, so the decoder's length arithmetic is exercised, not just its first check.
+        fn binary_frame() -> impl Strategy<Value = Vec<u8>> {
+            let kind = prop_oneof![Just(1u32), Just(3u32), Just(4u32), any::<u32>()];
+            let len = prop_oneof![0u32..64, any::<u32>()];
+            (kind, len, prop::collection::vec(any::<u8>(), 0..128)).prop_map(|(kind, len, rest)| {
+                let mut frame = kind.to_be_bytes().to_vec();
+                frame.extend_from_slice(&len.to_be_bytes());
+                frame.extend(rest);
+                frame
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn binary_frames_never_panic(frame in prop_oneof![binary_frame(), prop::collection::vec(any::<u8>(), 0..16)]) {
+                let _ = parse_binary(Bytes::from(frame));
+            }
+
+            #[test]
+            fn text_frames_never_panic(text in ".{0,64}", kind in "[a-z_.]{0,12}", data in ".{0,32}") {
+                let _ = parse_text(&text);
+                let _ = parse_text(&format!(r#"{{"type":"{kind}","data":{data}}}"#));
+                let _ = parse_text(&format!(r#"{{"type":"{kind}","data":{{"prompt_id":{data},"node":{data}}}}}"#));
+            }
+        }
+    }
 }
