@@ -217,6 +217,11 @@ impl Simulator {
         }
     }
 
+    /// Prompts running or pending.
+    pub fn queue_remaining(&self) -> usize {
+        self.shared.lock().queue_remaining()
+    }
+
     /// Client ids of the registered sockets.
     pub fn connected_clients(&self) -> Vec<String> {
         let mut ids: Vec<(u64, String)> =

@@ -85,7 +85,9 @@ impl<T> Inbox<T> {
 pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
     let id = format!("test-sub-{}", fastrand::u64(..));
     let mut opts = MqttOptions::new(id, "127.0.0.1", broker.port);
-    opts.set_max_packet_size(Some(32 * 1024 * 1024));
+    // A large receive maximum: with mosquitto's default of 20 QoS-1 messages in flight, QoS-0 messages overtake
+    // the waiting QoS-1 ones and a subscriber sees the two classes interleaved out of order.
+    opts.set_max_packet_size(Some(32 * 1024 * 1024)).set_receive_maximum(Some(u16::MAX));
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await.expect("queue subscribe");
     let (tx, rx) = mpsc::unbounded_channel();
