@@ -30,6 +30,9 @@ pub enum AppError {
     /// NATS could not be set up.
     #[error(transparent)]
     Nats(#[from] bus::nats::NatsError),
+    /// The TLS files for ComfyUI could not be used.
+    #[error("comfyui tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// `http.listen` could not be bound.
     #[error("cannot listen on http.listen: {0}")]
     Listen(std::io::Error),
@@ -51,6 +54,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
     let http = ComfyHttp::new(&settings)?;
+    let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let ws = WsClient::new(&settings, &client_id, inbound_tx)?;
     let health = Health::new(&settings);
     if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
@@ -83,9 +88,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     drop(requests);
 
-    let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
     tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses));
-    tasks.spawn(WsClient::new(&settings, &client_id, inbound_tx).run(shutdown.clone()));
+    tasks.spawn(ws.run(shutdown.clone()));
     tasks.close();
 
     shutdown.cancelled().await;

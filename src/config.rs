@@ -120,6 +120,8 @@ pub struct ComfySettings {
     pub ping_interval_ms: u64,
     /// Longest an HTTP request to ComfyUI may take, in milliseconds (uploads get four times as long).
     pub request_timeout_ms: u64,
+    /// PEM file of the CA that signed an `https` ComfyUI's (or its proxy's) certificate; empty: public roots.
+    pub ca_file: String,
 }
 
 impl Default for ComfySettings {
@@ -132,6 +134,7 @@ impl Default for ComfySettings {
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
             request_timeout_ms: 30_000,
+            ca_file: String::new(),
         }
     }
 }
@@ -158,6 +161,12 @@ pub struct MqttSettings {
     pub keep_alive_secs: u64,
     /// Largest packet the bridge sends or accepts, in bytes (previews can be large).
     pub max_packet_bytes: usize,
+    /// For `mqtts://`: PEM file of the broker's CA; empty: public roots.
+    pub ca_file: String,
+    /// For `mqtts://`: PEM client certificate (chain), with `client_key_file`.
+    pub client_cert_file: String,
+    /// For `mqtts://`: PEM private key of the client certificate.
+    pub client_key_file: String,
 }
 
 impl Default for MqttSettings {
@@ -172,6 +181,9 @@ impl Default for MqttSettings {
             client_id: String::new(),
             keep_alive_secs: 30,
             max_packet_bytes: 16 * 1024 * 1024,
+            ca_file: String::new(),
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
         }
     }
 }
@@ -196,6 +208,14 @@ pub struct NatsSettings {
     pub password: Option<Secret>,
     /// Longest a publish may take before the message goes back to the outbox, in milliseconds.
     pub publish_timeout_ms: u64,
+    /// NKey seed (`SU…`) for nkey authentication.
+    pub nkey_seed: Option<Secret>,
+    /// PEM file of the server's CA (TLS: `tls://` URLs, or whenever the server asks for it).
+    pub ca_file: String,
+    /// PEM client certificate, with `client_key_file`, for servers that verify clients.
+    pub client_cert_file: String,
+    /// PEM private key of the client certificate.
+    pub client_key_file: String,
 }
 
 impl Default for NatsSettings {
@@ -209,6 +229,10 @@ impl Default for NatsSettings {
             user: String::new(),
             password: None,
             publish_timeout_ms: 2_000,
+            nkey_seed: None,
+            ca_file: String::new(),
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
         }
     }
 }

@@ -22,5 +22,6 @@ pub mod health;
 pub mod router;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod tracker;
 pub mod workflow;

@@ -35,9 +35,9 @@ pub enum MqttError {
     /// `mqtt.url` is not `mqtt://host[:port]`.
     #[error("invalid mqtt.url `{0}`: expected mqtt://host:port")]
     InvalidUrl(String),
-    /// `mqtts://` needs TLS support, which this build does not include yet.
-    #[error("mqtts:// is not supported by this build yet")]
-    TlsUnsupported,
+    /// The TLS files could not be used.
+    #[error("mqtt tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What the eventloop task reports to the publisher.
@@ -111,19 +111,20 @@ fn network_options() -> rumqttc::NetworkOptions {
     options
 }
 
-fn host_port(url: &str) -> Result<(String, u16), MqttError> {
-    if url.starts_with("mqtts://") {
-        return Err(MqttError::TlsUnsupported);
-    }
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| MqttError::InvalidUrl(url.into()))?;
+/// Host, port and whether the URL asks for TLS (`mqtts://`, `ssl://`; default ports 1883 and 8883).
+fn host_port(url: &str) -> Result<(String, u16, bool), MqttError> {
+    let invalid = || MqttError::InvalidUrl(url.into());
+    let (rest, tls) = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => (rest, false),
+        Some(("mqtts" | "ssl", rest)) => (rest, true),
+        _ => return Err(invalid()),
+    };
     let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
     match rest.rsplit_once(':') {
-        Some((host, port)) => Ok((host.into(), port.parse().map_err(|_| MqttError::InvalidUrl(url.into()))?)),
-        None if !rest.is_empty() => Ok((rest.into(), 1883)),
-        None => Err(MqttError::InvalidUrl(url.into())),
+        Some((host, port)) => Ok((host.into(), port.parse().map_err(|_| invalid())?, tls)),
+        None if !rest.is_empty() => Ok((rest.into(), default_port, tls)),
+        None => Err(invalid()),
     }
 }
 
@@ -139,7 +140,14 @@ pub fn spawn(
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
     let cfg = &settings.mqtt;
-    let (host, port) = host_port(&cfg.url)?;
+    let (host, port, tls) = host_port(&cfg.url)?;
+    let transport = match tls {
+        true => {
+            let config = crate::tls::client_config(&cfg.ca_file, &cfg.client_cert_file, &cfg.client_key_file)?;
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+        }
+        false => rumqttc::Transport::tcp(),
+    };
     let client_id = match cfg.client_id.as_str() {
         "" => format!("comfy-bridge-{}", settings.bridge.instance),
         id => id.to_string(),
@@ -158,6 +166,7 @@ pub fn spawn(
     let client = if cfg.protocol == "v311" {
         let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
         opts.set_keep_alive(keep_alive)
+            .set_transport(transport)
             .set_clean_session(true)
             .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
             .set_last_will(rumqttc::LastWill::new(&will_topic, "offline", rumqttc::QoS::AtLeastOnce, true));
@@ -172,6 +181,7 @@ pub fn spawn(
         let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
         let will = rumqttc::v5::mqttbytes::v5::LastWill::new(&will_topic, "offline", v5_qos(1), true, None);
         opts.set_keep_alive(keep_alive)
+            .set_transport(transport)
             .set_clean_start(true)
             .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
             .set_last_will(will)
@@ -531,10 +541,11 @@ mod tests {
 
     #[test]
     fn broker_urls_parse() {
-        assert_eq!(host_port("mqtt://127.0.0.1:1884").ok(), Some(("127.0.0.1".into(), 1884)));
-        assert_eq!(host_port("mqtt://broker").ok(), Some(("broker".into(), 1883)));
+        assert_eq!(host_port("mqtt://127.0.0.1:1884").ok(), Some(("127.0.0.1".into(), 1884, false)));
+        assert_eq!(host_port("mqtt://broker").ok(), Some(("broker".into(), 1883, false)));
+        assert_eq!(host_port("mqtts://broker").ok(), Some(("broker".into(), 8883, true)));
+        assert_eq!(host_port("mqtts://broker:9999/").ok(), Some(("broker".into(), 9999, true)));
         assert!(matches!(host_port("http://x"), Err(MqttError::InvalidUrl(_))));
         assert!(matches!(host_port("mqtt://x:notaport"), Err(MqttError::InvalidUrl(_))));
-        assert!(matches!(host_port("mqtts://x"), Err(MqttError::TlsUnsupported)));
     }
 }

@@ -72,6 +72,19 @@ pub async fn spawn(
     if let Some(token) = &cfg.token {
         options = options.token(token.expose().to_string());
     }
+    if let Some(seed) = &cfg.nkey_seed {
+        options = options.nkey(seed.expose().to_string());
+    }
+    if !cfg.ca_file.is_empty() {
+        options = options.add_root_certificates(cfg.ca_file.clone().into());
+    }
+    if !cfg.client_cert_file.is_empty() || !cfg.client_key_file.is_empty() {
+        options =
+            options.add_client_certificate(cfg.client_cert_file.clone().into(), cfg.client_key_file.clone().into());
+    }
+    if cfg.url.split(',').any(|u| u.trim().starts_with("tls://")) {
+        options = options.require_tls(true);
+    }
     if !cfg.user.is_empty() {
         options = options.user_and_password(
             cfg.user.clone(),

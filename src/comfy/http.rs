@@ -84,7 +84,7 @@ impl ComfyHttp {
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(invalid("comfyui.url: must be an http:// or https:// URL".into()));
         }
-        base.set_query(None);
+        // A query (a proxy's `?token=…`) stays on every request.
         base.set_fragment(None);
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.comfyui.headers {
@@ -104,7 +104,13 @@ impl ComfyHttp {
             return Err(invalid("comfyui.request_timeout_ms: must be at least 1".into()));
         }
         let timeout = Duration::from_millis(settings.comfyui.request_timeout_ms);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if !settings.comfyui.ca_file.is_empty() {
+            let config = crate::tls::client_config(&settings.comfyui.ca_file, "", "")
+                .map_err(|e| invalid(format!("comfyui.ca_file: {e}")))?;
+            builder = builder.use_preconfigured_tls((*config).clone());
+        }
+        let client = builder
             .user_agent(USER_AGENT)
             .default_headers(headers)
             .timeout(timeout)
@@ -232,8 +238,10 @@ impl ComfyHttp {
         let field = |key: &str, default: &'static str| image.get(key).and_then(Value::as_str).unwrap_or(default);
         let mut url = Url::parse(public_base).ok()?;
         url.path_segments_mut().ok()?.pop_if_empty().push("view");
+        // Keep the base's own query (a proxy's `?token=…`) in front.
+        let kept = url.query().map(|q| format!("{q}&")).unwrap_or_default();
         let query = format!(
-            "filename={}&subfolder={}&type={}",
+            "{kept}filename={}&subfolder={}&type={}",
             super::percent_encode(filename),
             super::percent_encode(field("subfolder", "")),
             super::percent_encode(field("type", "output")),
@@ -605,6 +613,15 @@ mod tests {
         let pairs: Vec<(String, String)> =
             parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
         assert_eq!(pairs[0], ("filename".into(), "my cat & dog=ü.png".into()));
+        assert_eq!(
+            ComfyHttp::view_url("https://proxy/comfy?token=t", &json!({"filename": "x.png"})).as_deref(),
+            Some("https://proxy/comfy/view?token=t&filename=x.png&subfolder=&type=output"),
+            "a proxy's token stays"
+        );
+        let mut settings = Settings::default();
+        settings.comfyui.url = "http://127.0.0.1:1/base?token=t".into();
+        let http = ComfyHttp::new(&settings).expect("client");
+        assert_eq!(http.url(&["history", "a b"]).as_str(), "http://127.0.0.1:1/base/history/a%20b?token=t");
         assert_eq!(
             ComfyHttp::view_url("http://127.0.0.1:8188", &json!({"filename": "x.png"})).as_deref(),
             Some("http://127.0.0.1:8188/view?filename=x.png&subfolder=&type=output")

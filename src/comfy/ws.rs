@@ -48,30 +48,42 @@ pub struct WsClient {
     ping_interval: Duration,
     /// To the router; closing it (dropping this actor) tells the router the source is gone.
     inbound_tx: mpsc::Sender<Inbound>,
+    /// For `wss://`.
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
-/// `http(s)://host/base` → `ws(s)://host/base/ws?clientId=<id>`.
+/// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
 pub fn ws_url(http_base: &str, client_id: &str) -> String {
-    let base = http_base.trim_end_matches('/');
+    let (base, query) = match http_base.split_once('?') {
+        Some((base, query)) => (base, format!("{query}&")),
+        None => (http_base, String::new()),
+    };
+    let base = base.trim_end_matches('/');
     let ws = if let Some(rest) = base.strip_prefix("https://") {
         format!("wss://{rest}")
     } else {
         format!("ws://{}", base.trim_start_matches("http://"))
     };
     let id = super::percent_encode(client_id);
-    format!("{ws}/ws?clientId={id}")
+    format!("{ws}/ws?{query}clientId={id}")
 }
 
 impl WsClient {
-    /// A client for `settings.comfyui` with the given client id.
-    pub fn new(settings: &Settings, client_id: &str, inbound_tx: mpsc::Sender<Inbound>) -> Self {
-        Self {
+    /// A client for `settings.comfyui` with the given client id; fails only on unusable TLS files.
+    pub fn new(
+        settings: &Settings,
+        client_id: &str,
+        inbound_tx: mpsc::Sender<Inbound>,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let tls = crate::tls::client_config(&settings.comfyui.ca_file, "", "")?;
+        Ok(Self {
+            tls,
             url: ws_url(settings.comfy_base(), client_id),
             headers: settings.comfyui.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
             reconnect_max_ms: settings.comfyui.reconnect_max_ms,
             ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
             inbound_tx,
-        }
+        })
     }
 
     /// Connects and reconnects until `shutdown` is cancelled.
@@ -115,7 +127,9 @@ impl WsClient {
             let value = value.parse().map_err(|_| WsError::Request(format!("header {name}")))?;
             request.headers_mut().insert(name, value);
         }
-        let (mut socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let connect = tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        let (mut socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| WsError::ConnectTimeout)?
             .map_err(WsError::Connect)?;
@@ -215,6 +229,11 @@ mod tests {
     fn websocket_url_is_derived_from_the_http_url() {
         assert_eq!(ws_url("http://127.0.0.1:8188/", "abc"), "ws://127.0.0.1:8188/ws?clientId=abc");
         assert_eq!(ws_url("https://gpu.example/comfy", "a b"), "wss://gpu.example/comfy/ws?clientId=a%20b");
+        assert_eq!(
+            ws_url("https://proxy.example/comfy/?token=s3cret", "id"),
+            "wss://proxy.example/comfy/ws?token=s3cret&clientId=id",
+            "a proxy's token stays"
+        );
     }
 
     #[test]
@@ -252,7 +271,8 @@ mod tests {
         settings.comfyui.reconnect_max_ms = 50;
         let (tx, mut rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(WsClient::new(&settings, "test-id", tx).run(shutdown.clone()));
+        let client = WsClient::new(&settings, "test-id", tx).expect("client");
+        let task = tokio::spawn(client.run(shutdown.clone()));
         let wait = Duration::from_secs(5);
         for _ in 0..2 {
             let first = tokio::time::timeout(wait, first_rx.recv()).await.expect("connected").expect("first");

@@ -84,13 +84,20 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra listener options (TLS).
+    listener_options: String,
 }
 
 impl Mosquitto {
     /// Starts a broker on a free port and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a broker whose listener has these extra options (e.g. `cafile`, `certfile`, `keyfile`).
+    pub fn start_with(listener_options: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut broker = Self { port: free_port(), dir, child: None };
+        let mut broker = Self { port: free_port(), dir, child: None, listener_options: listener_options.into() };
         broker.spawn();
         broker
     }
@@ -101,8 +108,9 @@ impl Mosquitto {
         let config = format!(
             // `user root`: started as root, mosquitto would otherwise switch to the `mosquitto` user and could
             // not write its log and persistence into this test's private directory (ignored when not root).
-            "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
+            "user root\nlistener {} 127.0.0.1\n{}\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\n",
             self.port,
+            self.listener_options,
             self.dir.path().display(),
             log.display()
         );
@@ -146,13 +154,21 @@ pub struct NatsServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra command-line options (TLS).
+    options: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server on a port it picks itself and waits until it says it is listening.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra command-line options (e.g. `--tlsverify`).
+    pub fn start_with(options: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = Self { port: 0, dir, child: None };
+        let options = options.iter().map(|o| o.to_string()).collect();
+        let mut server = Self { port: 0, dir, child: None, options };
         server.spawn("-1");
         server
     }
@@ -163,6 +179,7 @@ impl NatsServer {
         let child = Command::new(binary("nats-server"))
             .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
             .arg(self.dir.path().join("js"))
+            .args(&self.options)
             .arg("-l")
             .arg(&log)
             .stdout(Stdio::null())
