@@ -61,7 +61,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
     }
     let (request_tx, request_rx) = mpsc::unbounded_channel();
-    let requests = settings.commands.enabled.then_some(request_tx);
+    let home_assistant = settings.homeassistant.enabled && settings.mqtt.enabled;
+    let requests = (settings.commands.enabled || home_assistant).then_some(request_tx);
     let mut buses = Vec::new();
     if settings.mqtt.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -70,7 +71,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     if settings.nats.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::nats::spawn(&settings, rx, requests.clone(), health.clone(), &tasks, shutdown.clone()).await?;
+        let requests = requests.clone().filter(|_| settings.commands.enabled);
+        bus::nats::spawn(&settings, rx, requests, health.clone(), &tasks, shutdown.clone()).await?;
         buses.push((Bus::Nats, tx));
     }
     if buses.is_empty() {

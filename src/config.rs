@@ -72,6 +72,8 @@ pub struct Settings {
     pub state: StateSettings,
     /// Health and metrics endpoint.
     pub http: HttpSettings,
+    /// Home Assistant MQTT discovery.
+    pub homeassistant: HomeAssistantSettings,
 }
 
 /// `[bridge]`
@@ -292,6 +294,24 @@ pub struct StateSettings {
 impl Default for StateSettings {
     fn default() -> Self {
         Self { dir: PathBuf::from("state") }
+    }
+}
+
+/// `[homeassistant]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HomeAssistantSettings {
+    /// Publish MQTT discovery configs so Home Assistant shows the bridge as a device.
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix; its birth message is `<prefix>/status`.
+    pub discovery_prefix: String,
+    /// The `"<node>.<input>"` the prompt text entity sets in the selected template.
+    pub prompt_input: String,
+}
+
+impl Default for HomeAssistantSettings {
+    fn default() -> Self {
+        Self { enabled: false, discovery_prefix: "homeassistant".into(), prompt_input: "Positive.text".into() }
     }
 }
 

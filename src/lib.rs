@@ -18,6 +18,7 @@ pub mod check;
 pub mod comfy;
 pub mod commands;
 pub mod config;
+pub mod ha;
 pub mod health;
 pub mod router;
 pub mod sim;

@@ -45,7 +45,8 @@ pub struct Outbound {
     pub class: Class,
     /// Headers for NATS (previews): `Content-Type`, `Comfy-Prompt-Id`, `Comfy-Node-Id`.
     pub headers: Vec<(&'static str, String)>,
-    /// For a response: the requester's own reply topic or subject, used instead of `route`.
+    /// A topic or subject used verbatim instead of `route`: a requester's reply topic, or (MQTT only) a Home
+    /// Assistant discovery topic outside the base topic.
     pub reply: Option<Reply>,
 }
 
@@ -59,9 +60,22 @@ pub struct Reply {
     pub correlation: Option<Bytes>,
 }
 
-/// A message that arrived on a request topic or subject.
+/// What an [`Inquiry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InquiryKind {
+    /// A request on `request/<command>`: `path` is what follows `request/`.
+    Request,
+    /// A Home Assistant entity command on `ha/<entity>/set`: `path` is `<entity>`.
+    HomeAssistantSet,
+    /// Home Assistant's birth or last-will message (`online` / `offline`).
+    HomeAssistantStatus,
+}
+
+/// A message that arrived on a request topic or subject (or a Home Assistant one).
 #[derive(Debug)]
 pub struct Inquiry {
+    /// What it is.
+    pub kind: InquiryKind,
     /// The bus it came from, which the response goes back on.
     pub bus: Bus,
     /// The levels after `<base>/<inst>/request/`, still escaped, joined by `/` (e.g. `queue`,

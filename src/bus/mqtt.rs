@@ -16,7 +16,7 @@ use rumqttc::{Outgoing, Packet as V3Packet};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
+use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::comfy::backoff;
 use crate::config::Settings;
 use crate::health::{Health, Part};
@@ -160,8 +160,13 @@ pub fn spawn(
     let (loop_tx, loop_rx) = mpsc::unbounded_channel();
     let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
     let request_prefix = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).mqtt_topic(&cfg.base_topic) + "/";
-    let intake = requests.map(|tx| Intake { prefix: request_prefix, tx });
-    let subscription = intake.as_ref().map(|i| format!("{}#", i.prefix));
+    let home_assistant = settings.homeassistant.enabled.then(|| {
+        let entities = crate::ha::route(&settings.bridge.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
+        (entities, format!("{}/status", settings.homeassistant.discovery_prefix))
+    });
+    let prefix = settings.commands.enabled.then_some(request_prefix);
+    let intake = requests.map(|tx| Intake { prefix, home_assistant, tx });
+    let subscriptions = intake.as_ref().map(Intake::filters).unwrap_or_default();
     let span = tracing::info_span!("mqtt", url = %cfg.url);
     let client = if cfg.protocol == "v311" {
         let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
@@ -196,7 +201,7 @@ pub fn spawn(
         tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    let publisher = Publisher::new(settings, client, offline, subscription, health);
+    let publisher = Publisher::new(settings, client, offline, subscriptions, health);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }
@@ -206,7 +211,7 @@ impl Publisher {
         settings: &Settings,
         client: Client,
         availability: Route,
-        subscription: Option<String>,
+        subscriptions: Vec<String>,
         health: Arc<Health>,
     ) -> Self {
         Self {
@@ -220,7 +225,7 @@ impl Publisher {
             retained: HashMap::new(),
             connected: false,
             availability,
-            subscription,
+            subscriptions,
             health,
             grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
         }
@@ -304,20 +309,44 @@ impl EventSource for rumqttc::EventLoop {
 
 /// Where request messages go.
 struct Intake {
-    /// `<base>/<inst>/request/`.
-    prefix: String,
+    /// `<base>/<inst>/request/`, when commands are on.
+    prefix: Option<String>,
+    /// With Home Assistant discovery: `<base>/<inst>/ha/` and `<discovery prefix>/status`.
+    home_assistant: Option<(String, String)>,
     tx: mpsc::UnboundedSender<Inquiry>,
 }
 
 impl Intake {
+    /// The topic filters to subscribe to.
+    fn filters(&self) -> Vec<String> {
+        let mut filters: Vec<String> = self.prefix.iter().map(|p| format!("{p}#")).collect();
+        if let Some((entities, status)) = &self.home_assistant {
+            filters.push(format!("{entities}+/set"));
+            filters.push(status.clone());
+        }
+        filters
+    }
+
     fn take(&self, topic: String, payload: Bytes, retain: bool, reply: Option<Reply>) {
-        let Some(path) = topic.strip_prefix(&self.prefix) else { return };
-        if retain {
+        let (kind, path) = if let Some(path) = self.prefix.as_deref().and_then(|p| topic.strip_prefix(p)) {
+            (InquiryKind::Request, path)
+        } else {
+            match &self.home_assistant {
+                Some((_, status)) if topic == *status => (InquiryKind::HomeAssistantStatus, ""),
+                Some((entities, _)) => match topic.strip_prefix(entities.as_str()).and_then(|p| p.strip_suffix("/set"))
+                {
+                    Some(entity) => (InquiryKind::HomeAssistantSet, entity),
+                    None => return,
+                },
+                None => return,
+            }
+        };
+        if retain && kind != InquiryKind::HomeAssistantStatus {
             // A retained command must never replay on (re)connect.
             telemetry::request_ignored(Bus::Mqtt, "retained", &topic);
             return;
         }
-        let inquiry = Inquiry { bus: Bus::Mqtt, path: path.to_string(), payload, reply };
+        let inquiry = Inquiry { kind, bus: Bus::Mqtt, path: path.to_string(), payload, reply };
         if self.tx.send(inquiry).is_err() {
             telemetry::request_ignored(Bus::Mqtt, "shutting_down", &topic);
         }
@@ -379,11 +408,11 @@ struct Publisher {
     unacked: VecDeque<(u16, Arc<Outbound>)>,
     /// The last retained message per route that reached rumqttc: republished on every reconnect, because
     /// a restarted broker may have kept nothing.
-    retained: HashMap<Route, Arc<Outbound>>,
+    retained: HashMap<String, Arc<Outbound>>,
     connected: bool,
     availability: Route,
-    /// The request filter, when commands are on.
-    subscription: Option<String>,
+    /// The request (and Home Assistant) filters, when commands are on.
+    subscriptions: Vec<String>,
     health: Arc<Health>,
     grace: Duration,
 }
@@ -456,7 +485,7 @@ impl Publisher {
                 info!("connected to mqtt broker");
                 self.connected = true;
                 self.health.set(Part::Mqtt, true);
-                if let Some(filter) = &self.subscription {
+                for filter in &self.subscriptions {
                     self.client.subscribe(filter);
                 }
                 // Order: `online` first, then retained state, then whatever waited.
@@ -506,13 +535,14 @@ impl Publisher {
                 telemetry::dropped(Bus::Mqtt, "too_large", &msg.route);
                 continue;
             }
+            let retained_key = msg.retain.then(|| topic.clone());
             if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone(), correlation) {
                 self.outbox.requeue_front(std::iter::once(msg));
                 self.blocked = true;
                 break;
             }
-            if msg.retain {
-                self.retained.insert(msg.route.clone(), msg.clone());
+            if let Some(topic) = retained_key {
+                self.retained.insert(topic, msg.clone());
             }
             if msg.qos == 0 {
                 telemetry::published(Bus::Mqtt, 1);

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Class, Inquiry, Outbound, Outbox, Reply, Route, HIGH_WATER};
+use super::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::config::Settings;
 use crate::health::{Health, Part};
 use crate::telemetry;
@@ -136,7 +136,8 @@ async fn intake(
         };
         let Some(path) = msg.subject.strip_prefix(&prefix) else { continue };
         let reply = msg.reply.map(|to| Reply { to: to.to_string(), correlation: None });
-        let inquiry = Inquiry { bus: Bus::Nats, path: path.replace('.', "/"), payload: msg.payload, reply };
+        let path = path.replace('.', "/");
+        let inquiry = Inquiry { kind: InquiryKind::Request, bus: Bus::Nats, path, payload: msg.payload, reply };
         if tx.send(inquiry).is_err() {
             break;
         }

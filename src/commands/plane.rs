@@ -17,9 +17,10 @@ use tracing::{debug, warn, Instrument as _};
 
 use super::request::{self, Command, QueuePrompt, Source, Upload};
 use super::response::{self, Code, Failure, Outcome};
-use crate::bus::{topics, Bus, Class, Inquiry, Outbound, Reply, Route};
+use crate::bus::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::comfy::http::{ComfyHttp, HttpError};
 use crate::config::Settings;
+use crate::ha;
 use crate::telemetry;
 use crate::tracker::Control;
 use crate::workflow::patch;
@@ -73,6 +74,16 @@ pub struct Plane {
     answers: HashMap<(String, String), Answer>,
     permits: Arc<Semaphore>,
     rng: fastrand::Rng,
+    /// Requests are answered (`commands.enabled`); else the plane runs only for Home Assistant.
+    commands: bool,
+    ha: Option<HomeAssistant>,
+}
+
+/// Home Assistant's select and text entities: the one place their values live.
+struct HomeAssistant {
+    settings: Settings,
+    selected: Option<String>,
+    prompt: String,
 }
 
 impl Plane {
@@ -89,7 +100,7 @@ impl Plane {
             warn!(file, error, "template skipped");
         }
         let request = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]);
-        Self {
+        let mut plane = Self {
             instance: settings.bridge.instance.clone(),
             allow: settings.commands.allow.clone(),
             deny_node_classes: settings.commands.deny_node_classes.clone(),
@@ -106,7 +117,14 @@ impl Plane {
             answers: HashMap::new(),
             permits: Arc::new(Semaphore::new(CONCURRENCY)),
             rng: fastrand::Rng::new(),
+            commands: settings.commands.enabled,
+            ha: None,
+        };
+        if settings.homeassistant.enabled && settings.mqtt.enabled {
+            let selected = plane.templates.names().next().map(str::to_string);
+            plane.ha = Some(HomeAssistant { settings: settings.clone(), selected, prompt: String::new() });
         }
+        plane
     }
 
     /// Answers requests until `shutdown`; then answers what already arrived and waits (up to `grace`) for
@@ -119,6 +137,7 @@ impl Plane {
     ) {
         let mut jobs = JoinSet::new();
         let mut open = true;
+        self.announce().await;
         loop {
             tokio::select! {
                 biased;
@@ -157,6 +176,83 @@ impl Plane {
 
     /// Handles one inquiry up to the point where it needs ComfyUI.
     async fn take(&mut self, inquiry: Inquiry, jobs: &mut JoinSet<Finished>) {
+        match inquiry.kind {
+            InquiryKind::Request if self.commands => self.take_request(inquiry, jobs).await,
+            InquiryKind::Request => {}
+            InquiryKind::HomeAssistantStatus if &inquiry.payload[..] == b"online" => self.announce().await,
+            InquiryKind::HomeAssistantStatus => {}
+            InquiryKind::HomeAssistantSet => self.home_assistant_set(&inquiry.path, &inquiry.payload, jobs).await,
+        }
+    }
+
+    /// Publishes the Home Assistant discovery configs and the select's and text's states (all retained).
+    async fn announce(&mut self) {
+        let Some(ha) = &self.ha else { return };
+        let names: Vec<String> = self.templates.names().map(str::to_string).collect();
+        let mut messages = ha::discovery(&ha.settings, &names, self.commands);
+        let base = &ha.settings.mqtt.base_topic;
+        let inst = &ha.settings.bridge.instance;
+        if let Some(selected) = &ha.selected {
+            messages.push((ha::route(inst, &["template"]).mqtt_topic(base), Bytes::from(selected.clone())));
+        }
+        messages.push((ha::route(inst, &["prompt"]).mqtt_topic(base), Bytes::from(ha.prompt.clone())));
+        for (topic, payload) in messages {
+            self.publish_mqtt(topic, payload, true).await;
+        }
+    }
+
+    /// A Home Assistant select or text entity was set.
+    async fn home_assistant_set(&mut self, entity: &str, payload: &[u8], jobs: &mut JoinSet<Finished>) {
+        let Some(ha) = &mut self.ha else { return };
+        let value = String::from_utf8_lossy(payload).into_owned();
+        let (base, inst) = (ha.settings.mqtt.base_topic.clone(), ha.settings.bridge.instance.clone());
+        match entity {
+            "template" if self.templates.get(&value).is_some() => {
+                ha.selected = Some(value.clone());
+                self.publish_mqtt(ha::route(&inst, &["template"]).mqtt_topic(&base), Bytes::from(value), true).await;
+            }
+            "prompt" => {
+                ha.prompt = ha::state_text(&value);
+                let Some(template) = ha.selected.clone() else {
+                    warn!("home assistant prompt set, but no template to queue");
+                    return;
+                };
+                let input = ha.settings.homeassistant.prompt_input.clone();
+                let prompt = Bytes::from(ha.prompt.clone());
+                self.publish_mqtt(ha::route(&inst, &["prompt"]).mqtt_topic(&base), prompt, true).await;
+                let queue = QueuePrompt {
+                    source: Source::Template(template),
+                    edits: Edits { set: vec![(input, json!(value))], ..Edits::default() },
+                    front: false,
+                    number: None,
+                    partial_execution_targets: None,
+                    extra_data: None,
+                };
+                let target = Target { bus: Bus::Mqtt, reply: None, command: "queue".into() };
+                let span = tracing::info_span!("home_assistant", command = "queue", prompt_id = tracing::field::Empty);
+                self.execute(Command::Queue(queue), None, target, Instant::now(), jobs, span).await;
+            }
+            other => warn!(entity = other, value, "home assistant set ignored"),
+        }
+    }
+
+    async fn publish_mqtt(&self, topic: String, payload: Bytes, retain: bool) {
+        let Some(tx) = self.buses.get(&Bus::Mqtt) else { return };
+        let route = Route::fixed(&self.instance, &[]);
+        let msg = Outbound {
+            route,
+            payload,
+            qos: 1,
+            retain,
+            class: Class::Lifecycle,
+            headers: Vec::new(),
+            reply: Some(Reply { to: topic, correlation: None }),
+        };
+        let _ = tx.send(Arc::new(msg)).await;
+    }
+
+    /// A request on `request/<command>`.
+    async fn take_request(&mut self, inquiry: Inquiry, jobs: &mut JoinSet<Finished>) {
         let started = Instant::now();
         let (command_level, rest) = match inquiry.path.split_once('/') {
             Some((first, rest)) => (first, Some(rest)),
@@ -205,7 +301,20 @@ impl Plane {
                 }
             }
         }
-        let outcome = match request.command {
+        self.execute(request.command, id, target, started, jobs, span).await;
+    }
+
+    /// Carries out a command that passed every check: at once, or as a job when it needs ComfyUI.
+    async fn execute(
+        &mut self,
+        command: Command,
+        id: Option<String>,
+        target: Target,
+        started: Instant,
+        jobs: &mut JoinSet<Finished>,
+        span: tracing::Span,
+    ) {
+        let outcome = match command {
             Command::Templates => Ok(self.templates.describe()),
             Command::Patch { template, edits } => self.patch_template(&template, &edits),
             Command::Queue(queue) => match self.prepare(queue) {

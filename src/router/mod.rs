@@ -19,6 +19,7 @@ use crate::bus::{Bus, Class, Outbound};
 use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
 use crate::comfy::Inbound;
 use crate::config::Settings;
+use crate::ha::{self, DeviceState};
 use crate::health::{Health, Part};
 use crate::telemetry;
 use crate::tracker::{self, Control, Tracker, Work};
@@ -52,7 +53,22 @@ pub struct Router {
     tracker: Tracker,
     /// Reads the resync worker should do.
     work: Work,
+    /// With Home Assistant discovery: the device state.
+    device: Option<Device>,
+    /// ComfyUI's `queue_remaining`, from the latest `status`.
+    queue_remaining: u64,
 }
+
+/// The Home Assistant device state: what the last result said, and what was last published, when.
+#[derive(Default)]
+struct Device {
+    last: DeviceState,
+    published: DeviceState,
+    at: Option<Instant>,
+}
+
+/// Least time between two device states that differ only in progress.
+const DEVICE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Router {
     /// A router for `settings`.
@@ -66,7 +82,55 @@ impl Router {
             last_preview: HashMap::new(),
             tracker: Tracker::new(settings.public_base()),
             work: Work::default(),
+            device: (settings.homeassistant.enabled && settings.mqtt.enabled).then(Device::default),
+            queue_remaining: 0,
         }
+    }
+
+    /// The Home Assistant device state, when it changed (progress at most every [`DEVICE_INTERVAL`]).
+    fn device_state(&mut self, now: Instant) -> Option<Arc<Outbound>> {
+        let running = self.tracker.running();
+        let device = self.device.as_mut()?;
+        let state = DeviceState {
+            busy: running.is_some(),
+            queue: self.queue_remaining,
+            progress: running.and_then(|(_, f)| f).map_or(0, |f| (f * 100.0).round() as u8),
+            node: running.and_then(|(node, _)| node).unwrap_or_default().to_string(),
+            ..device.last.clone()
+        };
+        if state == device.published {
+            return None;
+        }
+        let progress_only = DeviceState { progress: device.published.progress, ..state.clone() } == device.published;
+        if progress_only && device.at.is_some_and(|t| now.duration_since(t) < DEVICE_INTERVAL) {
+            return None;
+        }
+        device.published = state;
+        device.at = Some(now);
+        Some(Outbound::lifecycle(ha::route(&self.instance, &["state"]), device.published.render(), true))
+    }
+
+    /// Home Assistant's view of a finished prompt: last-result sensors, image URL, the `finished` event.
+    fn device_result(&mut self, result: &[u8]) -> Vec<Arc<Outbound>> {
+        let Some(device) = self.device.as_mut() else { return Vec::new() };
+        let Ok(result) = serde_json::from_slice::<serde_json::Value>(result) else { return Vec::new() };
+        device.last.last_state = result["status"].as_str().unwrap_or_default().to_string();
+        device.last.last_duration = result["duration_ms"].as_f64().map(|ms| ms / 1000.0);
+        device.last.last_error = result["error"]["exception_message"].as_str().unwrap_or_default().to_string();
+        let mut out = vec![Outbound::lifecycle(ha::route(&self.instance, &["last"]), result.to_string(), true)];
+        let image = result["outputs"]
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.values())
+            .find_map(|o| o["images"].as_array()?.iter().find_map(|i| i["url"].as_str().map(str::to_string)));
+        if let Some(url) = image {
+            out.push(Outbound::lifecycle(ha::route(&self.instance, &["image_url"]), url, true));
+        }
+        let event = serde_json::json!({
+            "event_type": result["status"], "prompt_id": result["prompt_id"], "duration_ms": result["duration_ms"],
+        });
+        out.push(Outbound::lifecycle(ha::route(&self.instance, &["finished"]), event.to_string(), false));
+        out
     }
 
     /// Queue and history reads wanted since the last call.
@@ -76,6 +140,12 @@ impl Router {
 
     /// A message from the command plane or the resync worker.
     pub fn control(&mut self, control: Control, now: Instant) -> Vec<Arc<Outbound>> {
+        let mut out = self.control_inner(control, now);
+        out.extend(self.device_state(now));
+        out
+    }
+
+    fn control_inner(&mut self, control: Control, now: Instant) -> Vec<Arc<Outbound>> {
         let now_ms = crate::comfy::ws::now_ms();
         let effects = match control {
             Control::Expect { prompt_id, request_id, workflow } => {
@@ -100,7 +170,11 @@ impl Router {
     /// Turns tracker effects into messages, and remembers the reads it asked for.
     fn apply(&mut self, effects: tracker::Effects) -> Vec<Arc<Outbound>> {
         self.work.merge(Work { resync: false, lookups: effects.lookups });
-        effects
+        let mut device = Vec::new();
+        for update in effects.updates.iter().filter(|u| u.topic == tracker::Topic::Result) {
+            device.extend(self.device_result(&update.payload));
+        }
+        let mut out: Vec<Arc<Outbound>> = effects
             .updates
             .into_iter()
             .map(|update| {
@@ -119,11 +193,21 @@ impl Router {
                     reply: None,
                 })
             })
-            .collect()
+            .collect();
+        out.extend(device);
+        out
     }
 
     /// The messages one inbound item becomes (none for a skipped frame).
     pub fn route(&mut self, inbound: Inbound, now: Instant) -> Vec<Arc<Outbound>> {
+        let mut out = self.route_inner(inbound, now);
+        if self.device.is_some() {
+            out.extend(self.device_state(now));
+        }
+        out
+    }
+
+    fn route_inner(&mut self, inbound: Inbound, now: Instant) -> Vec<Arc<Outbound>> {
         match inbound {
             Inbound::Connected => {
                 // Whatever ended while the bridge was away is found in the queue and history.
@@ -172,6 +256,7 @@ impl Router {
             self.work.resync = true;
             if let Some(remaining) = queue_remaining(&event.data) {
                 telemetry::comfyui_queue(remaining);
+                self.queue_remaining = remaining;
             }
         }
         let effects = self.tracker.on_event(event, ts, now);

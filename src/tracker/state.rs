@@ -291,6 +291,12 @@ impl Tracker {
         }
     }
 
+    /// The running prompt's current node and whole-prompt fraction, if a prompt is running.
+    pub fn running(&self) -> Option<(Option<&str>, Option<f64>)> {
+        let prompt = self.prompts.values().find(|p| p.phase == Phase::Running)?;
+        Some((prompt.current.as_ref().map(|(node, _)| node.as_str()), prompt.fraction()))
+    }
+
     /// Prompts not finished yet.
     pub fn live(&self) -> usize {
         self.prompts.len()

@@ -100,6 +100,11 @@ impl Templates {
         self.templates.get(name).map(|t| &t.workflow)
     }
 
+    /// The template names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.templates.keys().map(String::as_str)
+    }
+
     /// Files that could not be used, and why.
     pub fn errors(&self) -> &BTreeMap<String, String> {
         &self.errors

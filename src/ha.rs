@@ -1,0 +1,274 @@
+//! Home Assistant MQTT discovery: one device per bridge instance.
+//!
+//! Pure builders. The command plane publishes the discovery configs (it owns the template list the select
+//! offers) at start and whenever Home Assistant's birth message says `online`; the router publishes the
+//! device's state (it owns the queue and prompt state). Entities:
+//!
+//! | entity | source |
+//! |---|---|
+//! | binary sensors `connected`, `busy` | `comfyui/availability`, `ha/state` |
+//! | sensors queue, progress %, current node, last state, last duration, last error | `ha/state` (last result as attributes: `ha/last`) |
+//! | buttons interrupt, clear queue, free memory | publish to `request/interrupt`, `request/clear`, `request/free` |
+//! | select `template`, text `prompt` | `ha/template/set`, `ha/prompt/set`; state on `ha/template`, `ha/prompt` |
+//! | image `last image` | `ha/image_url` |
+//! | event `finished` | `ha/finished` (not retained) |
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::bus::topics::{self, Route};
+use crate::config::Settings;
+
+/// The level under the instance for everything Home Assistant reads or writes.
+pub const HA: &str = "ha";
+/// Event types of the `finished` event entity: the result statuses.
+pub const FINISHED_TYPES: [&str; 4] = ["success", "error", "interrupted", "cancelled"];
+/// Home Assistant truncates nothing for us: states longer than this are refused, so they are cut here.
+pub const MAX_STATE_CHARS: usize = 250;
+
+/// `<base>/<inst>/ha/<leaf…>` as a route.
+pub fn route(instance: &str, leaf: &[&str]) -> Route {
+    let mut levels = vec![HA];
+    levels.extend_from_slice(leaf);
+    Route::fixed(instance, &levels)
+}
+
+/// Cuts `text` to at most [`MAX_STATE_CHARS`] characters.
+pub fn state_text(text: &str) -> String {
+    match text.char_indices().nth(MAX_STATE_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// Every discovery config: `(topic, retained payload)`. Command entities only when `commands` is on, and the
+/// template select only when there are templates; the configs of entities not offered are cleared (an empty
+/// retained payload), so Home Assistant removes what an earlier configuration had announced.
+pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> Vec<(String, Bytes)> {
+    let inst = &settings.bridge.instance;
+    let base = &settings.mqtt.base_topic;
+    let topic = |route: Route| route.mqtt_topic(base);
+    let node_id = format!("comfy_bridge_{inst}");
+    let device = json!({
+        "identifiers": [node_id],
+        "name": format!("ComfyUI {inst}"),
+        "manufacturer": "comfy-bridge",
+        "model": "ComfyUI bridge",
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    });
+    let bridge_up = topic(Route::fixed(inst, &[topics::BRIDGE, topics::AVAILABILITY]));
+    let comfy_up = topic(Route::fixed(inst, &[topics::COMFYUI, topics::AVAILABILITY]));
+    let availability = json!({
+        "availability": [{"topic": bridge_up}, {"topic": comfy_up}],
+        "availability_mode": "all",
+    });
+    let state = topic(route(inst, &["state"]));
+    let request = |command: &str| topic(Route::fixed(inst, &[topics::REQUEST, command]));
+    let prefix = &settings.homeassistant.discovery_prefix;
+
+    let mut entities: Vec<(&str, &str, Value)> = vec![
+        (
+            "binary_sensor",
+            "connected",
+            json!({"name": "Connected", "state_topic": comfy_up, "payload_on": "online", "payload_off": "offline",
+                   "device_class": "connectivity", "availability": [{"topic": bridge_up}]}),
+        ),
+        (
+            "binary_sensor",
+            "busy",
+            json!({"name": "Busy", "state_topic": state, "value_template": "{{ value_json.busy }}",
+                   "device_class": "running"}),
+        ),
+        (
+            "sensor",
+            "queue",
+            json!({"name": "Queue", "state_topic": state, "value_template": "{{ value_json.queue }}",
+                   "state_class": "measurement", "unit_of_measurement": "prompts"}),
+        ),
+        (
+            "sensor",
+            "progress",
+            json!({"name": "Progress", "state_topic": state, "value_template": "{{ value_json.progress }}",
+                   "unit_of_measurement": "%", "state_class": "measurement"}),
+        ),
+        (
+            "sensor",
+            "node",
+            json!({"name": "Current node", "state_topic": state, "value_template": "{{ value_json.node }}"}),
+        ),
+        (
+            "sensor",
+            "last_state",
+            json!({"name": "Last prompt", "state_topic": state, "value_template": "{{ value_json.last_state }}",
+                   "json_attributes_topic": topic(route(inst, &["last"]))}),
+        ),
+        (
+            "sensor",
+            "last_duration",
+            json!({"name": "Last duration", "state_topic": state,
+                   "value_template": "{{ value_json.last_duration }}", "unit_of_measurement": "s",
+                   "device_class": "duration"}),
+        ),
+        (
+            "sensor",
+            "last_error",
+            json!({"name": "Last error", "state_topic": state, "value_template": "{{ value_json.last_error }}",
+                   "json_attributes_topic": topic(route(inst, &["last"])),
+                   "json_attributes_template": "{{ value_json.error | tojson }}"}),
+        ),
+        ("image", "last_image", json!({"name": "Last image", "url_topic": topic(route(inst, &["image_url"]))})),
+        (
+            "event",
+            "finished",
+            json!({"name": "Prompt finished", "state_topic": topic(route(inst, &["finished"])),
+                   "event_types": FINISHED_TYPES}),
+        ),
+    ];
+    let command_entities = [
+        (
+            "button",
+            "interrupt",
+            json!({"name": "Interrupt", "command_topic": request("interrupt"), "payload_press": "{}"}),
+        ),
+        (
+            "button",
+            "clear_queue",
+            json!({"name": "Clear queue", "command_topic": request("clear"), "payload_press": "{}"}),
+        ),
+        (
+            "button",
+            "free_memory",
+            json!({"name": "Free memory", "command_topic": request("free"),
+                       "payload_press": r#"{"unload_models": true, "free_memory": true}"#}),
+        ),
+        (
+            "select",
+            "template",
+            json!({"name": "Template", "options": templates,
+                       "command_topic": topic(route(inst, &["template", "set"])),
+                       "state_topic": topic(route(inst, &["template"]))}),
+        ),
+        (
+            "text",
+            "prompt",
+            json!({"name": "Prompt", "max": 255, "mode": "text",
+                       "command_topic": topic(route(inst, &["prompt", "set"])),
+                       "state_topic": topic(route(inst, &["prompt"]))}),
+        ),
+    ];
+    entities.extend(command_entities);
+    entities
+        .into_iter()
+        .map(|(component, object_id, mut config)| {
+            let topic = format!("{prefix}/{component}/{node_id}/{object_id}/config");
+            // A select needs options: with no template there is nothing to pick.
+            let offered = config.get("command_topic").is_none() || commands;
+            if !offered || (component == "select" && templates.is_empty()) {
+                return (topic, Bytes::new());
+            }
+            config["unique_id"] = json!(format!("{node_id}_{object_id}"));
+            config["object_id"] = json!(format!("{node_id}_{object_id}"));
+            config["device"] = device.clone();
+            if config.get("availability").is_none() {
+                config["availability"] = availability["availability"].clone();
+                config["availability_mode"] = availability["availability_mode"].clone();
+            }
+            if config.get("command_topic").is_some() {
+                config["qos"] = json!(1);
+            }
+            (topic, Bytes::from(config.to_string()))
+        })
+        .collect()
+}
+
+/// What the device's `ha/state` says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceState {
+    /// A prompt is running.
+    pub busy: bool,
+    /// ComfyUI's pending + running prompts.
+    pub queue: u64,
+    /// Whole-prompt progress of the running prompt, in percent.
+    pub progress: u8,
+    /// The running prompt's current node.
+    pub node: String,
+    /// Status of the last finished prompt.
+    pub last_state: String,
+    /// Its duration in seconds.
+    pub last_duration: Option<f64>,
+    /// Its error message, cut to fit a state.
+    pub last_error: String,
+}
+
+impl DeviceState {
+    /// The `ha/state` payload.
+    pub fn render(&self) -> Bytes {
+        let body = json!({
+            "busy": if self.busy { "ON" } else { "OFF" },
+            "queue": self.queue,
+            "progress": self.progress,
+            "node": self.node,
+            "last_state": self.last_state,
+            "last_duration": self.last_duration,
+            "last_error": state_text(&self.last_error),
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs(commands: bool) -> Vec<(String, Value)> {
+        let mut settings = Settings::default();
+        settings.homeassistant.enabled = true;
+        let templates = vec!["probe".to_string(), "txt2img".to_string()];
+        discovery(&settings, &templates, commands)
+            .into_iter()
+            .map(|(t, p)| (t, serde_json::from_slice(&p).unwrap_or(Value::Null)))
+            .collect()
+    }
+
+    #[test]
+    fn every_entity_belongs_to_one_device_with_both_availabilities() {
+        let all = configs(true);
+        assert_eq!(all.len(), 15);
+        let mut ids: Vec<&str> = all.iter().map(|(_, c)| c["unique_id"].as_str().expect("id")).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), all.len(), "unique ids are unique");
+        for (topic, config) in &all {
+            assert!(topic.starts_with("homeassistant/") && topic.ends_with("/config"), "{topic}");
+            assert_eq!(config["device"]["identifiers"][0], "comfy_bridge_local");
+            let availability: Vec<&str> =
+                config["availability"].as_array().expect("list").iter().filter_map(|a| a["topic"].as_str()).collect();
+            assert!(availability.contains(&"comfyui/local/bridge/availability"), "{topic}");
+            if !topic.contains("/connected/") {
+                assert!(availability.contains(&"comfyui/local/comfyui/availability"), "{topic}");
+            }
+        }
+        let select = all.iter().find(|(t, _)| t.contains("/select/")).expect("select");
+        assert_eq!(select.1["options"], json!(["probe", "txt2img"]));
+        let button = all.iter().find(|(t, _)| t.ends_with("/interrupt/config")).expect("button");
+        assert_eq!(button.1["command_topic"], "comfyui/local/request/interrupt");
+    }
+
+    #[test]
+    fn a_read_only_bridge_offers_no_buttons_and_clears_them() {
+        let read_only = configs(false);
+        for (topic, config) in &read_only {
+            let command = topic.contains("/button/") || topic.contains("/select/") || topic.contains("/text/");
+            assert_eq!(config.is_null(), command, "{topic}: cleared exactly when it is a command entity");
+        }
+        assert_eq!(read_only.iter().filter(|(_, c)| !c.is_null()).count(), 10);
+    }
+
+    #[test]
+    fn long_errors_are_cut_to_fit_a_state() {
+        let state = DeviceState { last_error: "é".repeat(1000), ..DeviceState::default() };
+        let v: Value = serde_json::from_slice(&state.render()).expect("json");
+        assert!(v["last_error"].as_str().expect("text").chars().count() <= 255);
+        assert_eq!(v["busy"], "OFF");
+    }
+}
