@@ -2,15 +2,24 @@
 //!
 //! # Layout
 //! ```text
-//!  comfy::ws task ──mpsc<Inbound>──▶ router task ──mpsc<Arc<Outbound>>──▶ mqtt publisher ──▶ rumqttc
-//!                                                  └─mpsc<Arc<Outbound>>──▶ nats publisher ──▶ async-nats
+//!  comfy::ws task ──Inbound──▶ router task (Router + Tracker) ──Arc<Outbound>──▶ mqtt publisher ──▶ rumqttc
+//!                                 ▲      │                     └────────────────▶ nats publisher ──▶ async-nats
+//!                          Control│      │Work                                         ▲
+//!  resync worker ─────────────────┤      ▼                                              │ responses
+//!  (GET /queue, /history) ◀───────┼──────┘                                              │
+//!  command plane ─────────────────┘ (Expect/Accepted before and after POST /prompt) ────┘
+//!    ▲ Inquiry (mqtt poll task, nats intake)
 //! ```
-//! * [`comfy`] speaks ComfyUI (WebSocket, frames) and knows nothing about the buses.
+//! * [`comfy`] speaks ComfyUI (WebSocket, frames, HTTP) and knows nothing about the buses.
 //! * [`router`] owns the per-connection event state (sequence numbers, the executing prompt, preview limits)
-//!   and turns each frame into [`bus::Outbound`] messages.
+//!   and, through [`tracker::Tracker`], every prompt's lifecycle; it turns frames and control messages into
+//!   [`bus::Outbound`] messages. [`tracker::resync`] reads the queue and history when the tracker asks.
+//! * [`commands`] parses and answers requests; [`workflow`] holds templates and the edits requests make.
 //! * [`bus`] owns the brokers: each publisher keeps an outbox so lifecycle events survive a broker restart.
-//! * [`app::run`] wires it together; shutdown cancels the WebSocket task only, and everything downstream
-//!   drains as its input channel closes.
+//! * [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`ha`] builds Home Assistant discovery; [`tls`] the
+//!   rustls client configuration.
+//! * [`app::run`] wires it together; shutdown cancels the WebSocket task, the command plane and the intakes,
+//!   and everything downstream drains as its input channels close.
 
 pub mod app;
 pub mod bus;
