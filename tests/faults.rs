@@ -75,6 +75,7 @@ async fn brokers_and_comfyui_connection_failing_repeatedly_lose_no_result_and_no
     };
     let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator");
     let mut results = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/result").await;
+    let mut lifecycle = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/+").await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     s.comfyui.reconnect_max_ms = 300;
     let daemon = Daemon::start(s, state);
@@ -129,6 +130,22 @@ async fn brokers_and_comfyui_connection_failing_repeatedly_lose_no_result_and_no
     for (pid, copies) in &by_prompt {
         assert!(copies.iter().all(|c| c == &copies[0]), "{pid}: duplicates differ: {copies:?}");
         assert_eq!(copies[0]["status"], "success", "{pid}: {}", copies[0]);
+    }
+
+    // Lifecycle events: ComfyUI replays nothing a cut WebSocket missed, so a prompt that ran during a gap has
+    // fewer; but none is ever published twice as two events: a redelivered copy carries the same `seq`.
+    let mut seqs: BTreeMap<(String, String), BTreeSet<u64>> = BTreeMap::new();
+    while let Some(msg) = lifecycle.next(Duration::from_millis(500)).await {
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+        if let (Some(pid), Some(kind), Some(seq)) = (v["prompt_id"].as_str(), v["type"].as_str(), v["seq"].as_u64()) {
+            seqs.entry((pid.to_string(), kind.to_string())).or_default().insert(seq);
+        }
+    }
+    let started = seqs.keys().filter(|(_, kind)| kind == "execution_start").count();
+    assert!(started > 0, "some prompts ran while the bridge was connected: {seqs:?}");
+    // The once-per-prompt events (`progress_state` comes many times by design).
+    for ((pid, kind), seen) in seqs.iter().filter(|((_, k), _)| k != "progress_state") {
+        assert_eq!(seen.len(), 1, "{pid} {kind} published as distinct events: {seen:?}");
     }
 
     // NATS: the capture stream holds every result too.
