@@ -73,6 +73,17 @@ impl Pki {
     }
 }
 
+/// A mosquitto whose only listener is TLS with the test CA, and requires a client certificate.
+fn mosquitto_requiring_client_certificates(pki: &Pki) -> Mosquitto {
+    let options = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        pki.file("ca.pem"),
+        pki.file("server.pem"),
+        pki.file("server.key")
+    );
+    Mosquitto::start_with(&options)
+}
+
 fn tls_settings(settings: &mut Settings, pki: &Pki, client_cert: bool) {
     settings.mqtt.ca_file = pki.file("ca.pem");
     settings.nats.ca_file = pki.file("ca.pem");
@@ -101,13 +112,7 @@ async fn simulator() -> Simulator {
 #[tokio::test]
 async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
     let pki = Pki::new();
-    let mosquitto_tls = format!(
-        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
-        pki.file("ca.pem"),
-        pki.file("server.pem"),
-        pki.file("server.key")
-    );
-    let broker = Mosquitto::start_with(&mosquitto_tls);
+    let broker = mosquitto_requiring_client_certificates(&pki);
     let (ca, cert, key) = (pki.path("ca.pem"), pki.path("server.pem"), pki.path("server.key"));
     let nats = NatsServer::start_with(&[
         "--tlsverify",
@@ -162,13 +167,7 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
 #[tokio::test]
 async fn a_broker_requiring_a_client_certificate_refuses_a_bridge_without_one() {
     let pki = Pki::new();
-    let mosquitto_tls = format!(
-        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
-        pki.file("ca.pem"),
-        pki.file("server.pem"),
-        pki.file("server.key")
-    );
-    let broker = Mosquitto::start_with(&mosquitto_tls);
+    let broker = mosquitto_requiring_client_certificates(&pki);
     let sim = simulator().await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.mqtt.url = format!("mqtts://127.0.0.1:{}", broker.port);
