@@ -105,7 +105,10 @@ impl ComfyHttp {
         }
         let timeout = Duration::from_millis(settings.comfyui.request_timeout_ms);
         let mut builder = reqwest::Client::builder();
-        if !settings.comfyui.ca_file.is_empty() {
+        if base.scheme() == "http" {
+            // Plain HTTP needs no root certificates (loading them costs about a megabyte).
+            builder = builder.tls_built_in_root_certs(false);
+        } else if !settings.comfyui.ca_file.is_empty() {
             let config = crate::tls::client_config(&settings.comfyui.ca_file, "", "")
                 .map_err(|e| invalid(format!("comfyui.ca_file: {e}")))?;
             builder = builder.use_preconfigured_tls((*config).clone());

@@ -49,7 +49,7 @@ pub struct WsClient {
     /// To the router; closing it (dropping this actor) tells the router the source is gone.
     inbound_tx: mpsc::Sender<Inbound>,
     /// For `wss://`.
-    tls: std::sync::Arc<rustls::ClientConfig>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
@@ -75,10 +75,15 @@ impl WsClient {
         client_id: &str,
         inbound_tx: mpsc::Sender<Inbound>,
     ) -> Result<Self, crate::tls::TlsError> {
-        let tls = crate::tls::client_config(&settings.comfyui.ca_file, "", "")?;
+        let url = ws_url(settings.comfy_base(), client_id);
+        // Loading the root certificates costs about a megabyte: only for `wss://`.
+        let tls = match url.starts_with("wss://") {
+            true => Some(crate::tls::client_config(&settings.comfyui.ca_file, "", "")?),
+            false => None,
+        };
         Ok(Self {
             tls,
-            url: ws_url(settings.comfy_base(), client_id),
+            url,
             headers: settings.comfyui.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
             reconnect_max_ms: settings.comfyui.reconnect_max_ms,
             ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
@@ -127,8 +132,8 @@ impl WsClient {
             let value = value.parse().map_err(|_| WsError::Request(format!("header {name}")))?;
             request.headers_mut().insert(name, value);
         }
-        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
-        let connect = tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector));
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector);
         let (mut socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| WsError::ConnectTimeout)?
