@@ -437,3 +437,19 @@ async fn every_command_works_the_same_over_mqtt_v5_mqtt_v311_and_nats() {
     assert_eq!(posted_prompts(&sim).len(), 3, "one prompt per way in");
     daemon.stop().await;
 }
+
+/// `commands.enabled = false` is a read-only bridge: events flow, requests go unheard and nothing reaches
+/// ComfyUI.
+#[tokio::test]
+async fn a_read_only_bridge_takes_no_requests() {
+    let setup = start(0.0, |s| s.commands.enabled = false).await;
+    let mut requester = MqttRequester::connect(&setup.broker).await;
+    requester.send("comfyui/local/request/queue", r#"{"template":"probe"}"#, b"c").await;
+    requester.send("comfyui/local/request/status", "{}", b"d").await;
+    requester.expect_silence(Duration::from_millis(800)).await;
+    assert!(posted_prompts(&setup.sim).is_empty());
+    let mut events = mqtt_subscribe(&setup.broker, "comfyui/local/prompt/#").await;
+    let pid = setup.sim.play("a_success").await.expect("plays");
+    events.expect(|m| m.topic == format!("comfyui/local/prompt/{pid}/result"), WAIT).await;
+    setup.daemon.stop().await;
+}
