@@ -1,0 +1,97 @@
+//! Broker authentication: MQTT user/password, NATS token and nkey. A wrong secret keeps the bus down (and says
+//! so on `/readyz`); the right one brings it up.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use comfy_bridge::config::{Secret, Settings};
+use comfy_bridge::sim::{SimOptions, Simulator};
+use common::daemon::{settings, Daemon};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn simulator() -> Simulator {
+    let opts = SimOptions {
+        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
+        speed: 0.0,
+        autoplay: false,
+    };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
+}
+
+fn secret(value: &str) -> Option<Secret> {
+    serde_json::from_value(serde_json::Value::from(value)).ok()
+}
+
+/// Starts a bridge with `settings` and returns what `/readyz` says of `part` once it is `want` (or after
+/// `WAIT`).
+async fn readiness(mut s: Settings, state: tempfile::TempDir, part: &str, want: &str) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    s.http.listen = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(s, state);
+    if want == "disconnected" {
+        // Down at first anyway: it must still be down once a good connection would long be up.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut body = String::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(answer) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            body = answer.text().await.unwrap_or_default();
+            if body.contains(&format!(r#""{part}":"{want}""#)) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+    body
+}
+
+#[tokio::test]
+async fn mqtt_user_and_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passwords = dir.path().join("passwords");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwords)
+        .args(["bridge", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd runs");
+    assert!(status.success());
+    let broker = Mosquitto::start_with(&format!("password_file {}\nallow_anonymous false", passwords.display()));
+    let sim = simulator().await;
+    for (password, want) in [("wrong", "disconnected"), ("s3cret", "connected")] {
+        let (mut s, state) = settings(&sim, Some(&broker), None);
+        s.mqtt.username = "bridge".into();
+        s.mqtt.password = secret(password);
+        let body = readiness(s, state, "mqtt", want).await;
+        assert!(body.contains(&format!(r#""mqtt":"{want}""#)), "password {password}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn nats_token_and_nkey() {
+    let sim = simulator().await;
+    let token_server = NatsServer::start_with(&["--auth", "t0ken"]);
+    for (token, want) in [("wrong", "disconnected"), ("t0ken", "connected")] {
+        let (mut s, state) = settings(&sim, None, Some(&token_server));
+        s.nats.token = secret(token);
+        let body = readiness(s, state, "nats", want).await;
+        assert!(body.contains(&format!(r#""nats":"{want}""#)), "token {token}: {body}");
+    }
+
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nkey.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key()))
+        .expect("conf");
+    let nkey_server = NatsServer::start_with(&["-c", conf.to_str().expect("utf-8")]);
+    let (mut s, state) = settings(&sim, None, Some(&nkey_server));
+    s.nats.nkey_seed = secret(&user.seed().expect("seed"));
+    let body = readiness(s, state, "nats", "connected").await;
+    assert!(body.contains(r#""nats":"connected""#), "nkey: {body}");
+}
