@@ -15,8 +15,6 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -37,12 +35,7 @@ fn main() {
 async fn soak(length: Duration) {
     let mut broker = common::Mosquitto::start();
     let mut nats = common::NatsServer::start();
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 4.0,
-        autoplay: false,
-    };
-    let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator");
+    let sim = common::daemon::simulator(common::daemon::SUCCESS, 4.0).await;
     let mut results = common::mqtt_subscribe_persistent(&broker, "comfyui/soak/prompt/+/result").await;
     let state = tempfile::tempdir().expect("state");
     let templates = tempfile::tempdir().expect("templates");

@@ -7,20 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use comfy_bridge::config::{Secret, Settings};
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn simulator() -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
-}
 
 fn secret(value: &str) -> Option<Secret> {
     serde_json::from_value(serde_json::Value::from(value)).ok()
@@ -63,7 +53,7 @@ async fn mqtt_user_and_password() {
         .expect("mosquitto_passwd runs");
     assert!(status.success());
     let broker = Mosquitto::start_with(&format!("password_file {}\nallow_anonymous false", passwords.display()));
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 0.0).await;
     for (password, want) in [("wrong", "disconnected"), ("s3cret", "connected")] {
         let (mut s, state) = settings(&sim, Some(&broker), None);
         s.mqtt.username = "bridge".into();
@@ -75,7 +65,7 @@ async fn mqtt_user_and_password() {
 
 #[tokio::test]
 async fn nats_token_and_nkey() {
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 0.0).await;
     let token_server = NatsServer::start_with(&["--auth", "t0ken"]);
     for (token, want) in [("wrong", "disconnected"), ("t0ken", "connected")] {
         let (mut s, state) = settings(&sim, None, Some(&token_server));

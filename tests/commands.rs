@@ -7,22 +7,13 @@ mod common;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use comfy_bridge::sim::Simulator;
+use common::daemon::{settings, simulator, Daemon, ALL};
 use common::requester::{mqtt311_publish, nats_client, nats_request, MqttRequester};
 use common::*;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn simulator(speed: f64) -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts").into()],
-        speed,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
-}
 
 fn workflow(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/workflows/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -53,7 +44,7 @@ struct Setup {
 
 async fn start(speed: f64, configure: impl FnOnce(&mut Settings)) -> Setup {
     let broker = Mosquitto::start();
-    let sim = simulator(speed).await;
+    let sim = simulator(ALL, speed).await;
     let mut availability = mqtt_subscribe(&broker, "comfyui/local/+/availability").await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     let templates = templates(&mut s);
@@ -126,7 +117,7 @@ async fn queue_a_template_over_mqtt_v5_and_follow_its_events_state_and_result() 
 #[tokio::test]
 async fn every_command_answers_over_nats_request_reply() {
     let nats = NatsServer::start();
-    let sim = simulator(0.0).await;
+    let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, None, Some(&nats));
     let _templates = templates(&mut s);
     let daemon = Daemon::start(s, state);
@@ -219,7 +210,7 @@ async fn a_repeated_request_id_acts_once_and_retained_requests_are_ignored() {
     let broker = Mosquitto::start();
     // Retained before the bridge even starts: it must not replay when the bridge subscribes.
     mqtt311_publish(broker.port, "comfyui/local/request/queue", br#"{"id":"old","template":"probe"}"#, true).await;
-    let sim = simulator(0.0).await;
+    let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     let _templates = templates(&mut s);
     let daemon = Daemon::start(s, state);
@@ -387,7 +378,7 @@ impl Via {
 async fn every_command_works_the_same_over_mqtt_v5_mqtt_v311_and_nats() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
-    let sim = simulator(0.0).await;
+    let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     let _templates = templates(&mut s);
     s.commands.max_payload_bytes = 64 * 1024;

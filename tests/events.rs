@@ -4,21 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use common::daemon::{settings, simulator, Daemon, ALL};
 use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn simulator() -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
-}
 
 fn json(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap_or(Value::Null)
@@ -48,7 +38,7 @@ fn is_final(topic_or_subject: &str, payload: &[u8]) -> bool {
 #[tokio::test]
 async fn success_run_arrives_on_mqtt_in_order_with_untouched_data() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.previews.max_per_second = 1e9; // every preview frame published, so every seq is accounted for
@@ -110,7 +100,7 @@ async fn success_run_arrives_on_mqtt_in_order_with_untouched_data() {
 #[tokio::test]
 async fn success_run_arrives_on_nats_with_preview_headers() {
     let nats = NatsServer::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = nats_subscribe(&nats, "comfyui.>").await;
     let (s, state) = settings(&sim, None, Some(&nats));
     let daemon = Daemon::start(s, state);
@@ -139,7 +129,7 @@ async fn success_run_arrives_on_nats_with_preview_headers() {
 async fn node_ids_are_escaped_identically_on_both_buses() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut mqtt = mqtt_subscribe(&broker, "comfyui/local/prompt/#").await;
     let mut nsub = nats_subscribe(&nats, "comfyui.local.prompt.>").await;
     let (s, state) = settings(&sim, Some(&broker), Some(&nats));
@@ -168,7 +158,7 @@ async fn node_ids_are_escaped_identically_on_both_buses() {
 #[tokio::test]
 async fn custom_events_and_progress_text_are_published() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (s, state) = settings(&sim, Some(&broker), None);
     let daemon = Daemon::start(s, state);
@@ -186,7 +176,7 @@ async fn custom_events_and_progress_text_are_published() {
 #[tokio::test]
 async fn malformed_frames_are_skipped_and_the_bridge_keeps_going() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (s, state) = settings(&sim, Some(&broker), None);
     let daemon = Daemon::start(s, state);
@@ -213,7 +203,7 @@ async fn malformed_frames_are_skipped_and_the_bridge_keeps_going() {
 #[tokio::test]
 async fn comfyui_availability_follows_the_websocket() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/comfyui/availability").await;
     let (s, state) = settings(&sim, Some(&broker), None);
     let daemon = Daemon::start(s, state);
@@ -231,7 +221,7 @@ async fn comfyui_availability_follows_the_websocket() {
 #[tokio::test]
 async fn graceful_stop_leaves_retained_offline() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
     let (s, state) = settings(&sim, Some(&broker), None);
     let daemon = Daemon::start(s, state);
@@ -247,7 +237,7 @@ async fn graceful_stop_leaves_retained_offline() {
 #[tokio::test]
 async fn mqtt_v311_carries_the_same_events() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.mqtt.protocol = "v311".into();
@@ -268,7 +258,7 @@ async fn mqtt_v311_carries_the_same_events() {
 #[tokio::test]
 async fn an_unreachable_nats_does_not_affect_mqtt() {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.nats.enabled = true;
@@ -291,7 +281,7 @@ async fn an_unreachable_nats_does_not_affect_mqtt() {
 async fn oversized_preview_does_not_block_nats() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
-    let sim = simulator().await;
+    let sim = simulator(ALL, 0.0).await;
     let mut mqtt = mqtt_subscribe(&broker, "comfyui/local/preview").await;
     let mut sub = nats_subscribe(&nats, "comfyui.>").await;
     let (s, state) = settings(&sim, Some(&broker), Some(&nats));

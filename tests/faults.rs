@@ -7,8 +7,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use comfy_bridge::sim::Simulator;
+use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::*;
 use serde_json::{json, Value};
 
@@ -68,12 +68,7 @@ async fn brokers_and_comfyui_connection_failing_repeatedly_lose_no_result_and_no
         })
         .await
         .expect("capture stream");
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 1.0,
-        autoplay: false,
-    };
-    let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator");
+    let sim = simulator(SUCCESS, 1.0).await;
     let mut results = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/result").await;
     let mut lifecycle = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/+").await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));

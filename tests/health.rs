@@ -4,8 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use common::daemon::{settings, simulator, Daemon, ALL};
 use common::requester::nats_client;
 use common::*;
 use serde_json::Value;
@@ -42,12 +41,7 @@ fn free_port() -> u16 {
 async fn readiness_follows_the_connections_and_metrics_count_events_and_requests() {
     let mut broker = Mosquitto::start();
     let nats = NatsServer::start();
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator");
+    let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     let port = free_port();
     s.http.listen = format!("127.0.0.1:{port}");

@@ -6,8 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use common::daemon::{settings, simulator, Daemon, ALL};
 use common::requester::mqtt311_publish;
 use common::*;
 use serde_json::{json, Value};
@@ -21,12 +20,7 @@ fn json(payload: &[u8]) -> Value {
 #[tokio::test]
 async fn discovery_configs_state_and_entity_commands_work_like_home_assistant_expects() {
     let broker = Mosquitto::start();
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator");
+    let sim = simulator(ALL, 0.0).await;
     let templates = tempfile::tempdir().expect("templates");
     for (name, fixture) in [("probe", "a_success__prompt"), ("long", "e_interrupt__p1_long")] {
         let path = format!("{}/tests/fixtures/workflows/{fixture}.json", env!("CARGO_MANIFEST_DIR"));

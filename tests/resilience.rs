@@ -5,22 +5,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use comfy_bridge::sim::Simulator;
+use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A simulator replaying at recorded speed (a_success takes about 1.9 s), so a broker can die mid-prompt.
-async fn simulator() -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 1.0,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
-}
 
 /// Plays a_success and takes the broker away from 0.4 s to 2.2 s into it (the run takes about 1.9 s).
 async fn play_across_outage(sim: Simulator, broker: &mut impl Outage) -> (Simulator, String) {
@@ -72,7 +62,7 @@ fn is_final(payload: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_restart_mid_prompt_loses_no_lifecycle_event() {
     let mut broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 1.0).await;
     let mut sub = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/#").await;
     let mut avail = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
     let (s, state) = settings(&sim, Some(&broker), None);
@@ -103,7 +93,7 @@ async fn nats_restart_mid_prompt_loses_no_lifecycle_event() {
     })
     .await
     .expect("create capture stream");
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 1.0).await;
     let mut avail = nats_subscribe(&nats, "comfyui.local.bridge.availability").await;
     let (s, state) = settings(&sim, None, Some(&nats));
     let daemon = Daemon::start(s, state);

@@ -5,7 +5,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
+use comfy_bridge::sim::Simulator;
+use common::daemon::{simulator, SUCCESS};
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -25,19 +26,10 @@ fn spawn_bridge(sim: &Simulator, broker: &Mosquitto, state: &std::path::Path) ->
         .expect("bridge binary starts")
 }
 
-async fn simulator() -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
-}
-
 /// Brokers, simulator and the bridge binary, with a subscriber that has seen the bridge come online.
 async fn start_online() -> (Mosquitto, Simulator, tempfile::TempDir, MqttSub, Child) {
     let broker = Mosquitto::start();
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 0.0).await;
     let state = tempfile::tempdir().expect("state");
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
     let child = spawn_bridge(&sim, &broker, state.path());

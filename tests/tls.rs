@@ -8,8 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -99,15 +98,6 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-async fn simulator() -> Simulator {
-    let opts = SimOptions {
-        transcripts: vec![concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl").into()],
-        speed: 0.0,
-        autoplay: false,
-    };
-    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator")
-}
-
 /// Both brokers require TLS with a client certificate signed by the private CA: events flow on both.
 #[tokio::test]
 async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
@@ -123,7 +113,7 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
         "--tlscacert",
         path_str(&ca),
     ]);
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     s.mqtt.url = format!("mqtts://127.0.0.1:{}", broker.port);
     s.nats.url = format!("tls://127.0.0.1:{}", nats.port);
@@ -168,7 +158,7 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
 async fn a_broker_requiring_a_client_certificate_refuses_a_bridge_without_one() {
     let pki = Pki::new();
     let broker = mosquitto_requiring_client_certificates(&pki);
-    let sim = simulator().await;
+    let sim = simulator(SUCCESS, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.mqtt.url = format!("mqtts://127.0.0.1:{}", broker.port);
     tls_settings(&mut s, &pki, false);

@@ -3,10 +3,24 @@
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
+use comfy_bridge::sim::{SimOptions, Simulator};
 use tokio_util::sync::CancellationToken;
 
 use super::{Mosquitto, NatsServer};
+
+/// Every recorded session.
+pub const ALL: &str = "";
+/// The recorded success run only (so the simulator replays it for any posted workflow).
+pub const SUCCESS: &str = "a_success.jsonl";
+
+/// A simulator on an ephemeral port replaying `transcript` (a file under `tests/fixtures/transcripts`, or [`ALL`])
+/// at `speed` (0 = no delays, 1 = recorded timing).
+pub async fn simulator(transcript: &str, speed: f64) -> Simulator {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts");
+    let path = if transcript.is_empty() { dir.to_string() } else { format!("{dir}/{transcript}") };
+    let opts = SimOptions { transcripts: vec![path.into()], speed, autoplay: false };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
+}
 
 /// Settings pointing at the given simulator and brokers, with fast reconnects and a private state dir.
 pub fn settings(sim: &Simulator, mqtt: Option<&Mosquitto>, nats: Option<&NatsServer>) -> (Settings, tempfile::TempDir) {

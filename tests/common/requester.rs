@@ -36,37 +36,12 @@ impl MqttRequester {
     pub async fn connect(broker: &Mosquitto) -> Self {
         let id = format!("test-req-{}", fastrand::u64(..));
         let response_topic = format!("clients/{id}/responses");
-        let mut opts = MqttOptions::new(id, "127.0.0.1", broker.port);
-        opts.set_max_packet_size(Some(32 * 1024 * 1024));
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        client.subscribe(&response_topic, QoS::AtLeastOnce).await.expect("queue subscribe");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let response = MqttResponse {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            correlation: p.properties.and_then(|pr| pr.correlation_data),
-                            body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
-                        };
-                        if tx.send(response).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(5), ready_rx).await.expect("suback in time").expect("suback");
+        let (client, rx) = super::subscribers::subscribe_v5(broker, id, &response_topic, |p| MqttResponse {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            correlation: p.properties.and_then(|pr| pr.correlation_data),
+            body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+        })
+        .await;
         Self { client, responses: rx, response_topic }
     }
 

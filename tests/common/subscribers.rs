@@ -81,9 +81,14 @@ impl<T> Inbox<T> {
     }
 }
 
-/// Subscribes (QoS 1) to `filter` with a fresh v5 client; returns once the broker acknowledged it.
-pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
-    let id = format!("test-sub-{}", fastrand::u64(..));
+/// A fresh v5 client subscribed (QoS 1) to `filter`, with every message it receives converted by `convert` and
+/// sent to the returned channel; returns once the broker acknowledged the subscription.
+pub async fn subscribe_v5<T: Send + 'static>(
+    broker: &Mosquitto,
+    id: String,
+    filter: &str,
+    convert: fn(rumqttc::v5::mqttbytes::v5::Publish) -> T,
+) -> (AsyncClient, mpsc::UnboundedReceiver<T>) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", broker.port);
     // A large receive maximum: with mosquitto's default of 20 QoS-1 messages in flight, QoS-0 messages overtake
     // the waiting QoS-1 ones and a subscriber sees the two classes interleaved out of order.
@@ -102,13 +107,7 @@ pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let msg = MqttMsg {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.clone(),
-                        retain: p.retain,
-                        qos: p.qos as u8,
-                    };
-                    if tx.send(msg).is_err() {
+                    if tx.send(convert(p)).is_err() {
                         return;
                     }
                 }
@@ -118,6 +117,19 @@ pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
         }
     });
     tokio::time::timeout(Duration::from_secs(5), ready_rx).await.expect("suback in time").expect("suback");
+    (client, rx)
+}
+
+/// Subscribes (QoS 1) to `filter` with a fresh v5 client; returns once the broker acknowledged it.
+pub async fn mqtt_subscribe(broker: &Mosquitto, filter: &str) -> MqttSub {
+    let id = format!("test-sub-{}", fastrand::u64(..));
+    let (client, rx) = subscribe_v5(broker, id, filter, |p| MqttMsg {
+        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+        payload: p.payload,
+        retain: p.retain,
+        qos: p.qos as u8,
+    })
+    .await;
     Inbox {
         rx,
         seen: Vec::new(),
