@@ -140,6 +140,11 @@ impl Mosquitto {
     pub fn resume(&mut self) {
         self.spawn();
     }
+
+    /// Kills the broker with SIGKILL (it saves nothing) and keeps the port for [`Mosquitto::resume`].
+    pub fn kill(&mut self) {
+        stop(&mut self.child, false);
+    }
 }
 
 impl Drop for Mosquitto {
@@ -207,6 +212,11 @@ impl NatsServer {
     /// Stops the server (SIGTERM); JetStream data stays for [`NatsServer::resume`].
     pub fn stop(&mut self) {
         stop(&mut self.child, true);
+    }
+
+    /// Kills the server with SIGKILL and keeps the port for [`NatsServer::resume`].
+    pub fn kill(&mut self) {
+        stop(&mut self.child, false);
     }
 
     /// Starts the server again on the same port with the same JetStream store.

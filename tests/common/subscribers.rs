@@ -56,6 +56,13 @@ impl<T> Inbox<T> {
         Some(msg)
     }
 
+    /// A message that has already arrived, without waiting.
+    pub fn try_next(&mut self) -> Option<T> {
+        let msg = self.rx.try_recv().ok()?;
+        self.seen.push((self.describe)(&msg));
+        Some(msg)
+    }
+
     /// The first message matching `pred`; panics with everything seen if none arrives within `timeout`.
     pub async fn expect(&mut self, pred: impl Fn(&T) -> bool, timeout: Duration) -> T {
         self.collect_until(pred, timeout).await.pop().expect("collect_until returns the match last")
