@@ -48,7 +48,9 @@ async fn resync(http: &ComfyHttp, control: &mpsc::Sender<Control>) -> bool {
                 return control.send(Control::Queue { snapshot, recent, requested }).await.is_ok();
             }
             Err(e) => {
-                warn!(attempt, error = %e, "cannot read the queue");
+                if crate::telemetry::warn_allowed("resync", "queue") {
+                    warn!(attempt, error = %e, "cannot read the queue");
+                }
                 tokio::time::sleep(retry_delay(attempt)).await;
             }
         }
@@ -61,7 +63,9 @@ async fn lookup(http: &ComfyHttp, control: &mpsc::Sender<Control>, prompt_id: St
         match http.history(&prompt_id).await {
             Ok(entry) => return control.send(Control::History { prompt_id, entry }).await.is_ok(),
             Err(e) => {
-                warn!(prompt_id, attempt, error = %e, "cannot read history");
+                if crate::telemetry::warn_allowed("resync", "history") {
+                    warn!(prompt_id, attempt, error = %e, "cannot read history");
+                }
                 tokio::time::sleep(retry_delay(attempt)).await;
             }
         }
