@@ -32,7 +32,8 @@ pub enum WsError {
     /// The socket failed while open.
     #[error("websocket error: {0}")]
     Socket(tungstenite::Error),
-    /// No pong within two ping intervals.
+    /// No frame (pong or other) within two ping intervals of reading; time the router's channel was full
+    /// does not count.
     #[error("no pong within {0:?}")]
     PongTimeout(Duration),
     /// The server closed the connection.
@@ -170,12 +171,14 @@ impl WsClient {
                     socket.send(Message::Ping(Default::default())).await.map_err(WsError::Socket)?;
                 }
                 frame = socket.next() => {
-                    last_seen = tokio::time::Instant::now();
                     match frame {
                         None => return Err(WsError::RemoteClosed),
                         Some(Err(e)) => return Err(WsError::Socket(e)),
                         Some(Ok(msg)) => if !self.forward(msg).await { return Err(WsError::RemoteClosed) },
                     }
+                    // Only time spent reading counts towards the pong deadline: while the router's channel
+                    // is full (a bus stall) this loop reads nothing, so no pong could have been seen.
+                    last_seen = tokio::time::Instant::now();
                 }
             }
         }
@@ -266,6 +269,53 @@ mod tests {
             }
         });
         (addr, first_rx)
+    }
+
+    /// A server that sends `frames` numbered frames on each connection, then stays open answering pings.
+    async fn steady_server(frames: usize) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                    let (mut tx, mut rx) = ws.split();
+                    tokio::spawn(async move {
+                        for i in 0..frames {
+                            if tx.send(Message::text(format!("{{\"n\":{i}}}"))).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Keep the write half (and so the connection) open.
+                        std::future::pending::<()>().await;
+                    });
+                    // Reading answers the client's pings.
+                    while let Some(Ok(_)) = rx.next().await {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stalled_router_does_not_cost_the_connection() {
+        let addr = steady_server(200).await;
+        let mut settings = Settings::default();
+        settings.comfyui.url = format!("http://{addr}");
+        settings.comfyui.ping_interval_ms = 100;
+        let (tx, mut rx) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(WsClient::new(&settings, "stall", tx).expect("client").run(shutdown.clone()));
+        let wait = Duration::from_secs(5);
+        assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Connected))));
+        // The buses stall: nothing is taken from the channel for ten ping intervals.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        for i in 0..200 {
+            let next = tokio::time::timeout(wait, rx.recv()).await.expect("a frame in time");
+            assert!(matches!(&next, Some(Inbound::Text(t, _)) if *t == format!("{{\"n\":{i}}}")), "{i}: {next:?}");
+        }
+        shutdown.cancel();
+        tokio::time::timeout(wait, task).await.expect("stops").expect("no panic");
     }
 
     #[tokio::test]
