@@ -24,6 +24,8 @@ pub struct Counters {
     pub outbox: [AtomicU64; 2],
     /// Previews skipped by the per-node rate limit.
     pub previews_throttled: AtomicU64,
+    /// Prompts the tracker stopped tracking to stay within its bound.
+    pub prompts_forgotten: AtomicU64,
     /// Reconnect attempts of any connection.
     pub reconnects: AtomicU64,
     /// Requests answered, by outcome: [ok, error].
@@ -59,6 +61,7 @@ pub static COUNTERS: Counters = Counters {
     dropped: [AtomicU64::new(0), AtomicU64::new(0)],
     outbox: [AtomicU64::new(0), AtomicU64::new(0)],
     previews_throttled: AtomicU64::new(0),
+    prompts_forgotten: AtomicU64::new(0),
     reconnects: AtomicU64::new(0),
     requests: [AtomicU64::new(0), AtomicU64::new(0)],
     requests_ignored: AtomicU64::new(0),
@@ -136,6 +139,14 @@ pub fn dropped(bus: Bus, reason: &'static str, route: &Route) {
 pub fn preview_throttled() {
     let total = COUNTERS.previews_throttled.fetch_add(1, Relaxed) + 1;
     tracing::trace!(total, "preview throttled");
+}
+
+/// The tracker forgot a live prompt to stay within its bound (its `result` will not be published).
+pub fn prompt_forgotten() {
+    let total = COUNTERS.prompts_forgotten.fetch_add(1, Relaxed) + 1;
+    if warn_allowed("tracker", "prompt_forgotten") {
+        tracing::warn!(total, "too many live prompts: forgot the oldest");
+    }
 }
 
 /// A connection is being re-established.
@@ -333,6 +344,12 @@ pub fn render_metrics() -> String {
     metric("messages_dropped_total", "counter", "Messages dropped before a broker, by bus and reason.", &drops);
     metric("outbox_depth", "gauge", "Messages waiting for a broker, by bus.", &per_bus(&c.outbox));
     metric("previews_throttled_total", "counter", "Previews skipped by the rate limit.", &one(&c.previews_throttled));
+    metric(
+        "prompts_forgotten_total",
+        "counter",
+        "Live prompts forgotten to stay within the bound.",
+        &one(&c.prompts_forgotten),
+    );
     let reconnects: Vec<_> = l.reconnects.iter().map(|(k, v)| (format!("{{component=\"{k}\"}}"), *v)).collect();
     metric("reconnects_total", "counter", "Reconnect attempts, by connection.", &reconnects);
     let requests: Vec<_> = l

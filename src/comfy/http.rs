@@ -186,7 +186,8 @@ impl ComfyHttp {
         url.query_pairs_mut().append_pair("max_items", &max_items.to_string());
         let body = self.send(ENDPOINT, self.client.get(url)).await?;
         match parse_json(ENDPOINT, &body)? {
-            Value::Object(entries) => Ok(entries.into_iter().collect()),
+            // Never more than asked for, whatever the server sends.
+            Value::Object(entries) => Ok(entries.into_iter().take(max_items).collect()),
             _ => Err(bad_response(ENDPOINT, "not a JSON object")),
         }
     }
