@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{Control, Work};
-use crate::comfy::http::ComfyHttp;
+use crate::comfy::http::{ComfyHttp, HttpError};
 
 /// Attempts per failed read before waiting for the next request.
 const ATTEMPTS: u32 = 4;
@@ -109,8 +109,7 @@ async fn resync(http: &ComfyHttp, control: &mpsc::Sender<Control>) -> bool {
     for attempt in 0..ATTEMPTS {
         let requested = Instant::now();
         // Queue first, then history: a prompt that leaves the queue in between is in the second read.
-        let read =
-            async { Ok::<_, crate::comfy::http::HttpError>((http.queue().await?, http.history_recent(RECENT).await?)) };
+        let read = async { Ok::<_, HttpError>((http.queue().await?, http.history_recent(RECENT).await?)) };
         match read.await {
             Ok((snapshot, recent)) => {
                 return control.send(Control::Queue { snapshot, recent, requested }).await.is_ok();
@@ -133,6 +132,10 @@ async fn lookup(http: &ComfyHttp, control: &mpsc::Sender<Control>, prompt_id: St
             Err(e) => {
                 if crate::telemetry::warn_allowed("resync", "history") {
                     warn!(prompt_id, attempt, error = %e, "cannot read history");
+                }
+                // Too large or malformed will be so again at once; the tracker asks again much later.
+                if matches!(e, HttpError::TooLarge { .. } | HttpError::BadResponse { .. }) {
+                    return true;
                 }
                 tokio::time::sleep(retry_delay(attempt)).await;
             }
