@@ -16,6 +16,36 @@ use crate::telemetry;
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of frames waiting in the channel to the router (which also bounds them by count): beyond it
+/// the read waits, which is back-pressure like a full channel. One frame always fits, however large
+/// (tungstenite caps a message at 64 MiB).
+pub const INBOUND_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// How often a read held back by [`INBOUND_MAX_BYTES`] looks whether the router has taken frames.
+const INBOUND_POLL: Duration = Duration::from_millis(5);
+
+/// The sizes of the frames in the channel to the router, oldest first. The WebSocket task is the channel's
+/// only sender, so the channel's length says how many of the frames sent are still in it.
+#[derive(Debug, Default)]
+struct InFlight {
+    sizes: std::collections::VecDeque<usize>,
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Whether a frame of `size` bytes may be sent now that `queued` messages are in the channel.
+    fn admits(&mut self, size: usize, queued: usize, max_bytes: usize) -> bool {
+        while self.sizes.len() > queued {
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
+        self.sizes.is_empty() || self.bytes + size <= max_bytes
+    }
+
+    /// A message of `size` bytes was sent.
+    fn sent(&mut self, size: usize) {
+        self.sizes.push_back(size);
+        self.bytes += size;
+    }
+}
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +81,8 @@ pub struct WsClient {
     inbound_tx: mpsc::Sender<Inbound>,
     /// For `wss://`.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// What is in `inbound_tx`'s channel, in bytes.
+    in_flight: std::sync::Mutex<InFlight>,
 }
 
 /// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
@@ -89,7 +121,26 @@ impl WsClient {
             reconnect_max_ms: settings.comfyui.reconnect_max_ms,
             ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
             inbound_tx,
+            in_flight: std::sync::Mutex::default(),
         })
+    }
+
+    /// Sends to the router, first waiting while the frames in its channel hold [`INBOUND_MAX_BYTES`].
+    async fn send(&self, inbound: Inbound) {
+        let size = match &inbound {
+            Inbound::Text(text, _) => text.len(),
+            Inbound::Binary(bytes, _) => bytes.len(),
+            Inbound::Connected | Inbound::Disconnected => 0,
+        };
+        let tx = &self.inbound_tx;
+        let in_flight = || self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !in_flight().admits(size, tx.max_capacity() - tx.capacity(), INBOUND_MAX_BYTES) && !tx.is_closed() {
+            tokio::time::sleep(INBOUND_POLL).await;
+        }
+        // Awaiting here is the back-pressure that keeps frame order; the router never blocks for long.
+        if tx.send(inbound).await.is_ok() {
+            in_flight().sent(size);
+        }
     }
 
     /// Connects and reconnects until `shutdown` is cancelled.
@@ -141,9 +192,9 @@ impl WsClient {
             .map_err(WsError::Connect)?;
         socket.send(Message::text(FEATURE_FLAGS)).await.map_err(WsError::Socket)?;
         info!("connected to comfyui");
-        let _ = self.inbound_tx.send(Inbound::Connected).await;
+        self.send(Inbound::Connected).await;
         let result = self.read_loop(&mut socket, shutdown).await;
-        let _ = self.inbound_tx.send(Inbound::Disconnected).await;
+        self.send(Inbound::Disconnected).await;
         // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
         // socket would later unregister the new one (PROTOCOL.md §2.1).
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
@@ -197,8 +248,7 @@ impl WsClient {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return true,
         };
         telemetry::frame_received();
-        // Awaiting here is the back-pressure that keeps frame order; the router never blocks for long.
-        let _ = self.inbound_tx.send(inbound).await;
+        self.send(inbound).await;
         true
     }
 }
@@ -242,6 +292,20 @@ mod tests {
             "wss://proxy.example/comfy/ws?token=s3cret&clientId=id",
             "a proxy's token stays"
         );
+    }
+
+    #[test]
+    fn frames_waiting_for_the_router_are_bounded_in_bytes() {
+        let mut in_flight = InFlight::default();
+        assert!(in_flight.admits(100, 0, 64), "one frame always fits, however large");
+        in_flight.sent(100);
+        assert!(!in_flight.admits(1, 1, 64), "still in the channel");
+        assert!(in_flight.admits(40, 0, 64), "the router took it");
+        in_flight.sent(40);
+        in_flight.sent(0);
+        assert!(in_flight.admits(24, 2, 64));
+        assert!(!in_flight.admits(25, 2, 64));
+        assert!(in_flight.admits(64, 1, 64), "the 40-byte frame was taken: only the empty message is left");
     }
 
     #[test]
