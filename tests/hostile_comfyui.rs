@@ -112,6 +112,13 @@ async fn endless_queue_and_history_bodies_stop_at_the_cap_and_the_bridge_keeps_w
 
     // `status` reads the queue: the endless body is cut at the cap and the answer comes at once.
     let client = nats_client(&nats).await;
+    // The NATS subscription is made right after connecting; wait until it answers.
+    for _ in 0..50 {
+        let probe = client.request("comfyui.local.request.status".to_string(), "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
+            break;
+        }
+    }
     for _ in 0..3 {
         let status = nats_request(&client, "comfyui.local.request.status", "").await;
         assert_eq!(status["data"]["comfyui"]["reachable"], false, "{status}");

@@ -94,11 +94,15 @@ pub async fn run(http: ComfyHttp, mut work_rx: mpsc::UnboundedReceiver<Work>, co
         let alive = loop {
             tokio::select! {
                 alive = &mut read => break alive,
-                Some(work) = work_rx.recv() => todo.add(work),
+                work = work_rx.recv() => match work {
+                    Some(work) => todo.add(work),
+                    // The router is gone: nobody would take the answer (and shutdown need not wait for it).
+                    None => break false,
+                },
             }
         };
         if !alive {
-            return;
+            break;
         }
     }
     debug!("resync worker stopped");
