@@ -124,6 +124,10 @@ pub struct ComfySettings {
     pub request_timeout_ms: u64,
     /// PEM file of the CA that signed an `https` ComfyUI's (or its proxy's) certificate; empty: public roots.
     pub ca_file: String,
+    /// Longest body read from any HTTP answer of ComfyUI, in bytes; a longer one fails that call. The default,
+    /// 32 MiB, holds `GET /history?max_items=32` of large workflows and a queue of about a hundred of them,
+    /// while the parsed JSON of a capped body (several times its size) stays in the low hundreds of megabytes.
+    pub max_body_bytes: u64,
 }
 
 impl Default for ComfySettings {
@@ -137,6 +141,7 @@ impl Default for ComfySettings {
             ping_interval_ms: 10_000,
             request_timeout_ms: 30_000,
             ca_file: String::new(),
+            max_body_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -380,6 +385,9 @@ impl Settings {
         }
         if self.previews.max_per_second <= 0.0 || self.previews.max_per_second.is_nan() {
             return invalid("previews.max_per_second", "must be greater than 0");
+        }
+        if self.comfyui.max_body_bytes == 0 {
+            return invalid("comfyui.max_body_bytes", "must be at least 1");
         }
         if self.bridge.outbox_capacity == 0 {
             return invalid("bridge.outbox_capacity", "must be at least 1");

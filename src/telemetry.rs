@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::bus::{Bus, Route};
 
@@ -23,6 +24,8 @@ pub struct Counters {
     pub outbox: [AtomicU64; 2],
     /// Previews skipped by the per-node rate limit.
     pub previews_throttled: AtomicU64,
+    /// Prompts the tracker stopped tracking to stay within its bound.
+    pub prompts_forgotten: AtomicU64,
     /// Reconnect attempts of any connection.
     pub reconnects: AtomicU64,
     /// Requests answered, by outcome: [ok, error].
@@ -58,6 +61,7 @@ pub static COUNTERS: Counters = Counters {
     dropped: [AtomicU64::new(0), AtomicU64::new(0)],
     outbox: [AtomicU64::new(0), AtomicU64::new(0)],
     previews_throttled: AtomicU64::new(0),
+    prompts_forgotten: AtomicU64::new(0),
     reconnects: AtomicU64::new(0),
     requests: [AtomicU64::new(0), AtomicU64::new(0)],
     requests_ignored: AtomicU64::new(0),
@@ -109,10 +113,12 @@ pub fn frame_received() {
     COUNTERS.frames_in.fetch_add(1, Relaxed);
 }
 
-/// A frame from ComfyUI could not be decoded and was skipped.
-pub fn frame_skipped(reason: &str, detail: &dyn std::fmt::Display) {
+/// A frame from ComfyUI could not be decoded and was skipped (counted always, logged rate-limited).
+pub fn frame_skipped(reason: &'static str, detail: &dyn std::fmt::Display) {
     let total = COUNTERS.frames_skipped.fetch_add(1, Relaxed) + 1;
-    tracing::warn!(reason, %detail, total, "skipped malformed frame from comfyui");
+    if warn_allowed("frame_skipped", reason) {
+        tracing::warn!(reason, %detail, total, "skipped malformed frame from comfyui");
+    }
 }
 
 /// A broker confirmed `n` messages.
@@ -124,7 +130,9 @@ pub fn published(bus: Bus, n: u64) {
 pub fn dropped(bus: Bus, reason: &'static str, route: &Route) {
     let total = COUNTERS.dropped[index(bus)].fetch_add(1, Relaxed) + 1;
     *labelled().drops.entry((bus.name(), reason)).or_default() += 1;
-    tracing::warn!(bus = bus.name(), reason, route = ?route.levels(), total, "dropped message");
+    if warn_allowed("dropped", reason) {
+        tracing::warn!(bus = bus.name(), reason, route = ?route.levels(), total, "dropped message");
+    }
 }
 
 /// A preview was skipped by the rate limit.
@@ -133,11 +141,139 @@ pub fn preview_throttled() {
     tracing::trace!(total, "preview throttled");
 }
 
+/// The tracker forgot a live prompt to stay within its bound (its `result` will not be published).
+pub fn prompt_forgotten() {
+    let total = COUNTERS.prompts_forgotten.fetch_add(1, Relaxed) + 1;
+    if warn_allowed("tracker", "prompt_forgotten") {
+        tracing::warn!(total, "too many live prompts: forgot the oldest");
+    }
+}
+
 /// A connection is being re-established.
 pub fn reconnecting(component: &'static str, attempt: u32, error: &dyn std::fmt::Display) {
     COUNTERS.reconnects.fetch_add(1, Relaxed);
     *labelled().reconnects.entry(component).or_default() += 1;
-    tracing::warn!(component, attempt, %error, "connection lost, reconnecting");
+    if warn_allowed("reconnecting", component) {
+        tracing::warn!(component, attempt, %error, "connection lost, reconnecting");
+    }
+}
+
+/// How long a window of the warning rate limit lasts.
+pub const WARN_WINDOW: Duration = Duration::from_secs(10);
+/// Warnings of one kind logged per [`WARN_WINDOW`] before the rest are only counted.
+pub const WARN_BURST: u32 = 5;
+
+/// The process-wide warning rate limit.
+static WARNINGS: Mutex<WarnLimiter> = Mutex::new(WarnLimiter::new(WARN_WINDOW, WARN_BURST));
+
+/// Whether a warning of this kind (`what`, e.g. `"frame_skipped"`, and `detail`, e.g. its reason) may be
+/// logged now: the first [`WARN_BURST`] of each kind per [`WARN_WINDOW`] are. The rest are counted and, once
+/// their window has ended, summarised in one line ("… and 99,812 more in the last 10 s") by the next call
+/// of any kind. Use it for every warning that one message from outside can cause; count before asking.
+pub fn warn_allowed(what: &'static str, detail: &'static str) -> bool {
+    let mut limiter = WARNINGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    limiter.check((what, detail), Instant::now(), |ended| {
+        tracing::warn!(
+            kind = ended.kind.0,
+            detail = ended.kind.1,
+            suppressed = ended.suppressed,
+            "{} ({}): … and {} more in the last {} s",
+            ended.kind.0,
+            ended.kind.1,
+            thousands(ended.suppressed),
+            ended.window.as_secs()
+        );
+    })
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A kind of warning: what happened and a detail (both fixed strings, so the kinds are few).
+pub type WarnKind = (&'static str, &'static str);
+
+/// Warnings of one kind that were not logged in a window that has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suppressed {
+    /// The kind.
+    pub kind: WarnKind,
+    /// How many were not logged.
+    pub suppressed: u64,
+    /// The window's length.
+    pub window: Duration,
+}
+
+/// A sans-IO rate limit for warnings: per kind, fixed windows that start at the kind's first warning; the
+/// first `burst` in a window pass, the rest are counted and reported once the window has ended.
+#[derive(Debug)]
+pub struct WarnLimiter {
+    window: Duration,
+    burst: u32,
+    /// Per kind: when its window started, how many passed and how many did not.
+    windows: BTreeMap<WarnKind, (Instant, u32, u64)>,
+    /// The earliest end of a window with suppressed warnings: before it, nothing is due.
+    next_due: Option<Instant>,
+}
+
+impl WarnLimiter {
+    /// A limiter passing `burst` warnings per kind per `window`.
+    pub const fn new(window: Duration, burst: u32) -> Self {
+        Self { window, burst, windows: BTreeMap::new(), next_due: None }
+    }
+
+    /// Whether a warning of `kind` at `now` may be logged. First hands `report` every kind whose window
+    /// ended before `now` with warnings suppressed.
+    pub fn check(&mut self, kind: WarnKind, now: Instant, mut report: impl FnMut(Suppressed)) -> bool {
+        if self.next_due.is_some_and(|due| now >= due) {
+            self.flush(now, &mut report);
+        }
+        let window = self.window;
+        let entry = self.windows.entry(kind).or_insert((now, 0, 0));
+        if now.saturating_duration_since(entry.0) >= window {
+            if entry.2 > 0 {
+                report(Suppressed { kind, suppressed: entry.2, window });
+            }
+            *entry = (now, 0, 0);
+        }
+        if entry.1 < self.burst {
+            entry.1 += 1;
+            return true;
+        }
+        entry.2 += 1;
+        let due = entry.0 + window;
+        self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
+        false
+    }
+
+    /// Reports and forgets every window that ended before `now`.
+    fn flush(&mut self, now: Instant, report: &mut impl FnMut(Suppressed)) {
+        let window = self.window;
+        let mut next_due = None::<Instant>;
+        self.windows.retain(|kind, (start, _, suppressed)| {
+            if now.saturating_duration_since(*start) < window {
+                if *suppressed > 0 {
+                    let due = *start + window;
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                }
+                return true;
+            }
+            if *suppressed > 0 {
+                report(Suppressed { kind: *kind, suppressed: *suppressed, window });
+            }
+            false
+        });
+        self.next_due = next_due;
+    }
 }
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `filter`; JSON or text; ANSI only on a terminal.
@@ -208,6 +344,12 @@ pub fn render_metrics() -> String {
     metric("messages_dropped_total", "counter", "Messages dropped before a broker, by bus and reason.", &drops);
     metric("outbox_depth", "gauge", "Messages waiting for a broker, by bus.", &per_bus(&c.outbox));
     metric("previews_throttled_total", "counter", "Previews skipped by the rate limit.", &one(&c.previews_throttled));
+    metric(
+        "prompts_forgotten_total",
+        "counter",
+        "Live prompts forgotten to stay within the bound.",
+        &one(&c.prompts_forgotten),
+    );
     let reconnects: Vec<_> = l.reconnects.iter().map(|(k, v)| (format!("{{component=\"{k}\"}}"), *v)).collect();
     metric("reconnects_total", "counter", "Reconnect attempts, by connection.", &reconnects);
     let requests: Vec<_> = l
@@ -248,4 +390,81 @@ pub fn render_metrics() -> String {
 /// A label value with `\`, `"` and newlines escaped.
 fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_logs_a_burst_then_one_line_with_the_exact_count() {
+        let mut limiter = WarnLimiter::new(WARN_WINDOW, WARN_BURST);
+        let start = Instant::now();
+        let mut reports = Vec::new();
+        let mut logged = 0;
+        for i in 0..100_000u32 {
+            let now = start + Duration::from_micros(u64::from(i) * 50);
+            logged += u32::from(limiter.check(("frame_skipped", "invalid_json"), now, |s| reports.push(s)));
+        }
+        assert_eq!((logged, reports.len()), (WARN_BURST, 0), "5 s of flood: a burst, no summary yet");
+
+        // The next one after the window: first the summary, then it is logged as a new window's first.
+        let later = start + WARN_WINDOW;
+        assert!(limiter.check(("frame_skipped", "invalid_json"), later, |s| reports.push(s)));
+        let expected = Suppressed { kind: ("frame_skipped", "invalid_json"), suppressed: 99_995, window: WARN_WINDOW };
+        assert_eq!(reports, [expected]);
+        assert_eq!(thousands(99_995), "99,995");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(12), "12");
+    }
+
+    #[test]
+    fn kinds_are_limited_apart_and_any_call_reports_an_ended_window() {
+        let mut limiter = WarnLimiter::new(Duration::from_secs(10), 2);
+        let t0 = Instant::now();
+        let mut reports = Vec::new();
+        let dropped = ("dropped", "outbox_full");
+        let reconnect = ("reconnecting", "mqtt");
+        let passed: Vec<bool> = (0..4).map(|_| limiter.check(dropped, t0, |s| reports.push(s))).collect();
+        assert_eq!(passed, [true, true, false, false]);
+        assert!(limiter.check(reconnect, t0, |s| reports.push(s)), "another kind has its own burst");
+
+        // No more `dropped`, but a `reconnecting` after the window reports it.
+        let t1 = t0 + Duration::from_secs(11);
+        assert!(limiter.check(reconnect, t1, |s| reports.push(s)));
+        assert_eq!(reports, [Suppressed { kind: dropped, suppressed: 2, window: Duration::from_secs(10) }]);
+        assert!(limiter.check(dropped, t1, |s| reports.push(s)), "a new window");
+        assert_eq!(reports.len(), 1, "reported once");
+    }
+
+    /// Collects what a `fmt` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn garbage_frames_are_all_counted_but_only_a_burst_is_logged() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let before = COUNTERS.frames_skipped.load(Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..10_000 {
+                frame_skipped("test_garbage", &"garbage");
+            }
+        });
+        assert!(COUNTERS.frames_skipped.load(Relaxed) - before >= 10_000, "every frame is counted");
+        let log = String::from_utf8(capture.0.lock().expect("log").clone()).expect("utf-8");
+        let lines = log.lines().filter(|l| l.contains("reason=\"test_garbage\"")).count();
+        assert_eq!(lines, WARN_BURST as usize, "{log}");
+    }
 }

@@ -65,6 +65,14 @@ pub enum HttpError {
         /// What is wrong with the answer.
         reason: String,
     },
+    /// The answer's body is longer than `comfyui.max_body_bytes`; the read stopped there.
+    #[error("{endpoint}: comfyui's answer exceeds comfyui.max_body_bytes ({limit} bytes)")]
+    TooLarge {
+        /// Method and path, e.g. `GET /queue`.
+        endpoint: &'static str,
+        /// The limit that was hit.
+        limit: usize,
+    },
 }
 
 /// A client for one ComfyUI server; cheap to clone.
@@ -74,6 +82,8 @@ pub struct ComfyHttp {
     /// `comfyui.url`, which may carry a path prefix (a reverse proxy); never cannot-be-a-base.
     base: Url,
     upload_timeout: Duration,
+    /// Longest body read from any answer (`comfyui.max_body_bytes`).
+    max_body: usize,
 }
 
 impl ComfyHttp {
@@ -100,6 +110,9 @@ impl ComfyHttp {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
+        if settings.comfyui.max_body_bytes == 0 {
+            return Err(invalid("comfyui.max_body_bytes: must be at least 1".into()));
+        }
         if settings.comfyui.request_timeout_ms == 0 {
             return Err(invalid("comfyui.request_timeout_ms: must be at least 1".into()));
         }
@@ -120,7 +133,12 @@ impl ComfyHttp {
             .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
             .build()
             .map_err(|e| invalid(format!("http client: {}", error_chain(&e))))?;
-        Ok(Self { client, base, upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR) })
+        Ok(Self {
+            client,
+            base,
+            upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR),
+            max_body: usize::try_from(settings.comfyui.max_body_bytes).unwrap_or(usize::MAX),
+        })
     }
 
     /// `POST /prompt`: queues `body` (`{"prompt", "client_id", "prompt_id", ...}`); returns the 200 JSON
@@ -168,7 +186,8 @@ impl ComfyHttp {
         url.query_pairs_mut().append_pair("max_items", &max_items.to_string());
         let body = self.send(ENDPOINT, self.client.get(url)).await?;
         match parse_json(ENDPOINT, &body)? {
-            Value::Object(entries) => Ok(entries.into_iter().collect()),
+            // Never more than asked for, whatever the server sends.
+            Value::Object(entries) => Ok(entries.into_iter().take(max_items).collect()),
             _ => Err(bad_response(ENDPOINT, "not a JSON object")),
         }
     }
@@ -274,16 +293,32 @@ impl ComfyHttp {
         self.send(endpoint, request.header(CONTENT_TYPE, "application/json").body(body.to_string())).await
     }
 
-    /// Sends the request and reads the whole answer; a non-2xx status is [`HttpError::Status`].
+    /// Sends the request and reads the whole answer, at most `max_body` bytes of it; a non-2xx status is
+    /// [`HttpError::Status`], a longer body [`HttpError::TooLarge`] (the connection is dropped, not drained).
     async fn send(&self, endpoint: &'static str, request: RequestBuilder) -> Result<Bytes, HttpError> {
         let unavailable = |e: reqwest::Error| {
             let reason = error_chain(&e.without_url());
             debug!(endpoint, error = %reason, "comfyui unavailable");
             HttpError::Unavailable { endpoint, reason }
         };
-        let response = request.send().await.map_err(unavailable)?;
+        let too_large = || {
+            debug!(endpoint, limit = self.max_body, "comfyui answer too large");
+            HttpError::TooLarge { endpoint, limit: self.max_body }
+        };
+        let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
-        let body = response.bytes().await.map_err(unavailable)?;
+        let declared = response.content_length().and_then(|n| usize::try_from(n).ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(too_large());
+        }
+        let mut body = Vec::with_capacity(declared.unwrap_or(0));
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if chunk.len() > self.max_body - body.len() {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = Bytes::from(body);
         debug!(endpoint, status = status.as_u16(), bytes = body.len(), "comfyui answered");
         if !status.is_success() {
             let json = serde_json::from_slice(&body).ok();
@@ -571,6 +606,55 @@ mod tests {
         let (url, _server) = serve_once(answer("200 OK", "text/html", "<html>proxy login</html>")).await;
         let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
         assert!(matches!(http.system_stats().await, Err(HttpError::BadResponse { endpoint: "GET /system_stats", .. })));
+    }
+
+    /// Accepts connections forever; each gets a 200 whose chunked body never ends. Returns the bytes written.
+    async fn serve_endless() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = stream.read(&mut head).await;
+                    let start =
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    if stream.write_all(start.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+                    while stream.write_all(chunk.as_bytes()).await.is_ok() {
+                        counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (url, written)
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_stops_at_the_cap_and_the_client_keeps_working() {
+        let (url, written) = serve_endless().await;
+        let mut capped = settings(&url, 10_000);
+        capped.comfyui.max_body_bytes = 1024 * 1024;
+        let http = ComfyHttp::new(&capped).expect("client");
+        for _ in 0..2 {
+            let err = http.queue().await.expect_err("endless");
+            assert!(matches!(err, HttpError::TooLarge { endpoint: "GET /queue", limit: 1_048_576 }), "{err:?}");
+        }
+        // The server got to write at most the cap plus what the socket buffers hold, not an endless stream.
+        assert!(written.load(std::sync::atomic::Ordering::Relaxed) < 64 * 1024 * 1024);
+
+        let long = format!("{{\"x\": \"{}\"}}", "y".repeat(2_000));
+        let (url, _server) = serve_once(answer("200 OK", "application/json", &long)).await;
+        let mut capped = settings(&url, 5_000);
+        capped.comfyui.max_body_bytes = 1_000;
+        let http = ComfyHttp::new(&capped).expect("client");
+        let err = http.system_stats().await.expect_err("declared too long");
+        assert!(matches!(err, HttpError::TooLarge { endpoint: "GET /system_stats", limit: 1_000 }), "{err:?}");
     }
 
     #[tokio::test]

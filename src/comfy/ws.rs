@@ -16,6 +16,36 @@ use crate::telemetry;
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of frames waiting in the channel to the router (which also bounds them by count): beyond it
+/// the read waits, which is back-pressure like a full channel. One frame always fits, however large
+/// (tungstenite caps a message at 64 MiB).
+pub const INBOUND_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// How often a read held back by [`INBOUND_MAX_BYTES`] looks whether the router has taken frames.
+const INBOUND_POLL: Duration = Duration::from_millis(5);
+
+/// The sizes of the frames in the channel to the router, oldest first. The WebSocket task is the channel's
+/// only sender, so the channel's length says how many of the frames sent are still in it.
+#[derive(Debug, Default)]
+struct InFlight {
+    sizes: std::collections::VecDeque<usize>,
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Whether a frame of `size` bytes may be sent now that `queued` messages are in the channel.
+    fn admits(&mut self, size: usize, queued: usize, max_bytes: usize) -> bool {
+        while self.sizes.len() > queued {
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
+        self.sizes.is_empty() || self.bytes + size <= max_bytes
+    }
+
+    /// A message of `size` bytes was sent.
+    fn sent(&mut self, size: usize) {
+        self.sizes.push_back(size);
+        self.bytes += size;
+    }
+}
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +62,8 @@ pub enum WsError {
     /// The socket failed while open.
     #[error("websocket error: {0}")]
     Socket(tungstenite::Error),
-    /// No pong within two ping intervals.
+    /// No frame (pong or other) within two ping intervals of reading; time the router's channel was full
+    /// does not count.
     #[error("no pong within {0:?}")]
     PongTimeout(Duration),
     /// The server closed the connection.
@@ -50,6 +81,8 @@ pub struct WsClient {
     inbound_tx: mpsc::Sender<Inbound>,
     /// For `wss://`.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// What is in `inbound_tx`'s channel, in bytes.
+    in_flight: std::sync::Mutex<InFlight>,
 }
 
 /// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
@@ -88,7 +121,26 @@ impl WsClient {
             reconnect_max_ms: settings.comfyui.reconnect_max_ms,
             ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
             inbound_tx,
+            in_flight: std::sync::Mutex::default(),
         })
+    }
+
+    /// Sends to the router, first waiting while the frames in its channel hold [`INBOUND_MAX_BYTES`].
+    async fn send(&self, inbound: Inbound) {
+        let size = match &inbound {
+            Inbound::Text(text, _) => text.len(),
+            Inbound::Binary(bytes, _) => bytes.len(),
+            Inbound::Connected | Inbound::Disconnected => 0,
+        };
+        let tx = &self.inbound_tx;
+        let in_flight = || self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !in_flight().admits(size, tx.max_capacity() - tx.capacity(), INBOUND_MAX_BYTES) && !tx.is_closed() {
+            tokio::time::sleep(INBOUND_POLL).await;
+        }
+        // Awaiting here is the back-pressure that keeps frame order; the router never blocks for long.
+        if tx.send(inbound).await.is_ok() {
+            in_flight().sent(size);
+        }
     }
 
     /// Connects and reconnects until `shutdown` is cancelled.
@@ -140,9 +192,9 @@ impl WsClient {
             .map_err(WsError::Connect)?;
         socket.send(Message::text(FEATURE_FLAGS)).await.map_err(WsError::Socket)?;
         info!("connected to comfyui");
-        let _ = self.inbound_tx.send(Inbound::Connected).await;
+        self.send(Inbound::Connected).await;
         let result = self.read_loop(&mut socket, shutdown).await;
-        let _ = self.inbound_tx.send(Inbound::Disconnected).await;
+        self.send(Inbound::Disconnected).await;
         // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
         // socket would later unregister the new one (PROTOCOL.md §2.1).
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
@@ -170,12 +222,14 @@ impl WsClient {
                     socket.send(Message::Ping(Default::default())).await.map_err(WsError::Socket)?;
                 }
                 frame = socket.next() => {
-                    last_seen = tokio::time::Instant::now();
                     match frame {
                         None => return Err(WsError::RemoteClosed),
                         Some(Err(e)) => return Err(WsError::Socket(e)),
                         Some(Ok(msg)) => if !self.forward(msg).await { return Err(WsError::RemoteClosed) },
                     }
+                    // Only time spent reading counts towards the pong deadline: while the router's channel
+                    // is full (a bus stall) this loop reads nothing, so no pong could have been seen.
+                    last_seen = tokio::time::Instant::now();
                 }
             }
         }
@@ -194,8 +248,7 @@ impl WsClient {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return true,
         };
         telemetry::frame_received();
-        // Awaiting here is the back-pressure that keeps frame order; the router never blocks for long.
-        let _ = self.inbound_tx.send(inbound).await;
+        self.send(inbound).await;
         true
     }
 }
@@ -242,6 +295,20 @@ mod tests {
     }
 
     #[test]
+    fn frames_waiting_for_the_router_are_bounded_in_bytes() {
+        let mut in_flight = InFlight::default();
+        assert!(in_flight.admits(100, 0, 64), "one frame always fits, however large");
+        in_flight.sent(100);
+        assert!(!in_flight.admits(1, 1, 64), "still in the channel");
+        assert!(in_flight.admits(40, 0, 64), "the router took it");
+        in_flight.sent(40);
+        in_flight.sent(0);
+        assert!(in_flight.admits(24, 2, 64));
+        assert!(!in_flight.admits(25, 2, 64));
+        assert!(in_flight.admits(64, 1, 64), "the 40-byte frame was taken: only the empty message is left");
+    }
+
+    #[test]
     fn client_id_is_generated_once_and_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = client_id("", dir.path()).expect("id");
@@ -266,6 +333,53 @@ mod tests {
             }
         });
         (addr, first_rx)
+    }
+
+    /// A server that sends `frames` numbered frames on each connection, then stays open answering pings.
+    async fn steady_server(frames: usize) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                    let (mut tx, mut rx) = ws.split();
+                    tokio::spawn(async move {
+                        for i in 0..frames {
+                            if tx.send(Message::text(format!("{{\"n\":{i}}}"))).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Keep the write half (and so the connection) open.
+                        std::future::pending::<()>().await;
+                    });
+                    // Reading answers the client's pings.
+                    while let Some(Ok(_)) = rx.next().await {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stalled_router_does_not_cost_the_connection() {
+        let addr = steady_server(200).await;
+        let mut settings = Settings::default();
+        settings.comfyui.url = format!("http://{addr}");
+        settings.comfyui.ping_interval_ms = 100;
+        let (tx, mut rx) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(WsClient::new(&settings, "stall", tx).expect("client").run(shutdown.clone()));
+        let wait = Duration::from_secs(5);
+        assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Connected))));
+        // The buses stall: nothing is taken from the channel for ten ping intervals.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        for i in 0..200 {
+            let next = tokio::time::timeout(wait, rx.recv()).await.expect("a frame in time");
+            assert!(matches!(&next, Some(Inbound::Text(t, _)) if *t == format!("{{\"n\":{i}}}")), "{i}: {next:?}");
+        }
+        shutdown.cancel();
+        tokio::time::timeout(wait, task).await.expect("stops").expect("no panic");
     }
 
     #[tokio::test]

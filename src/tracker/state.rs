@@ -6,6 +6,12 @@
 //! persistent), or a `GET /queue` snapshot (prompts queued by others). It ends exactly once, from its terminal
 //! event or, when that was never seen, from its history entry; a prompt that left the queue without reaching
 //! history was deleted and ends `cancelled`.
+//!
+//! Everything is bounded: at most [`MAX_LIVE`] live prompts (beyond it the oldest prompt the bridge did not
+//! submit is forgotten, counted), at most [`MAX_PENDING_LOOKUPS`] history lookups asked for at a time (the rest
+//! wait their turn, each asked once), ids of others longer than [`MAX_ID_BYTES`] are not tracked, and the
+//! outputs gathered from events are limited to [`MAX_OUTPUT_BYTES`] in all. Each input costs work in
+//! proportion to itself, never to the number of prompts.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +28,18 @@ use crate::comfy::queue::{QueueItem, QueueSnapshot};
 pub const STATE_INTERVAL: Duration = Duration::from_millis(200);
 /// How many finished prompts are remembered, so late events and lookups do not bring them back.
 const FINISHED_MEMORY: usize = 4096;
+/// Most prompts tracked at once. ComfyUI runs one prompt at a time, so this is a queue of a thousand.
+pub const MAX_LIVE: usize = 1024;
+/// Most `GET /history/<id>` lookups asked for and not answered yet.
+pub const MAX_PENDING_LOOKUPS: usize = 32;
+/// A lookup not answered after this long (the resync worker gave up) is asked again later.
+const LOOKUP_TIMEOUT_MS: u64 = 180_000;
+/// Longest prompt id of a prompt the bridge did not submit that is tracked (ComfyUI's own are 36 bytes).
+pub const MAX_ID_BYTES: usize = 4096;
+/// Most bytes of node outputs (as their events carried them) held for all live prompts together.
+pub const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Most cached node ids remembered for a prompt whose workflow is not known.
+const MAX_UNKNOWN_DONE: usize = 1024;
 
 /// Where a prompt is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +117,14 @@ impl Effects {
 #[derive(Debug)]
 struct Prompt {
     id: String,
+    /// Tells this prompt from an earlier one with the same id in the tracker's queues.
+    seq: u64,
+    /// Submitted by the bridge ([`Tracker::expect`]): forgotten only when nothing else is left to forget.
+    own: bool,
+    /// Wants a lookup, but [`MAX_PENDING_LOOKUPS`] are out already.
+    waiting: bool,
+    /// Bytes of the events whose outputs are in `outputs`.
+    output_bytes: usize,
     phase: Phase,
     request_id: Option<String>,
     /// When the tracker first knew it: a queue snapshot requested before this cannot say it vanished.
@@ -123,6 +149,10 @@ impl Prompt {
     fn new(id: &str, phase: Phase, now: Instant) -> Self {
         Self {
             id: id.to_string(),
+            seq: 0,
+            own: false,
+            waiting: false,
+            output_bytes: 0,
             phase,
             request_id: None,
             known_since: now,
@@ -269,6 +299,25 @@ pub struct Tracker {
     finished_ids: HashMap<String, Option<String>>,
     /// Whether recent history has been read once: what was there before the bridge looked is not news.
     history_baseline: bool,
+    /// The next [`Prompt::seq`].
+    next_seq: u64,
+    /// Live prompts of others, then the bridge's own, oldest first: who is forgotten first. Entries of prompts
+    /// gone since are skipped (and compacted away).
+    foreign_order: VecDeque<(u64, String)>,
+    own_order: VecDeque<(u64, String)>,
+    /// Prompts waiting for a lookup slot, in the order they asked.
+    waiting: VecDeque<(u64, String)>,
+    /// Lookups asked for and not answered, and since when (ms). A slot is freed by the answer (or a timeout),
+    /// never by forgetting the prompt: the lookup is still on its way.
+    pending: HashMap<String, u64>,
+    /// `pending` oldest first; entries answered since are skipped (and compacted away).
+    pending_order: VecDeque<(u64, String)>,
+    /// The sum of every live prompt's `output_bytes`.
+    output_bytes: usize,
+    /// Prompts forgotten to stay within [`MAX_LIVE`].
+    forgotten: u64,
+    /// Lookups asked for, ever.
+    lookups_requested: u64,
 }
 
 impl Tracker {
@@ -280,6 +329,139 @@ impl Tracker {
             finished: VecDeque::new(),
             finished_ids: HashMap::new(),
             history_baseline: false,
+            next_seq: 0,
+            foreign_order: VecDeque::new(),
+            own_order: VecDeque::new(),
+            waiting: VecDeque::new(),
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            output_bytes: 0,
+            forgotten: 0,
+            lookups_requested: 0,
+        }
+    }
+
+    /// Prompts forgotten so far to stay within [`MAX_LIVE`].
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// History lookups asked for so far.
+    pub fn lookups_requested(&self) -> u64 {
+        self.lookups_requested
+    }
+
+    /// Lookups asked for and not answered yet.
+    pub fn lookups_pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Starts tracking `id` unless it is tracked already; makes room by forgetting the oldest prompt of others
+    /// (or, failing that, the oldest own one). `false` if it is not tracked: a foreign id that is too long.
+    fn admit(&mut self, id: &str, phase: Phase, now: Instant, own: bool) -> bool {
+        if self.prompts.contains_key(id) {
+            return true;
+        }
+        if !own && id.len() > MAX_ID_BYTES {
+            return false;
+        }
+        while self.prompts.len() >= MAX_LIVE && self.forget_oldest() {}
+        let mut prompt = Prompt::new(id, phase, now);
+        prompt.seq = self.next_seq;
+        prompt.own = own;
+        self.next_seq += 1;
+        self.order(own).push_back((prompt.seq, id.to_string()));
+        self.prompts.insert(id.to_string(), prompt);
+        true
+    }
+
+    /// The eviction queue for own or foreign prompts, compacted when it is mostly stale.
+    fn order(&mut self, own: bool) -> &mut VecDeque<(u64, String)> {
+        let (order, prompts) = match own {
+            true => (&mut self.own_order, &self.prompts),
+            false => (&mut self.foreign_order, &self.prompts),
+        };
+        if order.len() >= 2 * MAX_LIVE {
+            order.retain(|(seq, id)| prompts.get(id).is_some_and(|p| p.seq == *seq && p.own == own));
+        }
+        order
+    }
+
+    /// Forgets the oldest live prompt of others, else the oldest own one; `false` if there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let prompts = &self.prompts;
+        let oldest = |order: &mut VecDeque<(u64, String)>, own: bool| {
+            while let Some((seq, id)) = order.pop_front() {
+                if prompts.get(&id).is_some_and(|p| p.seq == seq && p.own == own) {
+                    return Some(id);
+                }
+            }
+            None
+        };
+        let Some(id) = oldest(&mut self.foreign_order, false).or_else(|| oldest(&mut self.own_order, true)) else {
+            return false;
+        };
+        self.remove(&id);
+        self.forgotten += 1;
+        crate::telemetry::prompt_forgotten();
+        true
+    }
+
+    /// Stops tracking a prompt, releasing its output bytes.
+    fn remove(&mut self, id: &str) -> Option<Prompt> {
+        let prompt = self.prompts.remove(id)?;
+        self.output_bytes -= prompt.output_bytes;
+        Some(prompt)
+    }
+
+    /// Asks for `pid`'s history, unless asked already; with [`MAX_PENDING_LOOKUPS`] out, it waits its turn.
+    fn request_lookup(&mut self, pid: &str, now_ms: u64, effects: &mut Effects) {
+        let Some(prompt) = self.prompts.get_mut(pid) else { return };
+        if prompt.waiting || self.pending.contains_key(pid) {
+            return;
+        }
+        if self.pending.len() < MAX_PENDING_LOOKUPS {
+            self.pending.insert(pid.to_string(), now_ms);
+            self.pending_order.push_back((now_ms, pid.to_string()));
+            self.lookups_requested += 1;
+            effects.lookups.push(pid.to_string());
+            let pending = &self.pending;
+            if self.pending_order.len() >= 4 * MAX_PENDING_LOOKUPS {
+                self.pending_order.retain(|(since, id)| pending.get(id) == Some(since));
+            }
+        } else {
+            prompt.waiting = true;
+            self.waiting.push_back((prompt.seq, pid.to_string()));
+            let prompts = &self.prompts;
+            if self.waiting.len() >= 2 * MAX_LIVE {
+                self.waiting.retain(|(seq, id)| prompts.get(id).is_some_and(|p| p.seq == *seq && p.waiting));
+            }
+        }
+    }
+
+    /// Lookups unanswered for [`LOOKUP_TIMEOUT_MS`] (the worker gave up) wait again; waiting ones take the
+    /// free slots.
+    fn pump_lookups(&mut self, now_ms: u64, effects: &mut Effects) {
+        while let Some((since, id)) = self.pending_order.front() {
+            let current = self.pending.get(id) == Some(since);
+            if current && now_ms.saturating_sub(*since) < LOOKUP_TIMEOUT_MS {
+                break;
+            }
+            let Some((_, id)) = self.pending_order.pop_front() else { break };
+            if current {
+                self.pending.remove(&id);
+                if let Some(prompt) = self.prompts.get_mut(&id) {
+                    prompt.waiting = true;
+                    self.waiting.push_back((prompt.seq, id));
+                }
+            }
+        }
+        while self.pending.len() < MAX_PENDING_LOOKUPS {
+            let Some((seq, id)) = self.waiting.pop_front() else { break };
+            if let Some(prompt) = self.prompts.get_mut(&id).filter(|p| p.seq == seq && p.waiting) {
+                prompt.waiting = false;
+                self.request_lookup(&id, now_ms, effects);
+            }
         }
     }
 
@@ -305,10 +487,16 @@ impl Tracker {
     /// The bridge is about to post `prompt_id`: remember who asked and what the workflow is, so that even
     /// events racing the HTTP answer carry the `request_id`.
     pub fn expect(&mut self, prompt_id: &str, request_id: Option<String>, workflow: &Value, now: Instant) {
-        let prompt =
-            self.prompts.entry(prompt_id.to_string()).or_insert_with(|| Prompt::new(prompt_id, Phase::Submitting, now));
+        self.admit(prompt_id, Phase::Submitting, now, true);
+        let Some(prompt) = self.prompts.get_mut(prompt_id) else { return };
         prompt.request_id = request_id;
         prompt.set_workflow(workflow);
+        if !prompt.own {
+            // Seen in an event first: now the bridge's own.
+            prompt.own = true;
+            let seq = prompt.seq;
+            self.order(true).push_back((seq, prompt_id.to_string()));
+        }
     }
 
     /// ComfyUI accepted a prompt the bridge posted.
@@ -326,7 +514,7 @@ impl Tracker {
     /// ComfyUI refused (or never got) a prompt the bridge tried to post: forget it.
     pub fn rejected(&mut self, prompt_id: &str) {
         if self.prompts.get(prompt_id).is_some_and(|p| p.phase == Phase::Submitting) {
-            self.prompts.remove(prompt_id);
+            self.remove(prompt_id);
         }
     }
 
@@ -352,12 +540,16 @@ impl Tracker {
         if !relevant {
             return Effects::default();
         }
-        if !self.prompts.contains_key(pid) {
-            if self.is_finished(pid) {
-                return Effects::default();
-            }
-            self.prompts.insert(pid.to_string(), Prompt::new(pid, Phase::Running, now));
+        let mut effects = Effects::default();
+        self.pump_lookups(now_ms, &mut effects);
+        if !self.prompts.contains_key(pid) && (self.is_finished(pid) || !self.admit(pid, Phase::Running, now, false)) {
+            return effects;
         }
+        effects.extend(self.on_tracked_event(event, pid, now_ms, now));
+        effects
+    }
+
+    fn on_tracked_event(&mut self, event: &TextEvent, pid: &str, now_ms: u64, now: Instant) -> Effects {
         // Progress is most of the traffic: read only its two numbers.
         let data: Data = if event.kind == Kind::Progress {
             let tick: Tick = serde_json::from_str(event.data.get()).unwrap_or_default();
@@ -379,7 +571,15 @@ impl Tracker {
             }
             Kind::ExecutionCached => {
                 let cached = data.nodes.as_ref().and_then(Value::as_array).into_iter().flatten();
-                prompt.done.extend(cached.filter_map(Value::as_str).map(str::to_string));
+                for node in cached.filter_map(Value::as_str) {
+                    let keep = match &prompt.nodes {
+                        Some(nodes) => nodes.contains(node),
+                        None => prompt.done.len() < MAX_UNKNOWN_DONE,
+                    };
+                    if keep {
+                        prompt.done.insert(node.to_string());
+                    }
+                }
                 lifecycle = true;
             }
             Kind::Executing => match as_text(&data.node) {
@@ -395,7 +595,11 @@ impl Tracker {
                     prompt.progress = None;
                 }
                 // `node: null`: the prompt is over. Without a terminal event before it, history says how.
-                None => return Effects { updates: Vec::new(), lookups: vec![pid.to_string()] },
+                None => {
+                    let mut effects = Effects::default();
+                    self.request_lookup(pid, now_ms, &mut effects);
+                    return effects;
+                }
             },
             Kind::Progress => {
                 if let (Some(value), Some(max)) = (data.value, data.max) {
@@ -405,7 +609,14 @@ impl Tracker {
             Kind::Executed => {
                 let node = event.node_id.clone().or_else(|| as_text(&data.node));
                 if let (Some(node), Some(output)) = (node, data.output.filter(|o| !o.is_null())) {
-                    merge_output(prompt.outputs.entry(node).or_insert(Value::Null), output);
+                    let size = event.data.get().len();
+                    if self.output_bytes + size <= MAX_OUTPUT_BYTES {
+                        self.output_bytes += size;
+                        prompt.output_bytes += size;
+                        merge_output(prompt.outputs.entry(node).or_insert(Value::Null), output);
+                    } else if crate::telemetry::warn_allowed("tracker", "outputs_full") {
+                        tracing::warn!(prompt_id = pid, size, "node outputs not kept: too many held for live prompts");
+                    }
                 }
                 if let Some(workflow_node) =
                     as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id.as_deref()))
@@ -440,13 +651,18 @@ impl Tracker {
             seen.insert(item.prompt_id.as_str());
             effects.extend(self.on_queue_item(item, position, now_ms, now));
         }
-        for prompt in self.prompts.values() {
-            let left = !seen.contains(prompt.id.as_str()) && prompt.known_since < requested;
-            if left && matches!(prompt.phase, Phase::Queued | Phase::Running) {
-                effects.lookups.push(prompt.id.clone());
-            }
+        let mut left: Vec<String> = self
+            .prompts
+            .values()
+            .filter(|p| !seen.contains(p.id.as_str()) && p.known_since < requested)
+            .filter(|p| matches!(p.phase, Phase::Queued | Phase::Running))
+            .map(|p| p.id.clone())
+            .collect();
+        left.sort();
+        for id in left {
+            self.request_lookup(&id, now_ms, &mut effects);
         }
-        effects.lookups.sort();
+        self.pump_lookups(now_ms, &mut effects);
         effects
     }
 
@@ -455,7 +671,10 @@ impl Tracker {
             return Effects::default();
         }
         let pid = item.prompt_id.as_str();
-        let prompt = self.prompts.entry(pid.to_string()).or_insert_with(|| Prompt::new(pid, Phase::Queued, now));
+        // Deep in a long queue, prompts of others are tracked once they come within reach.
+        let tracked =
+            self.prompts.contains_key(pid) || (position < MAX_LIVE && self.admit(pid, Phase::Queued, now, false));
+        let Some(prompt) = self.prompts.get_mut(pid).filter(|_| tracked) else { return Effects::default() };
         prompt.set_workflow(&item.prompt);
         if let Some(t) = item.extra_data.get("create_time").and_then(Value::as_u64) {
             prompt.queued_at.get_or_insert(t);
@@ -499,7 +718,9 @@ impl Tracker {
                     self.remember_finished(id.clone(), None);
                     continue;
                 }
-                self.prompts.insert(id.clone(), Prompt::new(id, Phase::Queued, now));
+                if !self.admit(id, Phase::Queued, now, false) {
+                    continue;
+                }
             }
             effects.extend(self.on_history(id, Some(entry), now_ms));
         }
@@ -508,6 +729,16 @@ impl Tracker {
 
     /// The history entry of a prompt that left the queue (`None`: ComfyUI does not know it, so it was deleted).
     pub fn on_history(&mut self, prompt_id: &str, entry: Option<&Value>, now_ms: u64) -> Effects {
+        self.pending.remove(prompt_id);
+        if let Some(prompt) = self.prompts.get_mut(prompt_id) {
+            prompt.waiting = false;
+        }
+        let mut effects = self.history_entry(prompt_id, entry, now_ms);
+        self.pump_lookups(now_ms, &mut effects);
+        effects
+    }
+
+    fn history_entry(&mut self, prompt_id: &str, entry: Option<&Value>, now_ms: u64) -> Effects {
         let Some(prompt) = self.prompts.get_mut(prompt_id) else { return Effects::default() };
         let Some(entry) = entry else {
             if prompt.phase == Phase::Submitting {
@@ -551,7 +782,7 @@ impl Tracker {
     }
 
     fn finish(&mut self, pid: &str, phase: Phase, at: u64, error: Option<Value>) -> Effects {
-        let Some(mut prompt) = self.prompts.remove(pid) else { return Effects::default() };
+        let Some(mut prompt) = self.remove(pid) else { return Effects::default() };
         prompt.phase = phase;
         prompt.finished_at = Some(at);
         prompt.error = error;

@@ -247,3 +247,116 @@ fn recent_history_reports_prompts_that_came_and_went_unseen_but_not_old_ones() {
     assert_eq!(states(&updates)[0]["state"], "success");
     assert!(tracker.on_recent_history(&recent, 3, now).updates.is_empty(), "reported once");
 }
+
+fn event(kind: &str, pid: &str, extra: &str) -> TextEvent {
+    parse_text(&format!(r#"{{"type":"{kind}","data":{{"prompt_id":"{pid}"{extra}}}}}"#)).expect("frame")
+}
+
+#[test]
+fn a_hundred_thousand_prompt_ids_stay_within_the_bounds_and_ask_history_a_bounded_number_of_times() {
+    let mut tracker = Tracker::new(BASE);
+    let start = Instant::now();
+    tracker.expect("mine", Some("req-1".into()), &json!({"1": {"class_type": "X", "inputs": {}}}), start);
+    tracker.accepted("mine", 1, start);
+    let mut lookups = 0;
+    for i in 0..100_000u64 {
+        let pid = format!("flood-{i}");
+        let now = start + Duration::from_micros(i);
+        let begun = tracker.on_event(&event("execution_start", &pid, r#","timestamp":1"#), 2 + i, now);
+        assert!(begun.lookups.is_empty());
+        // Each ends without a terminal event: only history can say how.
+        let ended = tracker.on_event(&event("executing", &pid, r#","node":null"#), 2 + i, now);
+        lookups += ended.lookups.len();
+        assert!(tracker.live() <= MAX_LIVE);
+    }
+    assert_eq!(tracker.live(), MAX_LIVE);
+    assert_eq!(tracker.forgotten(), 100_000 + 1 - MAX_LIVE as u64);
+    assert_eq!(lookups, MAX_PENDING_LOOKUPS, "no answers yet: only the first slots were asked");
+    assert_eq!(tracker.lookups_requested(), MAX_PENDING_LOOKUPS as u64);
+    assert_eq!(tracker.request_id("mine"), Some("req-1"), "the bridge's own prompt is forgotten last");
+
+    // Answers come: each frees a slot for one waiting prompt still tracked, never a forgotten one.
+    let mut asked: Vec<String> = Vec::new();
+    let mut answered = 0;
+    let mut next = (0..MAX_PENDING_LOOKUPS).map(|i| format!("flood-{i}")).collect::<VecDeque<_>>();
+    while let Some(pid) = next.pop_front() {
+        let effects = tracker.on_history(&pid, None, 200_000);
+        answered += 1;
+        for id in effects.lookups {
+            assert!(!asked.contains(&id), "{id} asked twice");
+            asked.push(id.clone());
+            next.push_back(id);
+        }
+    }
+    assert!(answered <= MAX_LIVE + MAX_PENDING_LOOKUPS, "{answered} lookups in all");
+    assert_eq!(tracker.live(), 1, "every flood prompt ended (cancelled: unknown to history)");
+    assert_eq!(tracker.lookups_pending(), 0);
+}
+
+#[test]
+fn a_lookup_is_asked_once_and_waiting_ones_get_the_free_slots() {
+    let mut tracker = Tracker::new(BASE);
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..MAX_PENDING_LOOKUPS + 3).map(|i| format!("p{i:02}")).collect();
+    let pending = json!({"queue_running": [], "queue_pending": ids.iter().map(|id| json!([1, id, {}, {}, []])).collect::<Vec<_>>()});
+    tracker.on_queue(&QueueSnapshot::parse(&pending).expect("queue"), t0, 1, t0);
+    let t1 = t0 + Duration::from_millis(5);
+    let first = tracker.on_queue(&QueueSnapshot::default(), t1, 2, t1).lookups;
+    assert_eq!(first, ids[..MAX_PENDING_LOOKUPS]);
+    assert!(tracker.on_queue(&QueueSnapshot::default(), t1, 3, t1).lookups.is_empty(), "asked already");
+    let end = event("executing", &ids[0], r#","node":null"#);
+    assert!(tracker.on_event(&end, 4, t1).lookups.is_empty(), "asked already");
+
+    let history = fixture("history.success.json");
+    let entry = history.as_object().and_then(|h| h.values().next()).expect("entry");
+    let effects = tracker.on_history(&ids[0], Some(entry), 5);
+    assert_eq!(results(&effects.updates)[0]["status"], "success");
+    assert_eq!(effects.lookups, [ids[MAX_PENDING_LOOKUPS].clone()], "a freed slot goes to the next waiting one");
+}
+
+#[test]
+fn an_unanswered_lookup_is_asked_again_later() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    tracker.on_event(&event("execution_start", "p", r#","timestamp":1"#), 1, now);
+    assert_eq!(tracker.on_event(&event("executing", "p", r#","node":null"#), 2, now).lookups, ["p"]);
+    assert!(tracker.on_event(&event("progress", "q", r#","value":1,"max":2"#), 60_000, now).lookups.is_empty());
+    // The resync worker gave up; three minutes on, the next input asks again.
+    let later = tracker.on_event(&event("progress", "q", r#","value":2,"max":2"#), 200_000, now);
+    assert_eq!(later.lookups, ["p"]);
+    assert_eq!(tracker.lookups_pending(), 1);
+}
+
+#[test]
+fn a_queue_of_a_hundred_thousand_tracks_its_head_only() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    let items: Vec<Value> = (0..100_000).map(|i| json!([i, format!("q{i:06}"), {}, {}, []])).collect();
+    let queue = QueueSnapshot::parse(&json!({"queue_running": [], "queue_pending": items})).expect("queue");
+    let effects = tracker.on_queue(&queue, now, 1, now);
+    assert!(tracker.live() < MAX_LIVE);
+    assert!(effects.updates.len() < MAX_LIVE);
+    assert_eq!(tracker.forgotten(), 0, "nothing was forgotten: the rest is not tracked yet");
+    assert!(tracker.on_queue(&queue, now, 2, now).updates.is_empty(), "nothing new, nothing published");
+}
+
+#[test]
+fn foreign_ids_too_long_are_not_tracked_and_outputs_held_are_bounded() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    let long = "x".repeat(MAX_ID_BYTES + 1);
+    assert!(tracker.on_event(&event("execution_start", &long, r#","timestamp":1"#), 1, now).updates.is_empty());
+    assert_eq!(tracker.live(), 0);
+
+    // 20 events of 1 MiB of outputs each: more than the tracker holds.
+    let image = format!(r#"{{"filename":"{}.png","subfolder":"","type":"output"}}"#, "i".repeat(16_000));
+    let images = vec![image.as_str(); 64].join(",");
+    let executed = event("executed", "p", &format!(r#","node":"9","output":{{"images":[{images}]}}"#));
+    for i in 0..20 {
+        tracker.on_event(&executed, 2 + i, now);
+    }
+    let done = tracker.on_event(&event("execution_success", "p", r#","timestamp":3"#), 200, now);
+    let result = results(&done.updates).remove(0);
+    let kept = result["outputs"]["9"]["images"].as_array().map_or(0, Vec::len);
+    assert!(kept > 0 && kept * 16_000 <= MAX_OUTPUT_BYTES, "{kept} images kept");
+}
