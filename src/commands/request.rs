@@ -208,7 +208,8 @@ pub fn check_filename(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_size(len: usize, max: usize) -> Result<(), Failure> {
+/// `payload_too_large` when `len` is over `max`.
+pub fn check_size(len: usize, max: usize) -> Result<(), Failure> {
     if len <= max {
         return Ok(());
     }
