@@ -19,6 +19,8 @@ use crate::telemetry;
 const OVERFLOW_CAPACITY: usize = 1024;
 /// Longest command name kept in an overflow notice.
 const MAX_COMMAND_BYTES: usize = 64;
+/// Largest payload kept in an overflow notice (so that its `busy` answer can echo the request's id).
+const MAX_NOTICE_PAYLOAD: usize = 4096;
 
 /// A request's share of the byte budget, released when it is dropped.
 #[derive(Debug)]
@@ -56,6 +58,8 @@ pub struct Overflow {
     pub command: String,
     /// Where its requester wanted the answer.
     pub reply: Option<Reply>,
+    /// Its payload when small, to read the id from; else empty.
+    pub payload: bytes::Bytes,
     /// When it arrived.
     pub received: Instant,
 }
@@ -121,10 +125,13 @@ impl Inbox {
     }
 
     fn overflow(&self, inquiry: Inquiry, received: Instant) {
-        let Inquiry { bus, path, reply, .. } = inquiry;
+        let Inquiry { bus, path, reply, mut payload, .. } = inquiry;
         let command = path.split('/').next().unwrap_or_default();
         let command = cut(command, MAX_COMMAND_BYTES).to_string();
-        let notice = Overflow { bus, command, reply, received };
+        if payload.len() > MAX_NOTICE_PAYLOAD {
+            payload = bytes::Bytes::new();
+        }
+        let notice = Overflow { bus, command, reply, payload, received };
         if self.overflow.try_send(notice).is_err() {
             telemetry::request_ignored(bus, "inbox_full", &path);
         }

@@ -64,10 +64,23 @@ struct Finished {
     id: Option<String>,
     started: Instant,
     outcome: Outcome,
-    /// The answer is remembered for repeats of the id (not when the request was turned away unstarted).
-    remember: bool,
+    /// What the answer does to the record of its request id.
+    record: Record,
     /// The request's payload bytes, released once answered.
     held: Held,
+}
+
+/// What an answer does to the record of its request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Carried out: repeats of the id get this answer again.
+    Remember,
+    /// Turned away after it was recorded as pending (busy, waited too long): the repeats waiting for it get the
+    /// same answer, and the id is forgotten, so a retry is carried out.
+    Release,
+    /// Rejected before it was recorded (unparsable, refused reply, not allowed, no room): the record of the id,
+    /// if another request with it is pending, is not this request's.
+    Untouched,
 }
 
 /// The work of a request that talks to ComfyUI, made into a future when it starts.
@@ -92,7 +105,7 @@ impl Job {
     /// Answered without being started.
     fn turned_away(self, failure: Failure) -> Finished {
         let Job { target, id, started, held, .. } = self;
-        Finished { target, id, started, outcome: Err(failure), remember: false, held }
+        Finished { target, id, started, outcome: Err(failure), record: Record::Release, held }
     }
 }
 
@@ -231,13 +244,14 @@ impl Plane {
 
     /// A request the inbox had no room for.
     async fn busy(&mut self, notice: Overflow) {
-        let Overflow { bus, command, reply, received } = notice;
+        let Overflow { bus, command, reply, payload, received } = notice;
         let reply = reply.filter(|r| self.replies.check(bus, &r.to).is_ok());
         let command = topics::unescape(&command).unwrap_or(command);
         let target = Target { bus, reply, command };
+        let id = request::id_of(&payload);
         let failure = Failure::new(Code::Busy, "the bridge has no room for more requests: try again later");
         let outcome = Err(failure);
-        self.finish(Finished { target, id: None, started: received, outcome, remember: false, held: Held::none() })
+        self.finish(Finished { target, id, started: received, outcome, record: Record::Untouched, held: Held::none() })
             .await;
     }
 
@@ -347,7 +361,7 @@ impl Plane {
             Err(rejected) => {
                 let outcome = Err(rejected.failure);
                 return self
-                    .finish(Finished { target, id: rejected.id, started, outcome, remember: false, held })
+                    .finish(Finished { target, id: rejected.id, started, outcome, record: Record::Untouched, held })
                     .await;
             }
         };
@@ -357,7 +371,7 @@ impl Plane {
             id: id.clone(),
             started,
             outcome: Err(failure),
-            remember: false,
+            record: Record::Untouched,
             held: Held::none(),
         };
         if let Some(why) = refused {
@@ -420,7 +434,7 @@ impl Plane {
             command => return self.enqueue(jobs, request, Work::Call(command), span).await,
         };
         let Received { target, id, started, held } = request;
-        self.finish(Finished { target, id, started, outcome, remember: true, held }).await;
+        self.finish(Finished { target, id, started, outcome, record: Record::Remember, held }).await;
     }
 
     /// Starts `work` now if a slot is free, else queues it; a full queue answers `busy`.
@@ -460,7 +474,7 @@ impl Plane {
         jobs.spawn(
             async move {
                 let outcome = work.await;
-                Finished { target, id, started, outcome, remember: true, held }
+                Finished { target, id, started, outcome, record: Record::Remember, held }
             }
             .instrument(span),
         );
@@ -468,18 +482,18 @@ impl Plane {
 
     /// Answers, remembers the answer for repeats of its id, and answers those repeats too.
     async fn finish(&mut self, finished: Finished) {
-        let Finished { target, id, started, outcome, remember, held } = finished;
+        let Finished { target, id, started, outcome, record, held } = finished;
         let code = outcome.as_ref().err().map(|f| f.code.as_str());
         telemetry::request_answered(&target.command, code, started.elapsed());
         let response = response::render(id.as_deref(), &outcome);
         let mut waiting = Vec::new();
-        if let Some(id) = id {
+        if let Some(id) = id.filter(|_| record != Record::Untouched) {
             self.forget_old();
             let key = (target.command.clone(), id);
             // Only a request that got as far as being carried out is remembered: a rejected one did nothing.
             if let Some(Answer::Pending(w)) = self.answers.remove(&key) {
                 waiting = w;
-                if remember {
+                if record == Record::Remember {
                     self.answers.insert(key, Answer::Done(response.clone(), Instant::now()));
                 }
             }

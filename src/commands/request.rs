@@ -167,6 +167,11 @@ pub fn parse(command: &str, payload: &[u8], max_payload_bytes: usize) -> Result<
     Ok(Request { id, command })
 }
 
+/// The `id` of a JSON request payload, when it has a valid one: for answers that do not parse the rest.
+pub fn id_of(payload: &[u8]) -> Option<String> {
+    parse_object(payload).ok().and_then(|fields| read_id(&fields).ok().flatten())
+}
+
 /// Parses a raw-bytes upload on `request/upload/<filename>`. `filename_level` is the level as received, escaped
 /// per INTERFACE.md §1; the file goes to the top of the input folder and never overwrites.
 pub fn parse_raw_upload(filename_level: &str, payload: Bytes, max_payload_bytes: usize) -> Result<Request, Rejected> {
