@@ -46,6 +46,30 @@ async fn start_mqtt(broker: &Mosquitto, sim: &Simulator, s: Settings, state: tem
     daemon
 }
 
+/// A bridge on NATS only, with `/metrics` on a port of its own, answering requests.
+struct NatsBridge {
+    _nats: NatsServer,
+    sim: Simulator,
+    daemon: Daemon,
+    client: async_nats::Client,
+    /// The `/metrics` port.
+    port: u16,
+}
+
+async fn start_nats(configure: impl FnOnce(&mut Settings)) -> NatsBridge {
+    let nats = NatsServer::start();
+    let sim = simulator(ALL, 0.0).await;
+    let (mut s, state) = settings(&sim, None, Some(&nats));
+    let port = free_port();
+    s.http.listen = format!("127.0.0.1:{port}");
+    configure(&mut s);
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let client = nats_client(&nats).await;
+    nats_ready(&client, "comfyui.local").await;
+    NatsBridge { _nats: nats, sim, daemon, client, port }
+}
+
 /// A requester allowed to publish only requests cannot make the bridge publish, as itself, a result of someone
 /// else's prompt, its own availability, a Home Assistant config, a command to itself or a JetStream API call:
 /// every such reply is refused with `invalid_request` on `response/<command>`, and the request does nothing.
@@ -170,14 +194,8 @@ async fn home_assistant_commands_obey_read_only_and_the_allow_list() {
 /// stays small.
 #[tokio::test]
 async fn unknown_command_names_do_not_grow_the_metrics() {
-    let nats = NatsServer::start();
-    let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, None, Some(&nats));
-    let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
-    let daemon = Daemon::start(s, state);
-    let client = nats_client(&nats).await;
-    nats_ready(&client, "comfyui.local").await;
+    let bridge = start_nats(|_| {}).await;
+    let (client, port) = (&bridge.client, bridge.port);
 
     let inbox = client.new_inbox();
     let mut answers = client.subscribe(inbox.clone()).await.expect("subscribe");
@@ -197,7 +215,7 @@ async fn unknown_command_names_do_not_grow_the_metrics() {
     assert!(requests < 60, "{requests} requests_total series");
     assert!(!body.contains("made-up"), "no label carries a made-up name");
     assert!(body.len() < 64 * 1024, "/metrics is {} bytes", body.len());
-    daemon.stop().await;
+    bridge.daemon.stop().await;
 }
 
 /// A flood of `status` requests while ComfyUI is slow: the excess is answered `busy` at once, those that waited
@@ -205,17 +223,12 @@ async fn unknown_command_names_do_not_grow_the_metrics() {
 /// and a `queue` request sent afterwards is answered within seconds.
 #[tokio::test]
 async fn a_request_flood_is_answered_busy_and_a_later_request_still_gets_through() {
-    let nats = NatsServer::start();
-    let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, None, Some(&nats));
-    let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
-    s.commands.max_waiting_requests = 16;
-    s.comfyui.request_timeout_ms = 1_000;
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
-    let client = nats_client(&nats).await;
-    nats_ready(&client, "comfyui.local").await;
+    let bridge = start_nats(|s| {
+        s.commands.max_waiting_requests = 16;
+        s.comfyui.request_timeout_ms = 1_000;
+    })
+    .await;
+    let (sim, client, port) = (&bridge.sim, &bridge.client, bridge.port);
     sim.set_http_delay(Duration::from_millis(600));
 
     const FLOOD: usize = 400;
@@ -251,13 +264,12 @@ async fn a_request_flood_is_answered_busy_and_a_later_request_still_gets_through
         .expect("workflow"),
     )
     .expect("json");
-    let queued =
-        nats_request(&client, "comfyui.local.request.queue", json!({ "workflow": workflow }).to_string()).await;
+    let queued = nats_request(client, "comfyui.local.request.queue", json!({ "workflow": workflow }).to_string()).await;
     assert_eq!(queued["status"], "ok", "{queued}");
 
     let series = r#"comfy_bridge_requests_total{command="status",outcome="busy"}"#;
     metrics_until(port, |b| sample(b, series) >= busy as f64).await;
-    daemon.stop().await;
+    bridge.daemon.stop().await;
 }
 
 /// `{"id":"big","pad":"xxx…"}`, `len` bytes long.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::bus::{Bus, Inquiry, Reply};
+use crate::bus::{Bus, Inquiry, InquiryKind, Reply};
 use crate::telemetry;
 
 /// Most overflow notices (requests that found the inbox full) waiting to be answered `busy`; beyond this they
@@ -125,6 +125,10 @@ impl Inbox {
     }
 
     fn overflow(&self, inquiry: Inquiry, received: Instant) {
+        if inquiry.kind != InquiryKind::Request {
+            // Home Assistant's messages get no answer: only counted.
+            return telemetry::request_ignored(inquiry.bus, "inbox_full", &inquiry.path);
+        }
         let Inquiry { bus, path, reply, mut payload, .. } = inquiry;
         let command = path.split('/').next().unwrap_or_default();
         let command = cut(command, MAX_COMMAND_BYTES).to_string();
@@ -216,8 +220,6 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    use crate::bus::InquiryKind;
-
     fn inquiry(path: &str, bytes: usize) -> Inquiry {
         let payload = Bytes::from(vec![b' '; bytes]);
         Inquiry { kind: InquiryKind::Request, bus: Bus::Nats, path: path.into(), payload, reply: None }
@@ -256,6 +258,16 @@ mod tests {
         inbox.offer(inquiry("queue", 5000));
         let entry = outlet.entries.try_recv().expect("taken, to be answered payload_too_large");
         assert_eq!((entry.size, entry.inquiry.payload.len()), (5000, 0));
+    }
+
+    #[test]
+    fn home_assistant_messages_without_room_are_only_counted() {
+        let (inbox, mut outlet) = inbox(1, 1000, 1000);
+        inbox.offer(inquiry("status", 0));
+        let mut set = inquiry("prompt", 0);
+        set.kind = InquiryKind::HomeAssistantSet;
+        inbox.offer(set);
+        assert!(outlet.overflow.try_recv().is_err(), "no busy answer for Home Assistant");
     }
 
     #[test]
