@@ -333,11 +333,7 @@ impl Plane {
     /// A request on `request/<command>`.
     async fn take_request(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
         let Entry { inquiry, received: started, size, held } = entry;
-        let (command_level, rest) = match inquiry.path.split_once('/') {
-            Some((first, rest)) => (first, Some(rest)),
-            None => (inquiry.path.as_str(), None),
-        };
-        let command = topics::unescape(command_level).unwrap_or_else(|| command_level.to_string());
+        let command = request::command_of(&inquiry.path);
         // A refused reply is answered on the default topic, and the request does nothing.
         let (reply, refused) = match inquiry.reply {
             Some(reply) => match self.replies.check(inquiry.bus, &reply.to) {
@@ -346,16 +342,8 @@ impl Plane {
             },
             None => (None, None),
         };
-        let target = Target { bus: inquiry.bus, reply, command: command.clone() };
-        let parsed = request::check_size(size, self.max_payload_bytes)
-            .map_err(|failure| request::Rejected { id: None, failure })
-            .and_then(|()| match (command.as_str(), rest) {
-                ("upload", Some(filename)) => {
-                    request::parse_raw_upload(filename, inquiry.payload, self.max_payload_bytes)
-                }
-                (_, Some(_)) => request::parse(&inquiry.path, b"", self.max_payload_bytes),
-                (_, None) => request::parse(&command, &inquiry.payload, self.max_payload_bytes),
-            });
+        let target = Target { bus: inquiry.bus, reply, command };
+        let parsed = request::parse_path(&inquiry.path, inquiry.payload, size, self.max_payload_bytes);
         let request = match parsed {
             Ok(request) => request,
             Err(rejected) => {
