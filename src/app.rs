@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::bus::{self, Bus};
 use crate::comfy::{self, http::ComfyHttp, ws::WsClient};
+use crate::commands::inbox::inbox;
 use crate::commands::plane::Plane;
 use crate::config::Settings;
 use crate::health::Health;
@@ -60,7 +61,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
     }
-    let (request_tx, request_rx) = mpsc::unbounded_channel();
+    let c = &settings.commands;
+    let (request_tx, request_rx) = inbox(c.max_waiting_requests, c.max_waiting_bytes, c.max_payload_bytes);
     let home_assistant = settings.homeassistant.enabled && settings.mqtt.enabled;
     let requests = (settings.commands.enabled || home_assistant).then_some(request_tx);
     let mut buses = Vec::new();

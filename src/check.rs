@@ -32,8 +32,43 @@ pub fn check(settings: &Settings) -> Checked {
             let _ = writeln!(out, "ERROR  {file}: {error}");
         }
     }
+    if settings.commands.enabled {
+        out.push_str(&limits(settings));
+    }
     out.push_str(&report(settings));
     Checked { report: out, problems }
+}
+
+/// What size of request is answered how, on each bus.
+fn limits(settings: &Settings) -> String {
+    let (c, m) = (&settings.commands, &settings.mqtt);
+    let mut out = String::from("\n# request limits\n");
+    let _ = writeln!(
+        out,
+        "requests up to {} bytes are taken (commands.max_payload_bytes); larger ones are answered payload_too_large",
+        c.max_payload_bytes
+    );
+    if m.enabled {
+        let room = m.max_packet_bytes.saturating_sub(c.max_payload_bytes);
+        let _ = writeln!(
+            out,
+            "mqtt: packets up to {} bytes (mqtt.max_packet_bytes) leave {room} bytes for topic and properties \
+             (at least {} needed); a request packet above it cannot be answered: v5 brokers drop it, \
+             v3.1.1 brokers deliver it and the bridge reconnects",
+            m.max_packet_bytes,
+            crate::config::REQUEST_OVERHEAD_BYTES
+        );
+    }
+    if settings.nats.enabled {
+        let _ = writeln!(out, "nats: a request above the server's max_payload is refused by the server");
+    }
+    let _ = writeln!(
+        out,
+        "at most {} requests and {} payload bytes wait (commands.max_waiting_requests, commands.max_waiting_bytes); \
+         more are answered busy, and one that waited over {} ms (comfyui.request_timeout_ms) comfyui_unavailable",
+        c.max_waiting_requests, c.max_waiting_bytes, settings.comfyui.request_timeout_ms
+    );
+    out
 }
 
 /// The topic map.
@@ -80,6 +115,8 @@ mod tests {
         assert_eq!(good.problems, 0, "{}", good.report);
         assert!(good.report.contains("ok     txt2img (7 nodes)"), "{}", good.report);
         assert!(good.report.contains("comfyui/local/prompt/<pid>/result | comfyui.local.prompt.<pid>.result"));
+        assert!(good.report.contains("requests up to 8388608 bytes are taken"), "{}", good.report);
+        assert!(good.report.contains("packets up to 16777216 bytes (mqtt.max_packet_bytes) leave 8388608 bytes"));
 
         std::fs::write(dir.path().join("broken.json"), "[1, 2").expect("write");
         let bad = check(&settings);

@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize, Serializer};
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "COMFY_BRIDGE";
 
+/// Room an MQTT request packet needs besides its payload: fixed header, topic, packet id and properties
+/// (response topic, correlation data). `commands.max_payload_bytes` plus this must fit `mqtt.max_packet_bytes`,
+/// so that a request over the command limit still reaches the bridge and is answered `payload_too_large`.
+pub const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -270,10 +275,16 @@ pub struct CommandSettings {
     pub allow: Vec<String>,
     /// Directory of API-format workflow templates (`*.json`).
     pub templates_dir: PathBuf,
-    /// Largest request payload, in bytes.
+    /// Largest request payload, in bytes. With MQTT, at most `mqtt.max_packet_bytes` minus
+    /// [`REQUEST_OVERHEAD_BYTES`], so that a larger request still arrives and is answered `payload_too_large`.
     pub max_payload_bytes: usize,
     /// Node classes a queued workflow may not contain (e.g. nodes that run code or touch files).
     pub deny_node_classes: Vec<String>,
+    /// Most requests waiting for ComfyUI at once (beyond the ones running); more are answered `busy`.
+    pub max_waiting_requests: usize,
+    /// Most payload bytes held by requests received and not yet answered; more are answered `busy`. At least
+    /// `max_payload_bytes`.
+    pub max_waiting_bytes: usize,
 }
 
 impl Default for CommandSettings {
@@ -282,8 +293,10 @@ impl Default for CommandSettings {
             enabled: true,
             allow: Vec::new(),
             templates_dir: PathBuf::from("templates"),
-            max_payload_bytes: 16 * 1024 * 1024,
+            max_payload_bytes: 8 * 1024 * 1024,
             deny_node_classes: Vec::new(),
+            max_waiting_requests: 256,
+            max_waiting_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -392,6 +405,28 @@ impl Settings {
         if self.bridge.outbox_capacity == 0 {
             return invalid("bridge.outbox_capacity", "must be at least 1");
         }
+        self.validate_commands()
+    }
+
+    /// The request limits: what the MQTT path can carry, and room for at least one largest request.
+    fn validate_commands(&self) -> Result<(), ConfigError> {
+        let c = &self.commands;
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if c.enabled && self.mqtt.enabled && c.max_payload_bytes + REQUEST_OVERHEAD_BYTES > self.mqtt.max_packet_bytes {
+            let most = self.mqtt.max_packet_bytes.saturating_sub(REQUEST_OVERHEAD_BYTES);
+            let reason = format!(
+                "must leave {REQUEST_OVERHEAD_BYTES} bytes of `mqtt.max_packet_bytes` ({}) for topic and properties: \
+                 at most {most}, or a request over the limit could not even be answered",
+                self.mqtt.max_packet_bytes
+            );
+            return invalid("commands.max_payload_bytes", reason);
+        }
+        if c.max_waiting_requests == 0 {
+            return invalid("commands.max_waiting_requests", "must be at least 1".into());
+        }
+        if c.max_waiting_bytes < c.max_payload_bytes {
+            return invalid("commands.max_waiting_bytes", "must be at least `commands.max_payload_bytes`".into());
+        }
         Ok(())
     }
 
@@ -472,6 +507,21 @@ mod tests {
             let err = Settings::load_with_env(None, env(&[(key, value)])).expect_err(key);
             assert!(matches!(err, ConfigError::Invalid { key, .. } if key == name), "{err}");
         }
+    }
+
+    #[test]
+    fn the_request_limit_must_fit_what_mqtt_can_carry() {
+        let too_big = (16 * 1024 * 1024).to_string();
+        let err = Settings::load_with_env(None, env(&[("COMFY_BRIDGE__COMMANDS__MAX_PAYLOAD_BYTES", &too_big)]))
+            .expect_err("16 MiB of payload cannot fit a 16 MiB packet with its topic");
+        assert!(matches!(&err, ConfigError::Invalid { key: "commands.max_payload_bytes", .. }), "{err}");
+        assert!(err.to_string().contains("at most 16711680"), "{err}");
+        let fits =
+            env(&[("COMFY_BRIDGE__COMMANDS__MAX_PAYLOAD_BYTES", &too_big), ("COMFY_BRIDGE__MQTT__ENABLED", "false")]);
+        assert!(Settings::load_with_env(None, fits).is_ok(), "without MQTT only NATS's own limit applies");
+        let small = env(&[("COMFY_BRIDGE__COMMANDS__MAX_WAITING_BYTES", "1000")]);
+        let err = Settings::load_with_env(None, small).expect_err("one largest request must fit");
+        assert!(matches!(&err, ConfigError::Invalid { key: "commands.max_waiting_bytes", .. }), "{err}");
     }
 
     #[test]

@@ -48,9 +48,11 @@ struct Labelled {
     events: BTreeMap<String, u64>,
     drops: BTreeMap<(&'static str, &'static str), u64>,
     reconnects: BTreeMap<&'static str, u64>,
-    requests: BTreeMap<(String, String), u64>,
-    /// Per command: bucket counts, then the sum of seconds.
-    latency: BTreeMap<String, ([u64; LATENCY_BUCKETS.len() + 1], f64)>,
+    /// By command label (bounded: unknown names are `other`) and outcome (`ok` or an error code).
+    requests: BTreeMap<(&'static str, &'static str), u64>,
+    ignored: BTreeMap<(&'static str, &'static str), u64>,
+    /// Per command label: bucket counts, then the sum of seconds.
+    latency: BTreeMap<&'static str, ([u64; LATENCY_BUCKETS.len() + 1], f64)>,
 }
 
 /// The counters.
@@ -71,6 +73,7 @@ pub static COUNTERS: Counters = Counters {
         drops: BTreeMap::new(),
         reconnects: BTreeMap::new(),
         requests: BTreeMap::new(),
+        ignored: BTreeMap::new(),
         latency: BTreeMap::new(),
     }),
 };
@@ -293,21 +296,30 @@ pub fn init(filter: &str, json: bool) {
     }
 }
 
-/// A message on a request topic was not taken as a request.
+/// A message on a request topic was not taken as a request (and not answered). Logged as a warning the
+/// first ten times and then at every power of two, so a flood cannot flood the log.
 pub fn request_ignored(bus: Bus, reason: &'static str, topic: &str) {
     let total = COUNTERS.requests_ignored.fetch_add(1, Relaxed) + 1;
-    tracing::warn!(bus = bus.name(), reason, topic, total, "ignored message on a request topic");
+    *labelled().ignored.entry((bus.name(), reason)).or_default() += 1;
+    let topic = topic.get(..topic.len().min(128)).unwrap_or_default();
+    if total <= 10 || total.is_power_of_two() {
+        tracing::warn!(bus = bus.name(), reason, topic, total, "ignored message on a request topic");
+    } else {
+        tracing::debug!(bus = bus.name(), reason, topic, total, "ignored message on a request topic");
+    }
 }
 
-/// A request was answered; `code` is the error code, `None` for success.
-pub fn request_answered(command: &str, code: Option<&str>, elapsed: std::time::Duration) {
+/// A request was answered; `code` is the error code, `None` for success. `command` is counted under its
+/// name when it is a known command, else as `other`.
+pub fn request_answered(command: &str, code: Option<&'static str>, elapsed: std::time::Duration) {
+    let command = crate::commands::policy::metric_label(command);
     let ok = code.is_none();
     COUNTERS.requests[usize::from(!ok)].fetch_add(1, Relaxed);
     let seconds = elapsed.as_secs_f64();
     {
         let mut l = labelled();
-        *l.requests.entry((command.to_string(), code.unwrap_or("ok").to_string())).or_default() += 1;
-        let (buckets, sum) = l.latency.entry(command.to_string()).or_default();
+        *l.requests.entry((command, code.unwrap_or("ok"))).or_default() += 1;
+        let (buckets, sum) = l.latency.entry(command).or_default();
         let bucket = LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
         buckets[bucket] += 1;
         *sum += seconds;
@@ -358,11 +370,13 @@ pub fn render_metrics() -> String {
         .map(|((command, outcome), v)| (format!("{{command=\"{}\",outcome=\"{outcome}\"}}", label(command)), *v))
         .collect();
     metric("requests_total", "counter", "Requests answered, by command and outcome (ok or error code).", &requests);
+    let ignored: Vec<_> =
+        l.ignored.iter().map(|((bus, reason), v)| (format!("{{bus=\"{bus}\",reason=\"{reason}\"}}"), *v)).collect();
     metric(
         "requests_ignored_total",
         "counter",
-        "Messages on request topics that were not requests.",
-        &one(&c.requests_ignored),
+        "Messages on request topics that were neither taken nor answered, by bus and reason.",
+        &ignored,
     );
     metric("comfyui_queue_remaining", "gauge", "ComfyUI's pending plus running prompts.", &one(&c.comfyui_queue));
     let _ = writeln!(

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
 use crate::comfy::backoff;
+use crate::commands::inbox::Inbox;
 use crate::config::Settings;
 use crate::health::{Health, Part};
 use crate::telemetry;
@@ -135,7 +136,7 @@ fn host_port(url: &str) -> Result<(String, u16, bool), MqttError> {
 pub fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
-    requests: Option<mpsc::UnboundedSender<Inquiry>>,
+    requests: Option<Inbox>,
     health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
@@ -313,7 +314,7 @@ struct Intake {
     prefix: Option<String>,
     /// With Home Assistant discovery: `<base>/<inst>/ha/` and `<discovery prefix>/status`.
     home_assistant: Option<(String, String)>,
-    tx: mpsc::UnboundedSender<Inquiry>,
+    tx: Inbox,
 }
 
 impl Intake {
@@ -347,9 +348,8 @@ impl Intake {
             return;
         }
         let inquiry = Inquiry { kind, bus: Bus::Mqtt, path: path.to_string(), payload, reply };
-        if self.tx.send(inquiry).is_err() {
-            telemetry::request_ignored(Bus::Mqtt, "shutting_down", &topic);
-        }
+        // Never waits: what does not fit is answered `busy` or counted.
+        self.tx.offer(inquiry);
     }
 }
 

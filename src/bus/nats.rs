@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
+use crate::commands::inbox::Inbox;
 use crate::config::Settings;
 use crate::health::{Health, Part};
 use crate::telemetry;
@@ -45,7 +46,7 @@ pub enum NatsError {
 pub async fn spawn(
     settings: &Settings,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
-    requests: Option<mpsc::UnboundedSender<Inquiry>>,
+    requests: Option<Inbox>,
     health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
@@ -112,12 +113,7 @@ pub async fn spawn(
 }
 
 /// Hands every message on the request subjects to `tx` until `shutdown`.
-async fn intake(
-    client: async_nats::Client,
-    base: String,
-    tx: mpsc::UnboundedSender<Inquiry>,
-    shutdown: CancellationToken,
-) {
+async fn intake(client: async_nats::Client, base: String, tx: Inbox, shutdown: CancellationToken) {
     let mut subscriber = match client.subscribe(format!("{base}.>")).await {
         Ok(subscriber) => subscriber,
         Err(e) => {
@@ -138,9 +134,8 @@ async fn intake(
         let reply = msg.reply.map(|to| Reply { to: to.to_string(), correlation: None });
         let path = path.replace('.', "/");
         let inquiry = Inquiry { kind: InquiryKind::Request, bus: Bus::Nats, path, payload: msg.payload, reply };
-        if tx.send(inquiry).is_err() {
-            break;
-        }
+        // Never waits: what does not fit is answered `busy` or counted.
+        tx.offer(inquiry);
     }
     let _ = subscriber.unsubscribe().await;
     debug!("nats request intake stopped");

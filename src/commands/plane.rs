@@ -1,20 +1,26 @@
-//! The command plane task: takes [`Inquiry`]s from the buses and answers each exactly once.
+//! The command plane task: takes requests from an [`Outlet`] and answers each exactly once.
 //!
 //! The task owns the templates and the record of answered request ids. Parsing, permission checks, template
 //! edits and duplicate detection happen here, synchronously; whatever talks to ComfyUI runs as a job of its
-//! own (at most [`CONCURRENCY`] at a time), so a slow ComfyUI never holds up other requests or any event.
+//! own (at most [`CONCURRENCY`] at a time, the rest wait in a bounded [`WaitQueue`]), so a slow ComfyUI never
+//! holds up other requests or any event, and a flood is answered `busy` instead of piling up.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument as _};
 
+use super::inbox::{Entry, Held, Next, Outlet, Overflow, WaitQueue};
+use super::policy::Policy;
+use super::reply::ReplyRules;
 use super::request::{self, Command, QueuePrompt, Source, Upload};
 use super::response::{self, Code, Failure, Outcome};
 use crate::bus::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Reply, Route};
@@ -33,6 +39,8 @@ pub const CONCURRENCY: usize = 8;
 pub const REMEMBER: Duration = Duration::from_secs(600);
 /// Most request ids remembered; the oldest are forgotten first beyond this.
 const REMEMBER_MAX: usize = 10_000;
+/// Most repeats of one request id waiting for its first answer; more are answered `busy`.
+const MAX_REPEATS_WAITING: usize = 16;
 
 /// Where a response goes.
 #[derive(Debug, Clone)]
@@ -50,32 +58,72 @@ enum Answer {
     Done(Bytes, Instant),
 }
 
-/// A finished job: who asked, and what came of it.
+/// A finished request: who asked, and what came of it.
 struct Finished {
     target: Target,
     id: Option<String>,
     started: Instant,
     outcome: Outcome,
+    /// What the answer does to the record of its request id.
+    record: Record,
+    /// The request's payload bytes, released once answered.
+    held: Held,
+}
+
+/// What an answer does to the record of its request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Carried out: repeats of the id get this answer again.
+    Remember,
+    /// Turned away after it was recorded as pending (busy, waited too long): the repeats waiting for it get the
+    /// same answer, and the id is forgotten, so a retry is carried out.
+    Release,
+    /// Rejected before it was recorded (unparsable, refused reply, not allowed, no room): the record of the id,
+    /// if another request with it is pending, is not this request's.
+    Untouched,
+}
+
+/// The work of a request that talks to ComfyUI, made into a future when it starts.
+enum Work {
+    /// `POST /prompt` with this body.
+    Queue(Value),
+    /// One of the other commands that call ComfyUI.
+    Call(Command),
+}
+
+/// A request waiting for a free slot.
+struct Job {
+    target: Target,
+    id: Option<String>,
+    started: Instant,
+    held: Held,
+    work: Work,
+    span: tracing::Span,
+}
+
+impl Job {
+    /// Answered without being started.
+    fn turned_away(self, failure: Failure) -> Finished {
+        let Job { target, id, started, held, .. } = self;
+        Finished { target, id, started, outcome: Err(failure), record: Record::Release, held }
+    }
 }
 
 /// The command plane's state.
 pub struct Plane {
     instance: String,
-    allow: Vec<String>,
+    policy: Policy,
+    replies: ReplyRules,
     deny_node_classes: Vec<String>,
     max_payload_bytes: usize,
     client_id: String,
-    /// Reply topics under these would feed our own responses back in as requests.
-    request_prefixes: [String; 2],
     http: ComfyHttp,
     templates: Templates,
     control: mpsc::Sender<Control>,
     buses: HashMap<Bus, mpsc::Sender<Arc<Outbound>>>,
     answers: HashMap<(String, String), Answer>,
-    permits: Arc<Semaphore>,
+    waiting: WaitQueue<Job>,
     rng: fastrand::Rng,
-    /// Requests are answered (`commands.enabled`); else the plane runs only for Home Assistant.
-    commands: bool,
     ha: Option<HomeAssistant>,
 }
 
@@ -99,25 +147,21 @@ impl Plane {
         for (file, error) in templates.errors() {
             warn!(file, error, "template skipped");
         }
-        let request = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]);
+        let deadline = Duration::from_millis(settings.comfyui.request_timeout_ms);
         let mut plane = Self {
             instance: settings.bridge.instance.clone(),
-            allow: settings.commands.allow.clone(),
+            policy: Policy::new(&settings.commands),
+            replies: ReplyRules::new(settings),
             deny_node_classes: settings.commands.deny_node_classes.clone(),
             max_payload_bytes: settings.commands.max_payload_bytes,
             client_id: client_id.to_string(),
-            request_prefixes: [
-                request.mqtt_topic(&settings.mqtt.base_topic),
-                request.nats_subject(&settings.nats.subject_prefix),
-            ],
             http,
             templates,
             control,
             buses,
             answers: HashMap::new(),
-            permits: Arc::new(Semaphore::new(CONCURRENCY)),
+            waiting: WaitQueue::new(settings.commands.max_waiting_requests, deadline),
             rng: fastrand::Rng::new(),
-            commands: settings.commands.enabled,
             ha: None,
         };
         if settings.homeassistant.enabled && settings.mqtt.enabled {
@@ -129,37 +173,50 @@ impl Plane {
 
     /// Answers requests until `shutdown`; then answers what already arrived and waits (up to `grace`) for
     /// running jobs. Dropping the bus senders on return lets the publishers finish.
-    pub async fn run(
-        mut self,
-        mut requests: mpsc::UnboundedReceiver<Inquiry>,
-        shutdown: CancellationToken,
-        grace: Duration,
-    ) {
+    pub async fn run(mut self, mut outlet: Outlet, shutdown: CancellationToken, grace: Duration) {
         let mut jobs = JoinSet::new();
-        let mut open = true;
+        let (mut open, mut overflow_open) = (true, true);
         self.announce().await;
         loop {
+            let expiry = self.waiting.next_expiry();
             tokio::select! {
                 biased;
-                Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
-                    Ok(finished) => self.finish(finished).await,
-                    Err(e) => warn!(error = %e, "a request job failed"),
+                Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                    match done {
+                        Ok(finished) => self.finish(finished).await,
+                        Err(e) => warn!(error = %e, "a request job failed"),
+                    }
+                    self.start_waiting(&mut jobs).await;
+                }
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now).into()), if expiry.is_some() => {
+                    while let Some((job, waited)) = self.waiting.expired(Instant::now()) {
+                        self.finish(job.turned_away(waited_too_long(waited))).await;
+                    }
+                }
+                notice = outlet.overflow.recv(), if overflow_open => match notice {
+                    Some(notice) => self.busy(notice).await,
+                    None => overflow_open = false,
                 },
-                inquiry = requests.recv(), if open => match inquiry {
-                    Some(inquiry) => self.take(inquiry, &mut jobs).await,
+                entry = outlet.entries.recv(), if open => match entry {
+                    Some(entry) => self.take(entry, &mut jobs).await,
                     None => open = false,
                 },
                 _ = shutdown.cancelled(), if open => {
                     // Stop taking new requests; those already received are still answered.
-                    requests.close();
+                    outlet.close();
                 }
             }
-            if !open && jobs.is_empty() {
+            if !open && jobs.is_empty() && self.waiting.is_empty() {
                 break;
             }
             if !open && shutdown.is_cancelled() {
+                while let Some(notice) = outlet.overflow.recv().await {
+                    self.busy(notice).await;
+                }
                 let drain = async {
-                    while let Some(done) = jobs.join_next().await {
+                    loop {
+                        self.start_waiting(&mut jobs).await;
+                        let Some(done) = jobs.join_next().await else { break };
                         if let Ok(finished) = done {
                             self.finish(finished).await;
                         }
@@ -175,21 +232,34 @@ impl Plane {
     }
 
     /// Handles one inquiry up to the point where it needs ComfyUI.
-    async fn take(&mut self, inquiry: Inquiry, jobs: &mut JoinSet<Finished>) {
-        match inquiry.kind {
-            InquiryKind::Request if self.commands => self.take_request(inquiry, jobs).await,
-            InquiryKind::Request => {}
-            InquiryKind::HomeAssistantStatus if &inquiry.payload[..] == b"online" => self.announce().await,
+    async fn take(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
+        match entry.inquiry.kind {
+            InquiryKind::Request if self.policy.enabled => self.take_request(entry, jobs).await,
+            InquiryKind::Request => telemetry::request_ignored(entry.inquiry.bus, "read_only", &entry.inquiry.path),
+            InquiryKind::HomeAssistantStatus if &entry.inquiry.payload[..] == b"online" => self.announce().await,
             InquiryKind::HomeAssistantStatus => {}
-            InquiryKind::HomeAssistantSet => self.home_assistant_set(&inquiry.path, &inquiry.payload, jobs).await,
+            InquiryKind::HomeAssistantSet => self.home_assistant_set(entry, jobs).await,
         }
+    }
+
+    /// A request the inbox had no room for.
+    async fn busy(&mut self, notice: Overflow) {
+        let Overflow { bus, command, reply, payload, received } = notice;
+        let reply = reply.filter(|r| self.replies.check(bus, &r.to).is_ok());
+        let command = topics::unescape(&command).unwrap_or(command);
+        let target = Target { bus, reply, command };
+        let id = request::id_of(&payload);
+        let failure = Failure::new(Code::Busy, "the bridge has no room for more requests: try again later");
+        let outcome = Err(failure);
+        self.finish(Finished { target, id, started: received, outcome, record: Record::Untouched, held: Held::none() })
+            .await;
     }
 
     /// Publishes the Home Assistant discovery configs and the select's and text's states (all retained).
     async fn announce(&mut self) {
         let Some(ha) = &self.ha else { return };
         let names: Vec<String> = self.templates.names().map(str::to_string).collect();
-        let mut messages = ha::discovery(&ha.settings, &names, self.commands);
+        let mut messages = ha::discovery(&ha.settings, &names, self.policy.enabled);
         let base = &ha.settings.mqtt.base_topic;
         let inst = &ha.settings.bridge.instance;
         if let Some(selected) = &ha.selected {
@@ -201,12 +271,20 @@ impl Plane {
         }
     }
 
-    /// A Home Assistant select or text entity was set.
-    async fn home_assistant_set(&mut self, entity: &str, payload: &[u8], jobs: &mut JoinSet<Finished>) {
+    /// A Home Assistant select or text entity was set. Both exist to queue prompts, so both need what a
+    /// `queue` request needs.
+    async fn home_assistant_set(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
         let Some(ha) = &mut self.ha else { return };
-        let value = String::from_utf8_lossy(payload).into_owned();
+        let Entry { inquiry, received, held, .. } = entry;
+        let Inquiry { path: entity, payload, .. } = inquiry;
+        if let Err(failure) = self.policy.permits("queue") {
+            let reason = if self.policy.enabled { "not_allowed" } else { "read_only" };
+            warn!(entity, %failure, "home assistant set ignored");
+            return telemetry::request_ignored(Bus::Mqtt, reason, &entity);
+        }
+        let value = String::from_utf8_lossy(&payload).into_owned();
         let (base, inst) = (ha.settings.mqtt.base_topic.clone(), ha.settings.bridge.instance.clone());
-        match entity {
+        match entity.as_str() {
             "template" if self.templates.get(&value).is_some() => {
                 ha.selected = Some(value.clone());
                 self.publish_mqtt(ha::route(&inst, &["template"]).mqtt_topic(&base), Bytes::from(value), true).await;
@@ -230,7 +308,8 @@ impl Plane {
                 };
                 let target = Target { bus: Bus::Mqtt, reply: None, command: "queue".into() };
                 let span = tracing::info_span!("home_assistant", command = "queue", prompt_id = tracing::field::Empty);
-                self.execute(Command::Queue(queue), None, target, Instant::now(), jobs, span).await;
+                let request = Received { target, id: None, started: received, held };
+                self.execute(Command::Queue(queue), request, jobs, span).await;
             }
             other => warn!(entity = other, value, "home assistant set ignored"),
         }
@@ -252,38 +331,51 @@ impl Plane {
     }
 
     /// A request on `request/<command>`.
-    async fn take_request(&mut self, inquiry: Inquiry, jobs: &mut JoinSet<Finished>) {
-        let started = Instant::now();
-        let (command_level, rest) = match inquiry.path.split_once('/') {
-            Some((first, rest)) => (first, Some(rest)),
-            None => (inquiry.path.as_str(), None),
+    async fn take_request(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
+        let Entry { inquiry, received: started, size, held } = entry;
+        let command = request::command_of(&inquiry.path);
+        // A refused reply is answered on the default topic, and the request does nothing.
+        let (reply, refused) = match inquiry.reply {
+            Some(reply) => match self.replies.check(inquiry.bus, &reply.to) {
+                Ok(()) => (Some(reply), None),
+                Err(why) => (None, Some(why)),
+            },
+            None => (None, None),
         };
-        let command = topics::unescape(command_level).unwrap_or_else(|| command_level.to_string());
-        let reply = inquiry.reply.filter(|r| !self.request_prefixes.iter().any(|p| r.to.starts_with(p.as_str())));
-        let target = Target { bus: inquiry.bus, reply, command: command.clone() };
-        let parsed = match (command.as_str(), rest) {
-            ("upload", Some(filename)) => request::parse_raw_upload(filename, inquiry.payload, self.max_payload_bytes),
-            (_, Some(_)) => request::parse(&inquiry.path, b"", self.max_payload_bytes),
-            (_, None) => request::parse(&command, &inquiry.payload, self.max_payload_bytes),
-        };
+        let target = Target { bus: inquiry.bus, reply, command };
+        let parsed = request::parse_path(&inquiry.path, inquiry.payload, size, self.max_payload_bytes);
         let request = match parsed {
             Ok(request) => request,
             Err(rejected) => {
-                let finished = Finished { target, id: rejected.id, started, outcome: Err(rejected.failure) };
-                return self.finish(finished).await;
+                let outcome = Err(rejected.failure);
+                return self
+                    .finish(Finished { target, id: rejected.id, started, outcome, record: Record::Untouched, held })
+                    .await;
             }
         };
         let id = request.id.clone();
+        let refuse = |failure| Finished {
+            target: target.clone(),
+            id: id.clone(),
+            started,
+            outcome: Err(failure),
+            record: Record::Untouched,
+            held: Held::none(),
+        };
+        if let Some(why) = refused {
+            let failure = Failure::new(Code::InvalidRequest, format!("{why}; nothing was done"))
+                .with_details(json!({ "field": "reply" }));
+            return self.finish(refuse(failure)).await;
+        }
+        if let Err(failure) = self.policy.permits(request.command.name()) {
+            return self.finish(refuse(failure)).await;
+        }
         let span = tracing::info_span!(
             "request",
             command = request.command.name(),
             id = id.as_deref(),
             prompt_id = tracing::field::Empty
         );
-        if !self.allow.is_empty() && !self.allow.iter().any(|a| a == request.command.name()) {
-            let failure = Failure::new(Code::NotAllowed, format!("command `{command}` is not allowed here"));
-            return self.finish(Finished { target, id, started, outcome: Err(failure) }).await;
-        }
         if let Some(id) = &id {
             let key = (request.command.name().to_string(), id.clone());
             match self.answers.get_mut(&key) {
@@ -292,25 +384,27 @@ impl Plane {
                     let response = response.clone();
                     return self.send(&target, response).await;
                 }
-                Some(Answer::Pending(waiting)) => {
+                Some(Answer::Pending(waiting)) if waiting.len() < MAX_REPEATS_WAITING => {
                     waiting.push(target);
                     return;
+                }
+                Some(Answer::Pending(_)) => {
+                    let failure = Failure::new(Code::Busy, "too many repeats of this id wait for its answer");
+                    return self.finish(refuse(failure)).await;
                 }
                 _ => {
                     self.answers.insert(key, Answer::Pending(Vec::new()));
                 }
             }
         }
-        self.execute(request.command, id, target, started, jobs, span).await;
+        self.execute(request.command, Received { target, id, started, held }, jobs, span).await;
     }
 
     /// Carries out a command that passed every check: at once, or as a job when it needs ComfyUI.
     async fn execute(
         &mut self,
         command: Command,
-        id: Option<String>,
-        target: Target,
-        started: Instant,
+        request: Received,
         jobs: &mut JoinSet<Finished>,
         span: tracing::Span,
     ) {
@@ -321,57 +415,82 @@ impl Plane {
                 Ok(body) => {
                     let prompt_id = body["prompt_id"].as_str().unwrap_or_default().to_string();
                     span.record("prompt_id", prompt_id.as_str());
-                    let job = queue_prompt(self.http.clone(), self.control.clone(), body, id.clone());
-                    return self.spawn(jobs, target, id, started, job.instrument(span));
+                    return self.enqueue(jobs, request, Work::Queue(body), span).await;
                 }
                 Err(failure) => Err(failure),
             },
-            command => {
-                let job = call(self.http.clone(), command);
-                return self.spawn(jobs, target, id, started, job.instrument(span));
-            }
+            command => return self.enqueue(jobs, request, Work::Call(command), span).await,
         };
-        self.finish(Finished { target, id, started, outcome }).await;
+        let Received { target, id, started, held } = request;
+        self.finish(Finished { target, id, started, outcome, record: Record::Remember, held }).await;
     }
 
-    fn spawn(
-        &self,
-        jobs: &mut JoinSet<Finished>,
-        target: Target,
-        id: Option<String>,
-        started: Instant,
-        job: impl std::future::Future<Output = Outcome> + Send + 'static,
-    ) {
-        let permits = self.permits.clone();
-        jobs.spawn(async move {
-            let outcome = match permits.acquire_owned().await {
-                Ok(_permit) => job.await,
-                Err(_) => Err(Failure::new(Code::ComfyuiUnavailable, "the bridge is shutting down")),
-            };
-            Finished { target, id, started, outcome }
-        });
+    /// Starts `work` now if a slot is free, else queues it; a full queue answers `busy`.
+    async fn enqueue(&mut self, jobs: &mut JoinSet<Finished>, request: Received, work: Work, span: tracing::Span) {
+        let Received { target, id, started, held } = request;
+        let job = Job { target, id, started, held, work, span };
+        if jobs.len() < CONCURRENCY && self.waiting.is_empty() {
+            return self.start(jobs, job);
+        }
+        if let Err(job) = self.waiting.push(started, job) {
+            let waiting = self.waiting.len();
+            let failure =
+                Failure::new(Code::Busy, format!("{waiting} requests already wait for ComfyUI: try again later"))
+                    .with_details(json!({ "waiting": waiting }));
+            self.finish(job.turned_away(failure)).await;
+        }
+    }
+
+    /// Starts waiting jobs while slots are free; those that waited too long are answered instead.
+    async fn start_waiting(&mut self, jobs: &mut JoinSet<Finished>) {
+        while jobs.len() < CONCURRENCY {
+            match self.waiting.next(Instant::now()) {
+                Some(Next::Start(job)) => self.start(jobs, job),
+                Some(Next::Expired(job, waited)) => self.finish(job.turned_away(waited_too_long(waited))).await,
+                None => break,
+            }
+        }
+    }
+
+    /// Runs `job` in one of the [`CONCURRENCY`] slots.
+    fn start(&self, jobs: &mut JoinSet<Finished>, job: Job) {
+        let Job { target, id, started, held, work, span } = job;
+        let work: Pin<Box<dyn Future<Output = Outcome> + Send>> = match work {
+            Work::Queue(body) => Box::pin(queue_prompt(self.http.clone(), self.control.clone(), body, id.clone())),
+            Work::Call(command) => Box::pin(call(self.http.clone(), command)),
+        };
+        jobs.spawn(
+            async move {
+                let outcome = work.await;
+                Finished { target, id, started, outcome, record: Record::Remember, held }
+            }
+            .instrument(span),
+        );
     }
 
     /// Answers, remembers the answer for repeats of its id, and answers those repeats too.
     async fn finish(&mut self, finished: Finished) {
-        let Finished { target, id, started, outcome } = finished;
+        let Finished { target, id, started, outcome, record, held } = finished;
         let code = outcome.as_ref().err().map(|f| f.code.as_str());
         telemetry::request_answered(&target.command, code, started.elapsed());
         let response = response::render(id.as_deref(), &outcome);
         let mut waiting = Vec::new();
-        if let Some(id) = id {
+        if let Some(id) = id.filter(|_| record != Record::Untouched) {
             self.forget_old();
             let key = (target.command.clone(), id);
             // Only a request that got as far as being carried out is remembered: a rejected one did nothing.
             if let Some(Answer::Pending(w)) = self.answers.remove(&key) {
                 waiting = w;
-                self.answers.insert(key, Answer::Done(response.clone(), Instant::now()));
+                if record == Record::Remember {
+                    self.answers.insert(key, Answer::Done(response.clone(), Instant::now()));
+                }
             }
         }
         self.send(&target, response.clone()).await;
         for target in waiting {
             self.send(&target, response.clone()).await;
         }
+        drop(held);
     }
 
     fn forget_old(&mut self) {
@@ -465,6 +584,23 @@ impl Plane {
         }
         Ok(body)
     }
+}
+
+/// A request that passed its checks: who asked, and its payload bytes.
+struct Received {
+    target: Target,
+    id: Option<String>,
+    started: Instant,
+    held: Held,
+}
+
+/// The answer to a request that could not start within `comfyui.request_timeout_ms`.
+fn waited_too_long(waited: Duration) -> Failure {
+    let message = format!(
+        "the request waited {} ms for ComfyUI, longer than comfyui.request_timeout_ms; nothing was done",
+        waited.as_millis()
+    );
+    Failure::new(Code::ComfyuiUnavailable, message)
 }
 
 /// A random UUID v4 in its usual text form: ComfyUI takes any string, the web UI shows these.

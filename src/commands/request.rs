@@ -167,6 +167,30 @@ pub fn parse(command: &str, payload: &[u8], max_payload_bytes: usize) -> Result<
     Ok(Request { id, command })
 }
 
+/// The command named by what follows `request/` (still escaped): its first level, unescaped.
+pub fn command_of(path: &str) -> String {
+    let level = path.split('/').next().unwrap_or_default();
+    topics::unescape(level).unwrap_or_else(|| level.to_string())
+}
+
+/// Parses what arrived on `request/<path>` (`path` still escaped, levels joined by `/`): a JSON request on
+/// `request/<command>`, or raw bytes on `request/upload/<filename>`. `size` is the payload's size as it arrived
+/// (the payload itself may have been dropped for being over `max_payload_bytes`).
+pub fn parse_path(path: &str, payload: Bytes, size: usize, max_payload_bytes: usize) -> Result<Request, Rejected> {
+    check_size(size, max_payload_bytes).map_err(|failure| Rejected { id: None, failure })?;
+    let command = command_of(path);
+    match (command.as_str(), path.split_once('/')) {
+        ("upload", Some((_, filename))) => parse_raw_upload(filename, payload, max_payload_bytes),
+        (_, Some(_)) => parse(path, b"", max_payload_bytes),
+        (_, None) => parse(&command, &payload, max_payload_bytes),
+    }
+}
+
+/// The `id` of a JSON request payload, when it has a valid one: for answers that do not parse the rest.
+pub fn id_of(payload: &[u8]) -> Option<String> {
+    parse_object(payload).ok().and_then(|fields| read_id(&fields).ok().flatten())
+}
+
 /// Parses a raw-bytes upload on `request/upload/<filename>`. `filename_level` is the level as received, escaped
 /// per INTERFACE.md §1; the file goes to the top of the input folder and never overwrites.
 pub fn parse_raw_upload(filename_level: &str, payload: Bytes, max_payload_bytes: usize) -> Result<Request, Rejected> {
@@ -208,7 +232,8 @@ pub fn check_filename(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_size(len: usize, max: usize) -> Result<(), Failure> {
+/// `payload_too_large` when `len` is over `max`.
+pub fn check_size(len: usize, max: usize) -> Result<(), Failure> {
     if len <= max {
         return Ok(());
     }

@@ -28,13 +28,16 @@ pub enum Code {
     NotFound,
     /// ComfyUI answered with an error; details carry its `error` and `node_errors`.
     ComfyuiRejected,
-    /// ComfyUI could not be reached.
+    /// ComfyUI could not be reached, or the request waited longer than `comfyui.request_timeout_ms` to start.
     ComfyuiUnavailable,
+    /// Too many requests are waiting (`commands.max_waiting_requests` or `commands.max_waiting_bytes`): try
+    /// again later. Answered at once, nothing was done.
+    Busy,
 }
 
 impl Code {
     /// Every code, in the order INTERFACE.md lists them.
-    pub const ALL: [Code; 10] = [
+    pub const ALL: [Code; 11] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownCommand,
@@ -45,6 +48,7 @@ impl Code {
         Code::NotFound,
         Code::ComfyuiRejected,
         Code::ComfyuiUnavailable,
+        Code::Busy,
     ];
 
     /// The code as it appears on the wire.
@@ -60,6 +64,7 @@ impl Code {
             Code::NotFound => "not_found",
             Code::ComfyuiRejected => "comfyui_rejected",
             Code::ComfyuiUnavailable => "comfyui_unavailable",
+            Code::Busy => "busy",
         }
     }
 }
@@ -158,6 +163,7 @@ mod tests {
                 "not_found",
                 "comfyui_rejected",
                 "comfyui_unavailable",
+                "busy",
             ]
         );
         assert_eq!(Code::PatchFailed.to_string(), "patch_failed");

@@ -42,6 +42,10 @@ pub(crate) fn server_features() -> Value {
 
 /// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (PROTOCOL §11).
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
+    let delay = shared.http_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     shared.lock().requests.push((req.method.clone(), req.path.clone(), body.clone()));
     let path = req.path.as_str();

@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     pub next_conn: AtomicU64,
     /// Answer WebSocket upgrades with 503 (a proxy in front of a restarting ComfyUI).
     pub refuse_websockets: std::sync::atomic::AtomicBool,
+    /// Milliseconds every HTTP request waits before it is handled (a slow ComfyUI).
+    pub http_delay_ms: AtomicU64,
 }
 
 impl Shared {
@@ -183,6 +185,7 @@ impl Simulator {
             shutdown: CancellationToken::new(),
             next_conn: AtomicU64::new(1),
             refuse_websockets: std::sync::atomic::AtomicBool::new(false),
+            http_delay_ms: AtomicU64::new(0),
         });
         spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
         spawn_guarded(&shared, queue::worker(shared.clone()));
@@ -247,6 +250,12 @@ impl Simulator {
     /// While `refuse` is set, WebSocket upgrades get 503: clients cannot reconnect, HTTP still works.
     pub fn refuse_websockets(&self, refuse: bool) {
         self.shared.refuse_websockets.store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// From now on every HTTP request waits `delay` before it is handled (a slow or overloaded ComfyUI).
+    pub fn set_http_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.http_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Close every open WebSocket from the server side.

@@ -561,3 +561,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn paths_name_their_command_and_oversized_payloads_are_refused_by_their_size() {
+    assert_eq!(command_of("status"), "status");
+    assert_eq!(command_of("upload/cat=2Epng"), "upload");
+    assert_eq!(command_of("st=61tus/x"), "status");
+    let raw = parse_path("upload/cat=2Epng", Bytes::from_static(b"png"), 3, MAX).expect("raw upload");
+    assert!(matches!(raw.command, Command::Upload(Upload { ref filename, .. }) if filename == "cat.png"));
+    let status = parse_path("status", Bytes::from_static(br#"{"id":"s"}"#), 10, MAX).expect("status");
+    assert_eq!((status.id.as_deref(), status.command), (Some("s"), Command::Status));
+    let dropped = parse_path("status", Bytes::new(), MAX + 1, MAX).expect_err("too large");
+    assert_eq!(dropped.failure.code, Code::PayloadTooLarge);
+    assert_eq!(dropped.failure.details.as_ref().map(|d| d["bytes"].clone()), Some(json!(MAX + 1)));
+}
