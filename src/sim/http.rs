@@ -170,8 +170,9 @@ fn pick_scenario(shared: &Shared, prompt: &Value) -> Option<Arc<super::Scenario>
 
 fn get_queue(shared: &Shared) -> Response {
     let st = shared.lock();
-    let running: Vec<Value> = st.running.iter().map(Job::queue_item).collect();
-    let pending: Vec<Value> = st.pending.iter().map(Job::queue_item).collect();
+    let played = |running: bool| st.played.iter().filter(move |p| p.running == running).map(|p| p.item.clone());
+    let running: Vec<Value> = st.running.iter().map(Job::queue_item).chain(played(true)).collect();
+    let pending: Vec<Value> = st.pending.iter().map(Job::queue_item).chain(played(false)).collect();
     Response::json(200, &json!({"queue_running": running, "queue_pending": pending}))
 }
 

@@ -80,6 +80,8 @@ pub(crate) struct State {
     pub running: Option<queue::Job>,
     /// Prompts waiting to run.
     pub pending: Vec<queue::Job>,
+    /// Prompts of scenarios replayed to every socket ([`Simulator::play`], `--loop`), until they end.
+    pub played: Vec<queue::Played>,
     /// ComfyUI's prompt counter.
     pub counter: i64,
     /// Finished prompts, oldest first.
@@ -93,7 +95,7 @@ pub(crate) struct State {
 impl State {
     /// `queue_remaining` as ComfyUI reports it.
     pub fn queue_remaining(&self) -> usize {
-        self.pending.len() + usize::from(self.running.is_some())
+        self.pending.len() + usize::from(self.running.is_some()) + self.played.len()
     }
 }
 

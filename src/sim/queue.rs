@@ -37,6 +37,17 @@ impl Job {
     }
 }
 
+/// A prompt of a scenario replayed to every socket: in `/queue` from the start of the replay until its
+/// terminal event, then in `/history`, as ComfyUI would list it.
+#[derive(Debug, Clone)]
+pub(crate) struct Played {
+    pub id: String,
+    /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
+    pub item: Value,
+    /// Between its `execution_start` and its end.
+    pub running: bool,
+}
+
 /// What the replay saw for one prompt id.
 #[derive(Debug, Default)]
 struct Record {
@@ -145,6 +156,9 @@ impl<'a> Replay<'a> {
             _ => return,
         }
         rec.messages.push(json!([kind, data]));
+        if self.routing.is_none() {
+            played_event(self.shared, pid, kind, rec);
+        }
     }
 
     /// Emit what ComfyUI sends when a running prompt is interrupted.
@@ -231,7 +245,7 @@ fn finish_job(shared: &Shared, job: &Job, (mut record, status_sent): (Record, bo
         record.messages.push(json!(["execution_success", {"prompt_id": job.id, "timestamp": ts}]));
         record.completed = true;
     }
-    let entry = history_entry(job.queue_item(), record);
+    let entry = history_entry(job.queue_item(), &record);
     {
         let mut st = shared.lock();
         st.running = None;
@@ -250,7 +264,22 @@ fn push_history(history: &mut Vec<(String, Value)>, id: String, entry: Value) {
     }
 }
 
-fn history_entry(item: Value, rec: Record) -> Value {
+/// Moves a played prompt to running on its start, and from the queue to history on its end (before the
+/// event is sent: a client that looks the prompt up on its terminal event finds it).
+fn played_event(shared: &Shared, pid: &str, kind: &str, rec: &Record) {
+    let mut st = shared.lock();
+    let Some(i) = st.played.iter().position(|p| p.id == pid) else { return };
+    match kind {
+        "execution_start" => st.played[i].running = true,
+        "execution_success" | "execution_error" | "execution_interrupted" => {
+            let played = st.played.remove(i);
+            push_history(&mut st.history, played.id, history_entry(played.item, rec));
+        }
+        _ => {}
+    }
+}
+
+fn history_entry(item: Value, rec: &Record) -> Value {
     let status_str = if rec.error { "error" } else { "success" };
     json!({
         "prompt": item,
@@ -270,23 +299,33 @@ pub(crate) fn interrupt(shared: &Shared, prompt_id: Option<&str>) {
     }
 }
 
-/// Replay a whole scenario to every socket with fresh prompt ids; returns the first new id.
+/// Replay a whole scenario to every socket with fresh prompt ids; returns the first new id. Its prompts are
+/// in `/queue` from the start until each ends, then in `/history` (ComfyUI's own view of them).
 pub(crate) async fn play_all(shared: &Shared, sc: &Scenario) -> String {
     let map: HashMap<String, String> = sc.prompt_ids.iter().map(|id| (id.clone(), frames::new_uuid())).collect();
     let first = sc.prompt_ids.first().and_then(|id| map.get(id).cloned()).unwrap_or_else(frames::new_uuid);
+    {
+        let mut st = shared.lock();
+        for old in &sc.prompt_ids {
+            let Some(id) = map.get(old) else { continue };
+            let prompt = sc.posts.iter().find(|p| &p.prompt_id == old).map_or_else(|| json!({}), |p| p.prompt.clone());
+            let number = st.counter;
+            st.counter += 1;
+            st.played.push(Played { id: id.clone(), item: json!([number, id, prompt, {}, []]), running: false });
+        }
+    }
     let frames: Vec<&Frame> = sc.frames.iter().collect();
     let mut replay = Replay::new(shared, map.clone(), None);
     replay.run(&frames, &CancellationToken::new()).await;
+    // Prompts that never reached a terminal event: to history if they ran, else gone (deleted).
     let mut st = shared.lock();
-    for post in &sc.posts {
-        let Some(id) = map.get(&post.prompt_id) else {
-            continue;
-        };
-        let Some(record) = replay.records.remove(id) else {
-            continue;
-        };
-        let item = json!([0, id, post.prompt, {}, []]);
-        push_history(&mut st.history, id.clone(), history_entry(item, record));
+    let ours: Vec<Played> = st.played.iter().filter(|p| map.values().any(|id| *id == p.id)).cloned().collect();
+    st.played.retain(|p| !map.values().any(|id| *id == p.id));
+    for played in ours {
+        if let Some(record) = replay.records.get(&played.id).filter(|r| !r.messages.is_empty()) {
+            let entry = history_entry(played.item, record);
+            push_history(&mut st.history, played.id, entry);
+        }
     }
     first
 }

@@ -34,6 +34,9 @@ pub const MAX_LIVE: usize = 1024;
 pub const MAX_PENDING_LOOKUPS: usize = 32;
 /// A lookup not answered after this long (the resync worker gave up) is asked again later.
 const LOOKUP_TIMEOUT_MS: u64 = 180_000;
+/// A prompt whose last event (other than `executing: null`) is this recent is executing now: absent from
+/// queue and history it is still running, not cancelled (a ComfyUI that does not list what it runs).
+const EXECUTING_MS: u64 = 60_000;
 /// Longest prompt id of a prompt the bridge did not submit that is tracked (ComfyUI's own are 36 bytes).
 pub const MAX_ID_BYTES: usize = 4096;
 /// Most bytes of node outputs (as their events carried them) held for all live prompts together.
@@ -143,6 +146,8 @@ struct Prompt {
     outputs: Map<String, Value>,
     error: Option<Value>,
     last_state: Option<Instant>,
+    /// When its last execution event came, until `executing: null` ends it.
+    last_event_ms: Option<u64>,
 }
 
 impl Prompt {
@@ -167,6 +172,7 @@ impl Prompt {
             outputs: Map::new(),
             error: None,
             last_state: None,
+            last_event_ms: None,
         }
     }
 
@@ -559,6 +565,7 @@ impl Tracker {
         };
         let at = data.timestamp.map_or(now_ms, |t| t as u64);
         let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
+        prompt.last_event_ms = Some(now_ms);
         let was = prompt.phase;
         if matches!(prompt.phase, Phase::Submitting | Phase::Queued) {
             prompt.phase = Phase::Running;
@@ -596,6 +603,7 @@ impl Tracker {
                 }
                 // `node: null`: the prompt is over. Without a terminal event before it, history says how.
                 None => {
+                    prompt.last_event_ms = None;
                     let mut effects = Effects::default();
                     self.request_lookup(pid, now_ms, &mut effects);
                     return effects;
@@ -741,7 +749,8 @@ impl Tracker {
     fn history_entry(&mut self, prompt_id: &str, entry: Option<&Value>, now_ms: u64) -> Effects {
         let Some(prompt) = self.prompts.get_mut(prompt_id) else { return Effects::default() };
         let Some(entry) = entry else {
-            if prompt.phase == Phase::Submitting {
+            let executing = prompt.last_event_ms.is_some_and(|t| now_ms.saturating_sub(t) < EXECUTING_MS);
+            if prompt.phase == Phase::Submitting || executing {
                 return Effects::default();
             }
             return self.finish(prompt_id, Phase::Cancelled, now_ms, None);

@@ -200,6 +200,23 @@ fn a_deleted_prompt_is_cancelled_but_a_fresh_one_is_not_mistaken_for_deleted() {
 }
 
 #[test]
+fn a_prompt_absent_from_queue_and_history_is_not_cancelled_while_its_events_come() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    tracker.on_event(&event("execution_start", "p", r#","timestamp":1"#), 1_000, now);
+    let later = now + Duration::from_millis(16);
+    assert_eq!(tracker.on_queue(&QueueSnapshot::default(), later, 1_016, later).lookups, ["p"]);
+    assert!(results(&tracker.on_history("p", None, 1_017).updates).is_empty(), "executing now: running");
+    let done = tracker.on_event(&event("execution_success", "p", r#","timestamp":2000"#), 2_000, later).updates;
+    assert_eq!(results(&done)[0]["status"], "success");
+
+    // Once its events have stopped for long (or it said `executing: null`), absent means deleted.
+    tracker.on_event(&event("execution_start", "q", ""), 3_000, later);
+    let updates = tracker.on_history("q", None, 3_000 + EXECUTING_MS).updates;
+    assert_eq!(results(&updates)[0]["status"], "cancelled");
+}
+
+#[test]
 fn a_rejected_submission_is_forgotten_without_a_word() {
     let mut tracker = Tracker::new(BASE);
     let now = Instant::now();
