@@ -14,7 +14,8 @@ pub struct Checked {
     pub problems: usize,
 }
 
-/// Checks what configuration loading cannot: the templates.
+/// Checks what configuration loading cannot: the templates. (Everything else `run` would refuse, bus URLs and
+/// command names among it, is refused by [`Settings::load`] before this runs.)
 pub fn check(settings: &Settings) -> Checked {
     let mut out = String::from("# effective configuration\n");
     out.push_str(&settings.to_redacted_toml());
@@ -22,6 +23,10 @@ pub fn check(settings: &Settings) -> Checked {
     if settings.commands.enabled {
         let templates = Templates::load(&settings.commands.templates_dir, &settings.state.dir);
         let _ = writeln!(out, "\n# templates in {}", settings.commands.templates_dir.display());
+        if templates.dir_missing() {
+            problems += 1;
+            let _ = writeln!(out, "ERROR  {}", missing_templates_dir(settings));
+        }
         for t in templates.describe()["templates"].as_array().into_iter().flatten() {
             let nodes = t["nodes"].as_array().map_or(0, Vec::len);
             let patched = if t["patched"] == true { " (patched copy in state.dir)" } else { "" };
@@ -37,6 +42,14 @@ pub fn check(settings: &Settings) -> Checked {
     }
     out.push_str(&report(settings));
     Checked { report: out, problems }
+}
+
+/// What `run` warns and `check` fails with when `commands.templates_dir` does not exist.
+pub fn missing_templates_dir(settings: &Settings) -> String {
+    let dir = &settings.commands.templates_dir;
+    let cwd = std::env::current_dir().map(|d| format!(" (relative to {})", d.display())).unwrap_or_default();
+    let relative = if dir.is_relative() { cwd } else { String::new() };
+    format!("commands.templates_dir `{}`{relative} does not exist: no template can be queued", dir.display())
 }
 
 /// What size of request is answered how, on each bus.
@@ -122,5 +135,18 @@ mod tests {
         let bad = check(&settings);
         assert_eq!(bad.problems, 1);
         assert!(bad.report.contains("ERROR  broken.json: invalid JSON"), "{}", bad.report);
+    }
+
+    #[test]
+    fn a_missing_templates_dir_is_a_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = Settings::default();
+        settings.commands.templates_dir = dir.path().join("nope");
+        settings.state.dir = dir.path().join("state");
+        let checked = check(&settings);
+        assert_eq!(checked.problems, 1, "{}", checked.report);
+        assert!(checked.report.contains("nope` does not exist: no template can be queued"), "{}", checked.report);
+        settings.commands.enabled = false;
+        assert_eq!(check(&settings).problems, 0, "no commands, no templates needed");
     }
 }

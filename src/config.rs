@@ -24,10 +24,20 @@ pub enum ConfigError {
     #[error(transparent)]
     Load(#[from] config::ConfigError),
     /// A value parsed but breaks a rule.
-    #[error("invalid value for `{key}`: {reason}")]
+    #[error("{}invalid value for `{key}`: {reason}", var.as_ref().map(|v| format!("{v}: ")).unwrap_or_default())]
     Invalid {
         /// The dotted key, e.g. `mqtt.protocol`.
         key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+        /// The environment variable that set it, if one did.
+        var: Option<String>,
+    },
+    /// An environment variable names no setting, or its value has the wrong type.
+    #[error("{var}: {reason}")]
+    Env {
+        /// The variable, e.g. `COMFY_BRIDGE__MQTT__URL`.
+        var: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -273,7 +283,8 @@ pub struct CommandSettings {
     pub enabled: bool,
     /// Commands allowed; empty allows all.
     pub allow: Vec<String>,
-    /// Directory of API-format workflow templates (`*.json`).
+    /// Directory of API-format workflow templates (`*.json`), relative to the working directory. The default is
+    /// the repository's examples, so a first run from a fresh clone can queue `txt2img`.
     pub templates_dir: PathBuf,
     /// Largest request payload, in bytes. With MQTT, at most `mqtt.max_packet_bytes` minus
     /// [`REQUEST_OVERHEAD_BYTES`], so that a larger request still arrives and is answered `payload_too_large`.
@@ -292,7 +303,7 @@ impl Default for CommandSettings {
         Self {
             enabled: true,
             allow: Vec::new(),
-            templates_dir: PathBuf::from("templates"),
+            templates_dir: PathBuf::from("examples/templates"),
             max_payload_bytes: 8 * 1024 * 1024,
             deny_node_classes: Vec::new(),
             max_waiting_requests: 256,
@@ -358,6 +369,8 @@ impl Settings {
         file: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
+        let vars = env_vars(env.as_ref());
+        check_env_names(&vars)?;
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -370,14 +383,17 @@ impl Settings {
             .with_list_parse_key("commands.allow")
             .with_list_parse_key("commands.deny_node_classes")
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+        let load = || -> Result<Settings, ConfigError> {
+            let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+            settings.validate()?;
+            Ok(settings)
+        };
+        load().map_err(|e| name_variable(e, &vars))
     }
 
     /// Cross-field and value checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string() });
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string(), var: None });
         if !matches!(self.mqtt.protocol.as_str(), "v5" | "v311") {
             return invalid("mqtt.protocol", "must be `v5` or `v311`");
         }
@@ -405,13 +421,19 @@ impl Settings {
         if self.bridge.outbox_capacity == 0 {
             return invalid("bridge.outbox_capacity", "must be at least 1");
         }
+        if self.mqtt.enabled && mqtt_endpoint(&self.mqtt.url).is_none() {
+            return invalid("mqtt.url", "must be mqtt://host[:port] or mqtts://host[:port] (also tcp://, ssl://)");
+        }
+        if let Some(Err(e)) = self.nats.enabled.then(|| nats_servers(&self.nats.url)) {
+            return Err(ConfigError::Invalid { key: "nats.url", reason: e, var: None });
+        }
         self.validate_commands()
     }
 
     /// The request limits: what the MQTT path can carry, and room for at least one largest request.
     fn validate_commands(&self) -> Result<(), ConfigError> {
         let c = &self.commands;
-        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason, var: None });
         if c.enabled && self.mqtt.enabled && c.max_payload_bytes + REQUEST_OVERHEAD_BYTES > self.mqtt.max_packet_bytes {
             let most = self.mqtt.max_packet_bytes.saturating_sub(REQUEST_OVERHEAD_BYTES);
             let reason = format!(
@@ -420,6 +442,11 @@ impl Settings {
                 self.mqtt.max_packet_bytes
             );
             return invalid("commands.max_payload_bytes", reason);
+        }
+        let known = crate::commands::request::COMMANDS;
+        if let Some(name) = c.allow.iter().find(|a| !known.contains(&a.as_str())) {
+            let reason = format!("no command named `{name}`; the commands are {}", known.join(", "));
+            return invalid("commands.allow", reason);
         }
         if c.max_waiting_requests == 0 {
             return invalid("commands.max_waiting_requests", "must be at least 1".into());
@@ -446,6 +473,88 @@ impl Settings {
     /// The effective configuration as TOML, secrets shown as `***`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Host, port and whether an MQTT broker URL asks for TLS (`mqtts://`, `ssl://`; default ports 1883 and 8883);
+/// `None` when the bridge cannot use it.
+pub fn mqtt_endpoint(url: &str) -> Option<(String, u16, bool)> {
+    let (rest, tls) = match url.split_once("://")? {
+        ("mqtt" | "tcp", rest) => (rest, false),
+        ("mqtts" | "ssl", rest) => (rest, true),
+        _ => return None,
+    };
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) => Some((host.into(), port.parse().ok()?, tls)),
+        None if !rest.is_empty() => Some((rest.into(), if tls { 8883 } else { 1883 }, tls)),
+        None => None,
+    }
+}
+
+/// `nats.url` read the way the NATS client reads it when it connects: a comma-separated list of servers.
+fn nats_servers(url: &str) -> Result<(), String> {
+    for server in url.split(',') {
+        server.trim().parse::<async_nats::ServerAddr>().map_err(|e| format!("`{}`: {e}", server.trim()))?;
+    }
+    Ok(())
+}
+
+/// The `COMFY_BRIDGE__…` variables (from `env`, else the process environment) with the dotted key each sets.
+fn env_vars(env: Option<&std::collections::HashMap<String, String>>) -> Vec<(String, String)> {
+    let prefix = format!("{ENV_PREFIX}__");
+    let names: Vec<String> = match env {
+        Some(map) => map.keys().cloned().collect(),
+        None => std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect(),
+    };
+    let mut vars: Vec<(String, String)> = names
+        .into_iter()
+        .filter_map(|var| {
+            let key = var.strip_prefix(&prefix)?.to_lowercase().replace("__", ".");
+            Some((var, key))
+        })
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// A variable that names no setting is refused with its own name (a typo would otherwise be reported
+/// against the section, or not at all).
+fn check_env_names(vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let defaults = serde_json::to_value(Settings::default()).unwrap_or_default();
+    for (var, key) in vars {
+        let (section, field) = key.split_once('.').unwrap_or((key, ""));
+        let Some(table) = defaults.get(section).and_then(serde_json::Value::as_object) else {
+            let sections: Vec<&String> = defaults.as_object().into_iter().flat_map(|o| o.keys()).collect();
+            let reason = format!("no section `{section}`; the sections are {}", join(sections));
+            return Err(ConfigError::Env { var: var.clone(), reason });
+        };
+        if !table.contains_key(field) {
+            let reason = format!("no setting `{key}`; `[{section}]` has {}", join(table.keys().collect()));
+            return Err(ConfigError::Env { var: var.clone(), reason });
+        }
+    }
+    Ok(())
+}
+
+fn join(names: Vec<&String>) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// An error about a key that an environment variable set names that variable.
+fn name_variable(error: ConfigError, vars: &[(String, String)]) -> ConfigError {
+    let var_of = |key: &str| vars.iter().find(|(_, k)| k == key).map(|(var, _)| var.clone());
+    match error {
+        ConfigError::Invalid { key, reason, var: None } => ConfigError::Invalid { key, reason, var: var_of(key) },
+        ConfigError::Load(e) => {
+            let text = e.to_string();
+            let key = text.split("for key `").nth(1).and_then(|rest| rest.split('`').next());
+            match key.and_then(var_of) {
+                Some(var) => ConfigError::Env { var, reason: text.replace(" in the environment", "") },
+                None => ConfigError::Load(e),
+            }
+        }
+        other => other,
     }
 }
 
@@ -522,6 +631,41 @@ mod tests {
         let small = env(&[("COMFY_BRIDGE__COMMANDS__MAX_WAITING_BYTES", "1000")]);
         let err = Settings::load_with_env(None, small).expect_err("one largest request must fit");
         assert!(matches!(&err, ConfigError::Invalid { key: "commands.max_waiting_bytes", .. }), "{err}");
+    }
+
+    #[test]
+    fn errors_from_the_environment_name_the_variable() {
+        for (var, value, says) in [
+            ("COMFY_BRIDGE__MQTT__URLL", "mqtt://x", "COMFY_BRIDGE__MQTT__URLL: no setting `mqtt.urll`; `[mqtt]` has"),
+            ("COMFY_BRIDGE__MQTTT__URL", "mqtt://x", "COMFY_BRIDGE__MQTTT__URL: no section `mqttt`"),
+            ("COMFY_BRIDGE__MQTT__KEEP_ALIVE_SECS", "abc", "COMFY_BRIDGE__MQTT__KEEP_ALIVE_SECS: invalid type"),
+            ("COMFY_BRIDGE__MQTT__PROTOCOL", "v4", "COMFY_BRIDGE__MQTT__PROTOCOL: invalid value for `mqtt.protocol`"),
+        ] {
+            let err = Settings::load_with_env(None, env(&[(var, value)])).expect_err(var);
+            assert!(err.to_string().starts_with(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn bus_urls_and_command_names_that_run_would_refuse_are_refused_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (toml, key, says) in [
+            ("[mqtt]\nurl = \"http://broker:1883\"", "mqtt.url", "must be mqtt://host[:port]"),
+            ("[mqtt]\nurl = \"mqtt://broker:18x3\"", "mqtt.url", "must be mqtt://host[:port]"),
+            ("[nats]\nurl = \"127.0.0.1:4222x\"", "nats.url", "`127.0.0.1:4222x`: NATS server URL is invalid"),
+            ("[commands]\nallow = [\"status\", \"sttus\"]", "commands.allow", "no command named `sttus`"),
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, toml).expect("write");
+            let err = Settings::load_with_env(Some(&path), env(&[])).expect_err(toml);
+            assert!(matches!(&err, ConfigError::Invalid { key: k, var: None, .. } if *k == key), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        let off = env(&[("COMFY_BRIDGE__MQTT__ENABLED", "false"), ("COMFY_BRIDGE__MQTT__URL", "http://x")]);
+        assert!(Settings::load_with_env(None, off).is_ok(), "a disabled bus is not checked");
+        let many = env(&[("COMFY_BRIDGE__NATS__URL", "nats://a:4222, tls://b:4223,c")]);
+        assert!(Settings::load_with_env(None, many).is_ok(), "a list of servers, as the NATS client takes it");
+        assert_eq!(mqtt_endpoint("mqtts://broker"), Some(("broker".into(), 8883, true)));
     }
 
     #[test]

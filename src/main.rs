@@ -49,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run => {
             let settings = load(cli.config.as_deref())?;
             comfy_bridge::telemetry::init(&settings.bridge.log, settings.bridge.log_format == "json");
+            if settings.commands.enabled && !settings.commands.templates_dir.is_dir() {
+                tracing::warn!("{}", comfy_bridge::check::missing_templates_dir(&settings));
+            }
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));

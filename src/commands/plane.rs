@@ -530,7 +530,7 @@ impl Plane {
     fn patch_template(&mut self, name: &str, edits: &Edits) -> Outcome {
         match self.templates.patch(name, edits, &mut self.rng) {
             Ok(changed) => Ok(json!({ "template": name, "changed": changed })),
-            Err(e) => Err(template_failure(e)),
+            Err(e) => Err(template_failure(e, &self.templates)),
         }
     }
 
@@ -539,7 +539,7 @@ impl Plane {
         let mut workflow = match queue.source {
             Source::Template(name) => match self.templates.get(&name) {
                 Some(workflow) => workflow.clone(),
-                None => return Err(template_failure(TemplateError::Unknown(name))),
+                None => return Err(template_failure(TemplateError::Unknown(name), &self.templates)),
             },
             Source::Workflow(workflow) => {
                 let value = Value::Object(workflow);
@@ -612,9 +612,9 @@ fn new_prompt_id(rng: &mut fastrand::Rng) -> String {
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
-fn template_failure(error: TemplateError) -> Failure {
+fn template_failure(error: TemplateError, templates: &Templates) -> Failure {
     match error {
-        TemplateError::Unknown(name) => Failure::new(Code::UnknownTemplate, format!("no template named `{name}`")),
+        TemplateError::Unknown(name) => Failure::new(Code::UnknownTemplate, templates.unknown(&name)),
         TemplateError::Patch(e) => Failure::new(Code::PatchFailed, e.to_string()).with_details(e.details()),
         other => Failure::new(Code::PatchFailed, other.to_string()),
     }

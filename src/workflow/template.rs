@@ -41,6 +41,9 @@ struct Template {
 /// The templates, owned by the command plane.
 #[derive(Debug)]
 pub struct Templates {
+    source_dir: PathBuf,
+    /// `source_dir` does not exist.
+    missing: bool,
     patched_dir: PathBuf,
     templates: BTreeMap<String, Template>,
     errors: BTreeMap<String, String>,
@@ -55,11 +58,19 @@ fn read_workflow(path: &Path) -> Result<Workflow, String> {
 impl Templates {
     /// Loads every template of `source_dir`, with the patched copies under `state_dir`.
     pub fn load(source_dir: &Path, state_dir: &Path) -> Self {
-        let mut this =
-            Self { patched_dir: state_dir.join("templates"), templates: BTreeMap::new(), errors: BTreeMap::new() };
+        let mut this = Self {
+            source_dir: source_dir.to_path_buf(),
+            missing: false,
+            patched_dir: state_dir.join("templates"),
+            templates: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        };
         let entries = match std::fs::read_dir(source_dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return this,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                this.missing = true;
+                return this;
+            }
             Err(e) => {
                 this.errors.insert(source_dir.display().to_string(), e.to_string());
                 return this;
@@ -98,6 +109,26 @@ impl Templates {
     /// The current version of a template.
     pub fn get(&self, name: &str) -> Option<&Workflow> {
         self.templates.get(name).map(|t| &t.workflow)
+    }
+
+    /// Whether `commands.templates_dir` does not exist.
+    pub fn dir_missing(&self) -> bool {
+        self.missing
+    }
+
+    /// What to answer for a template that does not exist: where the bridge looked, and what it found there.
+    pub fn unknown(&self, name: &str) -> String {
+        let dir = self.source_dir.display();
+        let names: Vec<&str> = self.names().collect();
+        if self.missing {
+            format!(
+                "no template named `{name}`: the templates directory `{dir}` (commands.templates_dir) does not exist"
+            )
+        } else if names.is_empty() {
+            format!("no template named `{name}`: `{dir}` (commands.templates_dir) holds no usable *.json template")
+        } else {
+            format!("no template named `{name}` in `{dir}`; templates there: {}", names.join(", "))
+        }
     }
 
     /// The template names, sorted.

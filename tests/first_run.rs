@@ -1,0 +1,59 @@
+//! A newcomer's first hour: the README's first command works with the default configuration from a fresh clone,
+//! and a template that is not there is answered with where the bridge looked and what it found.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{settings, simulator, Daemon, SUCCESS};
+use common::requester::MqttRequester;
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn the_readme_queue_command_works_with_the_default_templates_dir() {
+    let broker = Mosquitto::start();
+    let sim = simulator(SUCCESS, 0.0).await;
+    let mut responses = mqtt_subscribe(&broker, "comfyui/local/response/#").await;
+    let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
+    // `commands.templates_dir` as it comes (tests run in the repository root, like a fresh clone).
+    let (s, state) = settings(&sim, Some(&broker), None);
+    assert_eq!(s.commands.templates_dir, std::path::Path::new("examples/templates"));
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+
+    // Word for word the README's first command (mosquitto_pub: MQTT v3.1.1, QoS 1).
+    let request = r#"{"id": "fox-1", "template": "txt2img", "set": {"Positive.text": "a red fox"}, "randomize": ["KSampler.seed"]}"#;
+    common::requester::mqtt311_publish(broker.port, "comfyui/local/request/queue", request.as_bytes(), false).await;
+    let response = responses.expect(|m| m.topic == "comfyui/local/response/queue", WAIT).await;
+    let body: Value = serde_json::from_slice(&response.payload).unwrap_or(Value::Null);
+    assert_eq!(body["status"], "ok", "{body}");
+    let result = results.next(WAIT).await.expect("a result");
+    let result: Value = serde_json::from_slice(&result.payload).unwrap_or(Value::Null);
+    assert_eq!(result["status"], "success", "{result}");
+
+    // A name that is not there: the answer says where the bridge looked and which templates exist.
+    let mut requester = MqttRequester::connect(&broker).await;
+    let body = requester.request("comfyui/local/request/queue", r#"{"template": "txt2im"}"#, WAIT).await;
+    assert_eq!(body["error"]["code"], "unknown_template", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`examples/templates`") && message.contains("templates there: txt2img"), "{message}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_templates_dir_is_named_in_the_unknown_template_answer() {
+    let broker = Mosquitto::start();
+    let sim = simulator(SUCCESS, 0.0).await;
+    let (mut s, state) = settings(&sim, Some(&broker), None);
+    s.commands.templates_dir = state.path().join("no-such-dir");
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let mut requester = MqttRequester::connect(&broker).await;
+    let body = requester.request("comfyui/local/request/queue", r#"{"template": "txt2img"}"#, WAIT).await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no-such-dir` (commands.templates_dir) does not exist"), "{body}");
+    daemon.stop().await;
+}
