@@ -30,8 +30,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8188")]
         listen: SocketAddr,
-        /// Transcript file or directory of `.jsonl` transcripts.
-        #[arg(long, default_value = "tests/fixtures/transcripts")]
+        /// Transcript file or directory of `.jsonl` transcripts (repeatable); without it, the recorded
+        /// sessions built into the binary.
+        #[arg(long)]
         transcript: Vec<PathBuf>,
         /// Replay speed factor (2 = twice as fast, 0 = no delays).
         #[arg(long, default_value_t = 1.0)]
@@ -67,11 +68,13 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate { listen, transcript, speed, autoplay } => {
             comfy_bridge::telemetry::init("info", false);
             let opts = comfy_bridge::sim::SimOptions { transcripts: transcript, speed, autoplay };
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
-                comfy_bridge::sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
-            })?;
+            runtime
+                .block_on(async {
+                    let shutdown = CancellationToken::new();
+                    tokio::spawn(cancel_on_signal(shutdown.clone()));
+                    comfy_bridge::sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
+                })
+                .with_context(|| format!("cannot listen on {listen} (choose another address with --listen)"))?;
         }
     }
     Ok(())

@@ -57,3 +57,24 @@ async fn a_missing_templates_dir_is_named_in_the_unknown_template_answer() {
     assert!(message.contains("no-such-dir` (commands.templates_dir) does not exist"), "{body}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn an_unescaped_dot_in_a_nats_upload_subject_is_answered_with_the_escape() {
+    let nats = NatsServer::start();
+    let sim = simulator(SUCCESS, 0.0).await;
+    let (s, state) = settings(&sim, None, Some(&nats));
+    let daemon = Daemon::start(s, state);
+    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let client = common::requester::nats_client(&nats).await;
+    // The bridge subscribes a moment after it connects: ready once `status` is answered.
+    for _ in 0..50 {
+        let status = client.request("comfyui.local.request.status", "{}".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), status).await {
+            break;
+        }
+    }
+    let body = common::requester::nats_request(&client, "comfyui.local.request.upload.cat.png", "png").await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("contains `/`") && message.contains("`request.upload.cat=2Epng`"), "{body}");
+    daemon.stop().await;
+}

@@ -202,7 +202,14 @@ pub fn parse_raw_upload(filename_level: &str, payload: Bytes, max_payload_bytes:
             format!("the file name level `{filename_level}` is not a valid escape (`=XX`) of a UTF-8 name"),
         ))
     })?;
-    check_filename(&filename).map_err(|why| reject(invalid("filename", format!("the file name {why}"))))?;
+    check_filename(&filename).map_err(|why| {
+        // `request.upload.cat.png` on NATS arrives as the levels `cat` and `png`.
+        let hint = match filename.contains('/') {
+            true => " (escape a `.` in the file name as `=2E` on NATS, `request.upload.cat=2Epng`, and a `/` as `=2F`)",
+            false => "",
+        };
+        reject(invalid("filename", format!("the file name {why}{hint}")))
+    })?;
     let upload = Upload { filename, data: payload, subfolder: String::new(), overwrite: false };
     Ok(Request { id: None, command: Command::Upload(upload) })
 }

@@ -32,7 +32,8 @@ use transcript::Scenario;
 /// Options for [`Simulator::start`].
 #[derive(Debug, Clone)]
 pub struct SimOptions {
-    /// Transcript files, or directories containing `.jsonl` transcripts.
+    /// Transcript files, or directories containing `.jsonl` transcripts; empty plays the sessions built into
+    /// the binary (success, cached, node error, validation errors, interrupt, three queued prompts).
     pub transcripts: Vec<PathBuf>,
     /// Playback speed: 1.0 = recorded timing; 0.0 or infinity = no delays.
     pub speed: f64,
@@ -178,7 +179,10 @@ impl Simulator {
     pub async fn start(listen: SocketAddr, opts: SimOptions) -> std::io::Result<Simulator> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let scenarios = transcript::load_all(&opts.transcripts);
+        let scenarios = match opts.transcripts.is_empty() {
+            true => transcript::built_in(),
+            false => transcript::load_all(&opts.transcripts),
+        };
         let shared = Arc::new(Shared {
             scenarios: scenarios.into_iter().map(Arc::new).collect(),
             speed: opts.speed,

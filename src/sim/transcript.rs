@@ -56,6 +56,22 @@ pub(crate) struct Scenario {
     pub prompt_ids: Vec<String>,
 }
 
+/// Sessions carried in the binary, played when no transcript is given: one of each outcome a user meets
+/// (success, all cached, node error, validation errors, interrupt, three queued prompts), 128 KB.
+/// The other recordings under `tests/fixtures/transcripts` serve the tests; `--transcript` plays any of them.
+macro_rules! built_in {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../../tests/fixtures/transcripts/", $name, ".jsonl")))),*]
+    };
+}
+const BUILT_IN: &[(&str, &str)] =
+    built_in!["a_success", "b_cached", "c_execution_error", "d_validation_errors", "e_interrupt", "f_three_prompts"];
+
+/// The sessions carried in the binary.
+pub(crate) fn built_in() -> Vec<Scenario> {
+    BUILT_IN.iter().map(|(name, text)| parse_scenario(name, text)).collect()
+}
+
 /// Expand files and directories into a sorted list of `.jsonl` files.
 fn collect_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
