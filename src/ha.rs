@@ -12,6 +12,11 @@
 //! | select `template`, text `prompt` | `ha/template/set`, `ha/prompt/set`; state on `ha/template`, `ha/prompt` |
 //! | image `last image` | `ha/image_url` |
 //! | event `finished` | `ha/finished` (not retained) |
+//!
+//! Each config names its entity id (`default_entity_id`, Home Assistant 2025.10 and later; `object_id`, which
+//! older releases read, was removed in 2026.4 and is not sent) and the software that published it (`origin`).
+//! The templates render for every `ha/state` and every result on `ha/last`: what is not there is `null`, which
+//! renders `None`, which Home Assistant shows as unknown.
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -25,6 +30,10 @@ pub const HA: &str = "ha";
 pub const FINISHED_TYPES: [&str; 4] = ["success", "error", "interrupted", "cancelled"];
 /// Home Assistant truncates nothing for us: states longer than this are refused, so they are cut here.
 pub const MAX_STATE_CHARS: usize = 250;
+
+/// Attributes of the Last error sensor from a result: its `error` object, `{}` for a result without one (the
+/// test `is mapping` does not touch an undefined value, so Home Assistant logs nothing).
+pub const LAST_ERROR_ATTRIBUTES: &str = "{{ (value_json.error if value_json.error is mapping else {}) | tojson }}";
 
 /// `<base>/<inst>/ha/<leaf…>` as a route.
 pub fn route(instance: &str, leaf: &[&str]) -> Route {
@@ -49,6 +58,10 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
     let base = &settings.mqtt.base_topic;
     let topic = |route: Route| route.mqtt_topic(base);
     let node_id = format!("comfy_bridge_{inst}");
+    let mut origin = json!({"name": "comfy-bridge", "sw_version": env!("CARGO_PKG_VERSION")});
+    if let Some(url) = [env!("CARGO_PKG_REPOSITORY"), env!("CARGO_PKG_HOMEPAGE")].into_iter().find(|u| !u.is_empty()) {
+        origin["support_url"] = json!(url);
+    }
     let device = json!({
         "identifiers": [node_id],
         "name": format!("ComfyUI {inst}"),
@@ -114,7 +127,7 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
             "last_error",
             json!({"name": "Last error", "state_topic": state, "value_template": "{{ value_json.last_error }}",
                    "json_attributes_topic": topic(route(inst, &["last"])),
-                   "json_attributes_template": "{{ value_json.error | tojson }}"}),
+                   "json_attributes_template": LAST_ERROR_ATTRIBUTES}),
         ),
         ("image", "last_image", json!({"name": "Last image", "url_topic": topic(route(inst, &["image_url"]))})),
         (
@@ -167,8 +180,9 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
                 return (topic, Bytes::new());
             }
             config["unique_id"] = json!(format!("{node_id}_{object_id}"));
-            config["object_id"] = json!(format!("{node_id}_{object_id}"));
+            config["default_entity_id"] = json!(format!("{component}.{node_id}_{object_id}"));
             config["device"] = device.clone();
+            config["origin"] = origin.clone();
             if config.get("availability").is_none() {
                 config["availability"] = availability["availability"].clone();
                 config["availability_mode"] = availability["availability_mode"].clone();
@@ -190,14 +204,14 @@ pub struct DeviceState {
     pub queue: u64,
     /// Whole-prompt progress of the running prompt, in percent.
     pub progress: u8,
-    /// The running prompt's current node.
-    pub node: String,
-    /// Status of the last finished prompt.
-    pub last_state: String,
+    /// The running prompt's current node; `None` (unknown in Home Assistant) when nothing runs.
+    pub node: Option<String>,
+    /// Status of the last finished prompt; `None` before the first.
+    pub last_state: Option<String>,
     /// Its duration in seconds.
     pub last_duration: Option<f64>,
-    /// Its error message, cut to fit a state.
-    pub last_error: String,
+    /// Its error message, cut to fit a state; `None` when it had none.
+    pub last_error: Option<String>,
 }
 
 impl DeviceState {
@@ -207,10 +221,10 @@ impl DeviceState {
             "busy": if self.busy { "ON" } else { "OFF" },
             "queue": self.queue,
             "progress": self.progress,
-            "node": self.node,
-            "last_state": self.last_state,
+            "node": self.node.as_deref().filter(|n| !n.is_empty()),
+            "last_state": self.last_state.as_deref().filter(|s| !s.is_empty()),
             "last_duration": self.last_duration,
-            "last_error": state_text(&self.last_error),
+            "last_error": self.last_error.as_deref().filter(|e| !e.is_empty()).map(state_text),
         });
         Bytes::from(body.to_string())
     }
@@ -266,7 +280,7 @@ mod tests {
 
     #[test]
     fn long_errors_are_cut_to_fit_a_state() {
-        let state = DeviceState { last_error: "é".repeat(1000), ..DeviceState::default() };
+        let state = DeviceState { last_error: Some("é".repeat(1000)), ..DeviceState::default() };
         let v: Value = serde_json::from_slice(&state.render()).expect("json");
         assert!(v["last_error"].as_str().expect("text").chars().count() <= 255);
         assert_eq!(v["busy"], "OFF");

@@ -95,7 +95,7 @@ impl Router {
             busy: running.is_some(),
             queue: self.queue_remaining,
             progress: running.and_then(|(_, f)| f).map_or(0, |f| (f * 100.0).round() as u8),
-            node: running.and_then(|(node, _)| node).unwrap_or_default().to_string(),
+            node: running.and_then(|(node, _)| node).map(str::to_string),
             ..device.last.clone()
         };
         if state == device.published {
@@ -114,9 +114,9 @@ impl Router {
     fn device_result(&mut self, result: &[u8]) -> Vec<Arc<Outbound>> {
         let Some(device) = self.device.as_mut() else { return Vec::new() };
         let Ok(result) = serde_json::from_slice::<serde_json::Value>(result) else { return Vec::new() };
-        device.last.last_state = result["status"].as_str().unwrap_or_default().to_string();
+        device.last.last_state = result["status"].as_str().map(str::to_string);
         device.last.last_duration = result["duration_ms"].as_f64().map(|ms| ms / 1000.0);
-        device.last.last_error = result["error"]["exception_message"].as_str().unwrap_or_default().to_string();
+        device.last.last_error = result["error"]["exception_message"].as_str().map(str::to_string);
         let mut out = vec![Outbound::lifecycle(ha::route(&self.instance, &["last"]), result.to_string(), true)];
         let image = result["outputs"]
             .as_object()
