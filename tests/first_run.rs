@@ -18,6 +18,7 @@ async fn the_readme_queue_command_works_with_the_default_templates_dir() {
     let sim = simulator(SUCCESS, 0.0).await;
     let mut responses = mqtt_subscribe(&broker, "comfyui/local/response/#").await;
     let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
+    let mut states = mqtt_subscribe(&broker, "comfyui/local/prompt/+/state").await;
     // `commands.templates_dir` as it comes (tests run in the repository root, like a fresh clone).
     let (s, state) = settings(&sim, Some(&broker), None);
     assert_eq!(s.commands.templates_dir, std::path::Path::new("examples/templates"));
@@ -33,6 +34,16 @@ async fn the_readme_queue_command_works_with_the_default_templates_dir() {
     let result = results.next(WAIT).await.expect("a result");
     let result: Value = serde_json::from_slice(&result.payload).unwrap_or(Value::Null);
     assert_eq!(result["status"], "success", "{result}");
+    // The simulator ran a session shaped like txt2img: its seven nodes, its SaveImage output, progress between.
+    assert!(result["outputs"]["9"]["images"][0]["url"].is_string(), "{result}");
+    let seen = states
+        .collect_until(|m| serde_json::from_slice::<Value>(&m.payload).is_ok_and(|s| s["state"] == "success"), WAIT)
+        .await;
+    let states: Vec<Value> = seen.iter().filter_map(|m| serde_json::from_slice(&m.payload).ok()).collect();
+    assert!(states.iter().all(|s| s["nodes_total"] == 7), "{states:?}");
+    let fractions: Vec<f64> = states.iter().filter_map(|s| s["fraction"].as_f64()).collect();
+    assert!(fractions.iter().any(|f| *f > 0.0 && *f < 1.0), "progress in between: {fractions:?}");
+    assert_eq!(fractions.last(), Some(&1.0), "{fractions:?}");
 
     // A name that is not there: the answer says where the bridge looked and which templates exist.
     let mut requester = MqttRequester::connect(&broker).await;

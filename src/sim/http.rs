@@ -159,13 +159,19 @@ fn extra_data(body: &Value, client_id: Option<&str>) -> Value {
     Value::Object(extra)
 }
 
+/// The recording of this very prompt; else, for a workflow with output nodes and another shape than the success
+/// run, a session shaped like the workflow itself; else the success run (else the first recording).
 fn pick_scenario(shared: &Shared, prompt: &Value) -> Option<Arc<super::Scenario>> {
     let s = &shared.scenarios;
-    s.iter()
-        .find(|sc| sc.posts.iter().any(|p| &p.prompt == prompt))
-        .or_else(|| s.iter().find(|sc| sc.name == "a_success"))
-        .or_else(|| s.first())
-        .cloned()
+    if let Some(recorded) = s.iter().find(|sc| sc.posts.iter().any(|p| &p.prompt == prompt)) {
+        return Some(recorded.clone());
+    }
+    let fallback = s.iter().find(|sc| sc.name == "a_success").or_else(|| s.first())?;
+    let same_shape = fallback.posts.first().is_some_and(|p| super::synth::same_shape(&p.prompt, prompt));
+    match super::synth::session(prompt, fallback).filter(|_| !same_shape) {
+        Some(shaped) => Some(Arc::new(shaped)),
+        None => Some(fallback.clone()),
+    }
 }
 
 fn get_queue(shared: &Shared) -> Response {

@@ -9,6 +9,7 @@ mod frames;
 mod http;
 mod queue;
 mod server;
+mod synth;
 #[cfg(test)]
 mod tests;
 mod transcript;
