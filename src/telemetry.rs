@@ -249,3 +249,12 @@ pub fn render_metrics() -> String {
 fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+/// NATS headers left off a message because their name or value was not safe to send, per bus.
+pub static HEADERS_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// A header was left off a message because its value held control characters (or its name was no token).
+pub fn header_refused(bus: Bus, name: &str, route: &Route) {
+    let total = HEADERS_REFUSED[index(bus)].fetch_add(1, Relaxed) + 1;
+    tracing::warn!(bus = bus.name(), header = name, route = ?route.levels(), total, "header refused");
+}
