@@ -278,6 +278,8 @@ async fn shutdown_marks_comfyui_offline_and_keeps_its_grace_without_a_broker() {
     let sim = simulator(SUCCESS, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.bridge.shutdown_grace_ms = 1_000;
+    // Production-like backoff: the MQTT side is asleep between reconnect attempts when the stop comes.
+    s.comfyui.reconnect_max_ms = 30_000;
     let port = free_port();
     s.http.listen = format!("127.0.0.1:{port}");
     let daemon = Daemon::start(s, state);
