@@ -293,3 +293,33 @@ async fn shutdown_marks_comfyui_offline_and_keeps_its_grace_without_a_broker() {
     let took = started.elapsed();
     assert!(took < Duration::from_millis(1_000 + 1_000), "shutdown took {took:?} with a grace of 1 s");
 }
+
+/// Finding 15, the stale `online`: over MQTT v5 the retained `online` carries a message expiry (refreshed
+/// while the bridge lives), so a broker that was killed and comes back after the bridge died stops saying
+/// `online` for it; `offline` carries none.
+#[tokio::test]
+async fn the_retained_online_expires_unless_refreshed() {
+    let rig = rig(|_| {}).await;
+    let (_client, mut rx) = common::subscribers::subscribe_v5(
+        &rig.broker,
+        format!("test-expiry-{}", fastrand::u64(..)),
+        "comfyui/local/bridge/availability",
+        |p| (p.payload, p.retain, p.properties.and_then(|pr| pr.message_expiry_interval)),
+    )
+    .await;
+    let (payload, retain, expiry) = tokio::time::timeout(WAIT, rx.recv()).await.expect("in time").expect("open");
+    assert_eq!((&payload[..], retain), (&b"online"[..], true));
+    let expiry = expiry.expect("the retained online expires");
+    assert!((60..=300).contains(&expiry), "{expiry} s");
+    let broker = rig.broker;
+    rig.daemon.stop().await;
+    let (_client, mut rx) = common::subscribers::subscribe_v5(
+        &broker,
+        format!("test-expiry-{}", fastrand::u64(..)),
+        "comfyui/local/bridge/availability",
+        |p| (p.payload, p.properties.and_then(|pr| pr.message_expiry_interval)),
+    )
+    .await;
+    let (payload, expiry) = tokio::time::timeout(WAIT, rx.recv()).await.expect("in time").expect("open");
+    assert_eq!((&payload[..], expiry), (&b"offline"[..], None));
+}

@@ -146,6 +146,13 @@ impl Delivery {
         self.outbox.requeue_front(std::iter::once(online));
     }
 
+    /// Queues a fresh `bridge/availability` `online` while connected (MQTT v5 refreshes an expiring one).
+    pub fn refresh_online(&mut self) {
+        if self.connected {
+            self.outbox.push(Outbound::lifecycle(self.availability(topics::BRIDGE), "online", true));
+        }
+    }
+
     /// The connection is gone: everything unconfirmed goes back to the front, in order. Returns how many.
     pub fn on_lost(&mut self) -> usize {
         self.connected = false;
@@ -476,6 +483,17 @@ mod tests {
             assert!(d.waiting_bytes() <= 64 * MB);
         }
         assert_eq!(d.waiting(), 4);
+    }
+
+    #[test]
+    fn online_is_refreshed_only_while_connected() {
+        let mut d = Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits(10), "local");
+        d.refresh_online();
+        assert_eq!(d.waiting(), 0);
+        d.on_connected();
+        d.push(event("a"));
+        d.refresh_online();
+        assert_eq!(send_all(&mut d), ["bridge:online", "a", "bridge:online"]);
     }
 
     #[test]

@@ -28,6 +28,10 @@ const WINDOW: usize = 100;
 const REQUEST_CAPACITY: usize = 1024;
 /// How long to wait before retrying when rumqttc's request channel is full.
 const RETRY_FULL: Duration = Duration::from_millis(1);
+/// MQTT v5: the retained `bridge/availability` `online` expires after this many keep-alive intervals (at
+/// least a minute) and is republished every half of it. A broker that was killed and comes back after the
+/// bridge died would otherwise keep saying `online` for a dead bridge forever (no last will fires then).
+const ONLINE_EXPIRY_KEEP_ALIVES: u64 = 10;
 
 /// Why the MQTT side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +60,26 @@ enum Client {
     V311(rumqttc::AsyncClient),
 }
 
+/// What a publish carries besides topic and payload.
+struct Extras {
+    qos: u8,
+    retain: bool,
+    /// MQTT v5 correlation data.
+    correlation: Option<Bytes>,
+    /// MQTT v5 message expiry, in seconds.
+    expiry: Option<u32>,
+}
+
 impl Client {
-    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Bytes, correlation: Option<Bytes>) -> bool {
+    fn try_publish(&self, topic: String, payload: Bytes, extras: Extras) -> bool {
+        let Extras { qos, retain, correlation, expiry } = extras;
         match self {
-            Self::V5(c) if correlation.is_some() => {
-                let properties = PublishProperties { correlation_data: correlation, ..Default::default() };
+            Self::V5(c) if correlation.is_some() || expiry.is_some() => {
+                let properties = PublishProperties {
+                    correlation_data: correlation,
+                    message_expiry_interval: expiry,
+                    ..Default::default()
+                };
                 c.try_publish_with_properties(topic, v5_qos(qos), retain, payload, properties).is_ok()
             }
             Self::V5(c) => c.try_publish(topic, v5_qos(qos), retain, payload).is_ok(),
@@ -201,13 +220,21 @@ pub fn spawn(
         tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    let publisher = Publisher::new(settings, client, subscriptions, health);
+    let v5 = cfg.protocol != "v311";
+    let expiry = v5.then(|| (keep_alive.as_secs() * ONLINE_EXPIRY_KEEP_ALIVES).clamp(60, u64::from(u32::MAX)) as u32);
+    let publisher = Publisher::new(settings, client, subscriptions, health, expiry);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }
 
 impl Publisher {
-    fn new(settings: &Settings, client: Client, subscriptions: Vec<String>, health: Arc<Health>) -> Self {
+    fn new(
+        settings: &Settings,
+        client: Client,
+        subscriptions: Vec<String>,
+        health: Arc<Health>,
+        online_expiry: Option<u32>,
+    ) -> Self {
         let limits =
             Limits { count: settings.bridge.outbox_capacity, bytes: settings.bridge.outbox_max_bytes, window: WINDOW };
         Self {
@@ -219,6 +246,8 @@ impl Publisher {
             subscriptions,
             health,
             grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+            online_expiry,
+            availability: Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
         }
     }
 }
@@ -404,6 +433,9 @@ struct Publisher {
     subscriptions: Vec<String>,
     health: Arc<Health>,
     grace: Duration,
+    /// MQTT v5: the message expiry of the retained `online`, in seconds (see [`ONLINE_EXPIRY_KEEP_ALIVES`]).
+    online_expiry: Option<u32>,
+    availability: Route,
 }
 
 impl Publisher {
@@ -412,6 +444,8 @@ impl Publisher {
         mut loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
         mut outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     ) {
+        let period = Duration::from_secs(u64::from(self.online_expiry.unwrap_or(u32::MAX / 2) / 2).max(1));
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 biased;
@@ -424,6 +458,7 @@ impl Publisher {
                     None => break,
                 },
                 _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => {}
+                _ = refresh.tick(), if self.online_expiry.is_some() => self.delivery.refresh_online(),
             }
             // Take whatever else is already waiting before handing over.
             while self.delivery.accepting() {
@@ -475,8 +510,12 @@ impl Publisher {
                 self.delivery.refused(msg, "too_large");
                 continue;
             }
+            let expiry = self.online_expiry.filter(|_| {
+                msg.retain && msg.reply.is_none() && &msg.payload[..] == b"online" && msg.route == self.availability
+            });
+            let extras = Extras { qos: msg.qos, retain: msg.retain, correlation, expiry };
             // The topic is valid, so rumqttc can refuse only because its request channel is full.
-            match self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone(), correlation) {
+            match self.client.try_publish(topic, msg.payload.clone(), extras) {
                 true => self.delivery.sent(msg),
                 false => {
                     self.delivery.busy(msg);
