@@ -57,7 +57,7 @@ pub async fn spawn(
 ) -> Result<(), NatsError> {
     let cfg = &settings.nats;
     let (event_tx, event_rx) = mpsc::channel(16);
-    let client = connect(settings, event_tx.clone()).await?;
+    let client = connect(settings, event_tx).await?;
     let span = tracing::info_span!("nats", url = %cfg.url);
     // Starts the request intake on a client: now, and again on every rebuilt client.
     let start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>> = requests.map(|tx| {
@@ -76,7 +76,6 @@ pub async fn spawn(
     let publisher = Publisher {
         client,
         settings: settings.clone(),
-        event_tx,
         start_intake,
         marker: None,
         delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
@@ -92,6 +91,7 @@ pub async fn spawn(
 }
 
 /// A client for `settings.nats` whose connection events go to `event_tx`; it connects in the background.
+/// The client's connection task holds the only sender: the channel closes when that task is gone.
 async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<async_nats::Client, NatsError> {
     let cfg = &settings.nats;
     let mut options = ConnectOptions::new()
@@ -189,7 +189,6 @@ enum Failure {
 struct Publisher {
     client: async_nats::Client,
     settings: Settings,
-    event_tx: mpsc::Sender<Event>,
     start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>>,
     marker: Option<Marker>,
     delivery: Delivery,
@@ -212,7 +211,14 @@ impl Publisher {
         loop {
             tokio::select! {
                 biased;
-                Some(event) = event_rx.recv() => self.on_event(event),
+                event = event_rx.recv(), if !self.dead => match event {
+                    Some(event) => self.on_event(event),
+                    None => {
+                        // The connection task is gone (it panicked, or closed for good).
+                        self.dead = true;
+                        self.on_lost();
+                    }
+                },
                 msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
                     Some(msg) => self.delivery.push(msg),
                     None => break,
@@ -225,7 +231,9 @@ impl Publisher {
                 self.delivery.push(msg);
             }
             if self.dead {
-                self.rebuild().await;
+                if let Some(rx) = self.rebuild().await {
+                    event_rx = rx;
+                }
             }
             // The client may have connected or dropped without an event (a full event channel).
             if self.client_connected() != self.delivery.is_connected() {
@@ -289,10 +297,12 @@ impl Publisher {
         self.health.set(Part::Nats, false);
     }
 
-    /// Replaces a client whose connection task is gone, and the request intake that ran on it.
-    async fn rebuild(&mut self) {
+    /// Replaces a client whose connection task is gone, and the request intake that ran on it; returns the
+    /// new client's event channel.
+    async fn rebuild(&mut self) -> Option<mpsc::Receiver<Event>> {
         warn!("nats client is dead: building a new one");
-        match connect(&self.settings, self.event_tx.clone()).await {
+        let (event_tx, event_rx) = mpsc::channel(16);
+        match connect(&self.settings, event_tx).await {
             Ok(client) => {
                 self.client = client;
                 self.marker = None;
@@ -300,8 +310,12 @@ impl Publisher {
                 if let Some(start) = &self.start_intake {
                     start(self.client.clone());
                 }
+                Some(event_rx)
             }
-            Err(e) => warn!(error = %e, "cannot rebuild the nats client"),
+            Err(e) => {
+                warn!(error = %e, "cannot rebuild the nats client");
+                None
+            }
         }
     }
 
