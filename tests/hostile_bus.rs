@@ -323,3 +323,22 @@ async fn the_retained_online_expires_unless_refreshed() {
     let (payload, expiry) = tokio::time::timeout(WAIT, rx.recv()).await.expect("in time").expect("open");
     assert_eq!((&payload[..], expiry), (&b"offline"[..], None));
 }
+
+/// `/readyz` tells the truth: a NATS server that keeps the connection open but takes nothing (frozen) makes
+/// the bus read as not ready as soon as a batch goes unconfirmed, and ready again once it moves; nothing is
+/// lost meanwhile.
+#[tokio::test]
+async fn a_server_that_takes_nothing_reads_as_not_ready() {
+    let rig = rig(|s| s.nats.publish_timeout_ms = 300).await;
+    let mut results = nats_subscribe(&rig.nats, "comfyui.local.prompt.*.result").await;
+    rig.nats.freeze(true);
+    let pid = rig.sim.play("a_success").await.expect("plays");
+    readyz_until(rig.port, 503).await;
+    let (_, body) = get(rig.port, "/readyz").await;
+    rig.nats.freeze(false);
+    let ready: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((ready["mqtt"].as_str(), ready["nats"].as_str()), (Some("connected"), Some("disconnected")));
+    results.expect(|m| m.subject == format!("comfyui.local.prompt.{pid}.result"), WAIT).await;
+    rig.until_ready().await;
+    rig.daemon.stop().await;
+}

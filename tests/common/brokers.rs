@@ -204,6 +204,14 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes (`true`, SIGSTOP) or thaws (`false`, SIGCONT) the server: connections stay open, nothing moves.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill").args([signal, &c.id().to_string()]).status();
+        }
+    }
+
     /// Stops the server (SIGTERM); JetStream data stays for [`NatsServer::resume`].
     pub fn stop(&mut self) {
         stop(&mut self.child, true);
