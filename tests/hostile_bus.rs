@@ -342,3 +342,20 @@ async fn a_server_that_takes_nothing_reads_as_not_ready() {
     rig.until_ready().await;
     rig.daemon.stop().await;
 }
+
+/// The same for MQTT: a broker that keeps the connection open but takes nothing reads as not ready.
+#[tokio::test]
+async fn a_broker_that_takes_nothing_reads_as_not_ready() {
+    let rig = rig(|_| {}).await;
+    let mut results = mqtt_subscribe(&rig.broker, "comfyui/local/prompt/+/result").await;
+    rig.broker.freeze(true);
+    let pid = rig.sim.play("a_success").await.expect("plays");
+    readyz_until(rig.port, 503).await;
+    let (_, body) = get(rig.port, "/readyz").await;
+    rig.broker.freeze(false);
+    let ready: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((ready["mqtt"].as_str(), ready["nats"].as_str()), (Some("disconnected"), Some("connected")));
+    results.expect(|m| m.topic == format!("comfyui/local/prompt/{pid}/result"), WAIT).await;
+    rig.until_ready().await;
+    rig.daemon.stop().await;
+}

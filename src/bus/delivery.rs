@@ -41,6 +41,9 @@ pub struct Limits {
     pub bytes: usize,
     /// Most messages handed over and not yet confirmed.
     pub window: usize,
+    /// After this many [`Delivery::tick`]s with something unconfirmed (or a full client channel) and no
+    /// confirmation, the connection reads as stalled.
+    pub stall_ticks: u32,
 }
 
 /// A message handed to the client and not yet confirmed.
@@ -64,8 +67,12 @@ pub struct Delivery {
     connected: bool,
     /// The client's channel was full: retry shortly.
     blocked: bool,
-    /// A confirmation failed while connected: the broker is not taking messages.
+    /// A confirmation failed, or none came for `stall_ticks`, while connected: the broker is not taking
+    /// messages.
     stalled: bool,
+    stall_ticks: u32,
+    /// Ticks since the last confirmation while something waited for one.
+    quiet_ticks: u32,
     instance: String,
     bridge_availability: Route,
 }
@@ -83,6 +90,8 @@ impl Delivery {
             connected: false,
             blocked: false,
             stalled: false,
+            stall_ticks: limits.stall_ticks.max(1),
+            quiet_ticks: 0,
             instance: instance.to_string(),
             bridge_availability: Route::fixed(instance, &[topics::BRIDGE, topics::AVAILABILITY]),
         }
@@ -137,6 +146,7 @@ impl Delivery {
     pub fn on_connected(&mut self) {
         self.connected = true;
         self.stalled = false;
+        self.quiet_ticks = 0;
         self.blocked = false;
         // Anything still in flight belongs to the old connection.
         self.requeue_in_flight();
@@ -157,6 +167,8 @@ impl Delivery {
     pub fn on_lost(&mut self) -> usize {
         self.connected = false;
         self.blocked = false;
+        self.stalled = false;
+        self.quiet_ticks = 0;
         self.requeue_in_flight()
     }
 
@@ -231,6 +243,20 @@ impl Delivery {
         self.requeue_in_flight();
     }
 
+    /// A periodic call (the publisher's one watchdog timer): a connection that had something unconfirmed,
+    /// or a full client channel, and no confirmation for `stall_ticks` ticks reads as stalled (not ready)
+    /// until the next confirmation.
+    pub fn tick(&mut self) {
+        if self.connected && (self.blocked || !self.in_flight.is_empty()) {
+            self.quiet_ticks = self.quiet_ticks.saturating_add(1);
+            if self.quiet_ticks >= self.stall_ticks {
+                self.stalled = true;
+            }
+        } else {
+            self.quiet_ticks = 0;
+        }
+    }
+
     /// Shutdown: `comfyui/availability` and `bridge/availability` `offline`, retained, after what waits.
     pub fn goodbye(&mut self) {
         for part in [topics::COMFYUI, topics::BRIDGE] {
@@ -250,6 +276,8 @@ impl Delivery {
 
     fn delivered(&mut self, msg: Arc<Outbound>) {
         telemetry::published(self.bus, 1);
+        self.quiet_ticks = 0;
+        self.stalled = false;
         // `online` is queued afresh on every connection; `offline` only ever goes out last.
         if !msg.retain || (msg.reply.is_none() && msg.route == self.bridge_availability) {
             return;
@@ -270,7 +298,7 @@ mod tests {
     use bytes::Bytes;
 
     fn limits(window: usize) -> Limits {
-        Limits { count: 100, bytes: 1 << 20, window }
+        Limits { count: 100, bytes: 1 << 20, window, stall_ticks: 3 }
     }
 
     fn msg(name: &str, qos: u8, retain: bool, class: Class) -> Arc<Outbound> {
@@ -471,7 +499,7 @@ mod tests {
         let mut d = Delivery::new(
             Bus::Mqtt,
             Confirmation::PerMessage,
-            Limits { count: 10_000, bytes: 64 * MB, window: 100 },
+            Limits { count: 10_000, bytes: 64 * MB, window: 100, stall_ticks: 3 },
             "l",
         );
         for i in 0..40 {
@@ -483,6 +511,36 @@ mod tests {
             assert!(d.waiting_bytes() <= 64 * MB);
         }
         assert_eq!(d.waiting(), 4);
+    }
+
+    #[test]
+    fn no_ack_for_stall_ticks_reads_as_not_ready_until_one_comes() {
+        let mut d = Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits(10), "local");
+        d.on_connected();
+        let _ = send_all(&mut d);
+        d.numbered(1);
+        for _ in 0..2 {
+            d.tick();
+        }
+        assert!(d.is_healthy(), "two quiet ticks are not a stall");
+        d.tick();
+        assert!(!d.is_healthy(), "three are");
+        d.acked(1);
+        assert!(d.is_healthy());
+        for _ in 0..10 {
+            d.tick();
+        }
+        assert!(d.is_healthy(), "nothing waiting is no stall");
+        d.push(event("a"));
+        let a = d.next_to_send().expect("a");
+        d.busy(a);
+        for _ in 0..3 {
+            d.tick();
+        }
+        assert!(!d.is_healthy(), "a client channel full for three ticks is a stall");
+        d.on_lost();
+        d.on_connected();
+        assert!(d.is_healthy());
     }
 
     #[test]

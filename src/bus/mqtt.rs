@@ -32,6 +32,10 @@ const RETRY_FULL: Duration = Duration::from_millis(1);
 /// least a minute) and is republished every half of it. A broker that was killed and comes back after the
 /// bridge died would otherwise keep saying `online` for a dead bridge forever (no last will fires then).
 const ONLINE_EXPIRY_KEEP_ALIVES: u64 = 10;
+/// Seconds without a `PubAck` while QoS-1 messages wait for one (or rumqttc's channel stays full) after which
+/// the bus reads as not ready: rumqttc's keep-alive notices a broker that stopped answering only after one
+/// and a half keep-alive intervals (45 s by default).
+const STALL_SECS: u32 = 3;
 
 /// Why the MQTT side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -235,8 +239,12 @@ impl Publisher {
         health: Arc<Health>,
         online_expiry: Option<u32>,
     ) -> Self {
-        let limits =
-            Limits { count: settings.bridge.outbox_capacity, bytes: settings.bridge.outbox_max_bytes, window: WINDOW };
+        let limits = Limits {
+            count: settings.bridge.outbox_capacity,
+            bytes: settings.bridge.outbox_max_bytes,
+            window: WINDOW,
+            stall_ticks: STALL_SECS,
+        };
         Self {
             client,
             base: settings.mqtt.base_topic.clone(),
@@ -446,6 +454,8 @@ impl Publisher {
     ) {
         let period = Duration::from_secs(u64::from(self.online_expiry.unwrap_or(u32::MAX / 2) / 2).max(1));
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -459,6 +469,10 @@ impl Publisher {
                 },
                 _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => {}
                 _ = refresh.tick(), if self.online_expiry.is_some() => self.delivery.refresh_online(),
+                _ = watchdog.tick() => {
+                    self.delivery.tick();
+                    self.health.set(Part::Mqtt, self.delivery.is_healthy());
+                }
             }
             // Take whatever else is already waiting before handing over.
             while self.delivery.accepting() {

@@ -71,8 +71,12 @@ pub async fn spawn(
     if let Some(start) = &start_intake {
         start(client.clone());
     }
-    let limits =
-        Limits { count: settings.bridge.outbox_capacity, bytes: settings.bridge.outbox_max_bytes, window: BATCH };
+    let limits = Limits {
+        count: settings.bridge.outbox_capacity,
+        bytes: settings.bridge.outbox_max_bytes,
+        window: BATCH,
+        stall_ticks: u32::MAX,
+    };
     let publisher = Publisher {
         client,
         settings: settings.clone(),
