@@ -231,8 +231,10 @@ impl Delivery {
     /// NATS: the server processed everything handed over so far.
     pub fn confirm_all(&mut self) {
         self.stalled = false;
+        // One count for the batch: the counter is shared by every task.
+        telemetry::published(self.bus, self.in_flight.len() as u64);
         while let Some(f) = self.in_flight.pop_front() {
-            self.delivered(f.msg);
+            self.remember(f.msg);
         }
     }
 
@@ -276,6 +278,11 @@ impl Delivery {
 
     fn delivered(&mut self, msg: Arc<Outbound>) {
         telemetry::published(self.bus, 1);
+        self.remember(msg);
+    }
+
+    /// A confirmed message: progress, and the latest of its topic when retained.
+    fn remember(&mut self, msg: Arc<Outbound>) {
         self.quiet_ticks = 0;
         self.stalled = false;
         // `online` is queued afresh on every connection; `offline` only ever goes out last.
