@@ -108,30 +108,36 @@ impl FrameError {
     }
 }
 
+/// `{"type", "data"}`, borrowed from the frame: `data` is copied once, into [`TextEvent::data`].
 #[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    data: Box<RawValue>,
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
-/// The id fields routing reads from `data`; everything else stays in the raw value.
+/// The id fields routing reads from `data`, borrowed as raw JSON; everything else is skipped unparsed.
 #[derive(Deserialize, Default)]
-struct Ids {
-    #[serde(default)]
-    prompt_id: Option<serde_json::Value>,
-    #[serde(default)]
-    node: Option<serde_json::Value>,
-    #[serde(default)]
-    display_node: Option<serde_json::Value>,
-    #[serde(default)]
-    node_id: Option<serde_json::Value>,
+struct Ids<'a> {
+    #[serde(default, borrow)]
+    prompt_id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    node: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    display_node: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    node_id: Option<&'a RawValue>,
 }
 
-fn as_id(value: Option<serde_json::Value>) -> Option<String> {
-    match value? {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+/// An id from a raw JSON value: a string as is, a number in its JSON form, anything else `None`.
+fn as_id(value: Option<&RawValue>) -> Option<String> {
+    let raw = value?.get();
+    match raw.as_bytes().first()? {
+        // A valid JSON string without a backslash holds its text verbatim between the quotes.
+        b'"' if !raw.contains('\\') => raw.get(1..raw.len() - 1).map(str::to_string),
+        b'"' => serde_json::from_str(raw).ok(),
+        b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(raw).ok().map(|n| n.to_string()),
         _ => None,
     }
 }
@@ -152,7 +158,13 @@ pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
         Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
         _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
     };
-    Ok(TextEvent { kind, kind_name: envelope.kind, data: envelope.data, prompt_id: as_id(ids.prompt_id), node_id })
+    Ok(TextEvent {
+        kind,
+        kind_name: envelope.kind.into_owned(),
+        data: envelope.data.to_owned(),
+        prompt_id: as_id(ids.prompt_id),
+        node_id,
+    })
 }
 
 /// The image encoding of a preview.
@@ -235,7 +247,11 @@ pub fn parse_binary(frame: Bytes) -> Result<BinaryEvent, FrameError> {
             let end = 8usize.checked_add(word).filter(|&end| end <= len).ok_or(truncated)?;
             let meta: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_slice(&frame[8..end]).map_err(|e| FrameError::InvalidHeader(e.to_string()))?;
-            let field = |k: &str| as_id(meta.get(k).cloned());
+            let field = |k: &str| match meta.get(k) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
             let format = match meta.get("image_type").and_then(|v| v.as_str()) {
                 Some("image/jpeg") => ImageFormat::Jpeg,
                 Some("image/png") => ImageFormat::Png,
@@ -299,6 +315,22 @@ pub(crate) mod tests {
         assert_eq!(e.node_id.as_deref(), Some("12:5"));
         let e = parse_text(r#"{"type":"bridge_probe.custom","data":[1,2]}"#).expect("parses");
         assert_eq!((e.kind, e.prompt_id), (Kind::Other, None));
+    }
+
+    #[test]
+    fn ids_may_be_numbers_or_escaped_strings_and_other_values_name_nothing() {
+        let e = parse_text(r#"{"type":"progress","data":{"prompt_id":"a\"b\u00e9","node":12,"display_node":null}}"#)
+            .expect("parses");
+        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("a\"bé"), Some("12")));
+        let e =
+            parse_text(r#"{"type":"executed","data":{"prompt_id":1.5,"display_node":-3,"node":"x"}}"#).expect("parses");
+        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("1.5"), Some("-3")));
+        let e = parse_text(r#"{"type":"executing","data":{"prompt_id":true,"node":{"id":"3"},"display_node":["3"]}}"#)
+            .expect("parses");
+        assert_eq!((e.prompt_id, e.node_id), (None, None));
+        let e = parse_text(r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"7","node":"8"}}"#)
+            .expect("parses");
+        assert_eq!(e.node_id.as_deref(), Some("7"));
     }
 
     #[test]
