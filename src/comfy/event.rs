@@ -4,6 +4,8 @@
 //! a [`RawValue`] and only the few fields routing needs (prompt id, node ids) are read out of it. Binary frames
 //! are decoded per PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -112,27 +114,141 @@ impl FrameError {
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    kind: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
 
-/// The id fields routing reads from `data`, borrowed as raw JSON; everything else is skipped unparsed.
-#[derive(Deserialize, Default)]
+/// The id fields routing reads from `data`, as raw JSON borrowed from it.
+#[derive(Default)]
 struct Ids<'a> {
-    #[serde(default, borrow)]
-    prompt_id: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    node: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    display_node: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    node_id: Option<&'a RawValue>,
+    prompt_id: Option<&'a str>,
+    node: Option<&'a str>,
+    display_node: Option<&'a str>,
+    node_id: Option<&'a str>,
+}
+
+impl<'a> Ids<'a> {
+    /// The ids of `data`, an object already known to be valid JSON, found by walking its top-level members
+    /// without parsing the values (most of a frame). Like a serde struct of `Option`s: a repeated id field names
+    /// nothing at all, and `null` is no id.
+    fn of(data: &'a str) -> Self {
+        let mut ids = Self::default();
+        let mut members = Members { text: data, at: 1 };
+        while let Some((key, value)) = members.next() {
+            let slot = match key {
+                Cow::Borrowed("prompt_id") => &mut ids.prompt_id,
+                Cow::Borrowed("node") => &mut ids.node,
+                Cow::Borrowed("display_node") => &mut ids.display_node,
+                Cow::Borrowed("node_id") => &mut ids.node_id,
+                Cow::Borrowed(_) => continue,
+                Cow::Owned(key) => match key.as_str() {
+                    "prompt_id" => &mut ids.prompt_id,
+                    "node" => &mut ids.node,
+                    "display_node" => &mut ids.display_node,
+                    "node_id" => &mut ids.node_id,
+                    _ => continue,
+                },
+            };
+            if slot.is_some() {
+                return Self::default();
+            }
+            *slot = Some(value).filter(|v| *v != "null");
+        }
+        ids
+    }
+}
+
+/// The top-level members of a valid JSON object, from just after its `{`: (key, raw value) pairs. Only for text
+/// serde_json has validated: it checks nothing and stops at anything unexpected.
+struct Members<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Members<'a> {
+    fn next(&mut self) -> Option<(Cow<'a, str>, &'a str)> {
+        let bytes = self.text.as_bytes();
+        self.skip_whitespace_and(b',');
+        let key_start = self.at;
+        if bytes.get(key_start) != Some(&b'"') {
+            return None; // `}`: the end
+        }
+        self.at = string_end(bytes, key_start)?;
+        let raw_key = self.text.get(key_start..self.at)?;
+        let key = match raw_key.contains('\\') {
+            false => Cow::Borrowed(raw_key.get(1..raw_key.len() - 1)?),
+            true => Cow::Owned(serde_json::from_str(raw_key).ok()?),
+        };
+        self.skip_whitespace_and(b':');
+        let value_start = self.at;
+        self.at = value_end(bytes, value_start)?;
+        Some((key, self.text.get(value_start..self.at)?))
+    }
+
+    /// Skips whitespace, one `separator`, and whitespace again.
+    fn skip_whitespace_and(&mut self, separator: u8) {
+        let bytes = self.text.as_bytes();
+        while bytes.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+        if bytes.get(self.at) == Some(&separator) {
+            self.at += 1;
+            while bytes.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+                self.at += 1;
+            }
+        }
+    }
+}
+
+/// Just past the string that starts (with its `"`) at `start`.
+fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        match bytes.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Just past the value that starts at `start`.
+fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
+    match bytes.get(start)? {
+        b'"' => string_end(bytes, start),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = start;
+            loop {
+                match bytes.get(i)? {
+                    b'"' => {
+                        i = string_end(bytes, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        // A number, `true`, `false` or `null`.
+        _ => {
+            let len = bytes[start..].iter().position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace());
+            Some(start + len.unwrap_or(bytes.len() - start))
+        }
+    }
 }
 
 /// An id from a raw JSON value: a string as is, a number in its JSON form, anything else `None`.
-fn as_id(value: Option<&RawValue>) -> Option<String> {
-    let raw = value?.get();
+fn as_id(value: Option<&str>) -> Option<String> {
+    let raw = value?;
     match raw.as_bytes().first()? {
         // A valid JSON string without a backslash holds its text verbatim between the quotes.
         b'"' if !raw.contains('\\') => raw.get(1..raw.len() - 1).map(str::to_string),
@@ -146,12 +262,7 @@ fn as_id(value: Option<&RawValue>) -> Option<String> {
 pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
     let envelope: Envelope = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     // `data` need not be an object (custom events may send anything); then it names no ids.
-    // (serde would fill `Ids` from an array by position, so only objects are read.)
-    let ids: Ids = if envelope.data.get().starts_with('{') {
-        serde_json::from_str(envelope.data.get()).unwrap_or_default()
-    } else {
-        Ids::default()
-    };
+    let ids = if envelope.data.get().starts_with('{') { Ids::of(envelope.data.get()) } else { Ids::default() };
     let kind = Kind::from_name(&envelope.kind);
     let node_id = match kind {
         // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
@@ -406,8 +517,72 @@ pub(crate) mod tests {
             })
         }
 
+        /// The reference for [`Ids::of`]: the same fields read by serde.
+        #[derive(serde::Deserialize, Default)]
+        struct SerdeIds<'a> {
+            #[serde(default, borrow)]
+            prompt_id: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            node: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            display_node: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            node_id: Option<&'a RawValue>,
+        }
+
+        /// A JSON value of any kind, with escapes, nesting and odd spacing.
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("null".to_string()),
+                Just("true".to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| format!("{f:e}")),
+                "[a-z0-9:. ]{0,8}".prop_map(|s| format!("\"{s}\"")),
+                Just(r#""a\"b\\c\u00e9\n}]""#.to_string()),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[ {} ]", v.join(" ,"))),
+                    prop::collection::vec((key(), inner), 0..4).prop_map(|m| object(&m)),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("prompt_id"),
+                Just("node"),
+                Just("display_node"),
+                Just("node_id"),
+                Just("value"),
+                Just("prompt\\u005fid"),
+                Just("no\\u0064e"),
+                Just("x\\\"y"),
+                Just("")
+            ]
+            .prop_map(str::to_string)
+        }
+
+        fn object(members: &[(String, String)]) -> String {
+            let members: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\" :\t{v}")).collect();
+            format!("{{ {} }}", members.join(",\n"))
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn ids_are_what_serde_reads(members in prop::collection::vec((key(), value()), 0..6)) {
+                let data = object(&members);
+                prop_assume!(serde_json::from_str::<serde_json::Value>(&data).is_ok());
+                let want = serde_json::from_str::<SerdeIds>(&data).unwrap_or_default();
+                let got = Ids::of(&data);
+                let raw = |v: Option<&RawValue>| as_id(v.map(RawValue::get));
+                prop_assert_eq!(as_id(got.prompt_id), raw(want.prompt_id), "{}", data);
+                prop_assert_eq!(as_id(got.node), raw(want.node), "{}", data);
+                prop_assert_eq!(as_id(got.display_node), raw(want.display_node), "{}", data);
+                prop_assert_eq!(as_id(got.node_id), raw(want.node_id), "{}", data);
+            }
 
             #[test]
             fn binary_frames_never_panic(frame in prop_oneof![binary_frame(), prop::collection::vec(any::<u8>(), 0..16)]) {

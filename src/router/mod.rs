@@ -414,10 +414,23 @@ fn is_blocked(event: &TextEvent) -> bool {
     event.data.get().contains("\"ExecutionBlocked\"")
 }
 
-/// `s` as a JSON string, as serde_json writes it: verbatim between quotes unless it holds `"`, `\\` or a
+/// The bytes serde_json escapes in a string: `"`, `\` and the control characters.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// `s` as a JSON string, as serde_json writes it: verbatim between quotes unless it holds `"`, `\` or a
 /// control character, which serde_json escapes.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
