@@ -335,18 +335,25 @@ impl Bench {
     }
 
     /// Waits until the counts stop moving (or reach `expected` on both buses); returns the subject's CPU
-    /// reading at the last change, and when that was.
-    async fn drain(&self, pid: u32, expected: u64) -> (f64, Instant) {
-        let (mut last, mut cpu_at_last, mut at_last) = (self.tally.counts(), proc_cpu_s(pid), Instant::now());
+    /// reading at the last change, and when each bus's count last moved.
+    async fn drain(&self, pid: u32, expected: u64) -> (f64, [Instant; 2]) {
+        let (mut last, mut cpu_at_last) = (self.tally.counts(), proc_cpu_s(pid));
+        let mut moved = [Instant::now(); 2];
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let counts = self.tally.counts();
             let cpu = proc_cpu_s(pid);
             if counts != last {
-                (last, cpu_at_last, at_last) = (counts, cpu, Instant::now());
+                for (at, changed) in moved.iter_mut().zip([counts.0 != last.0, counts.1 != last.1]) {
+                    if changed {
+                        *at = Instant::now();
+                    }
+                }
+                (last, cpu_at_last) = (counts, cpu);
             }
-            if (last.0 >= expected && last.1 >= expected) || at_last.elapsed() > QUIET {
-                return (cpu_at_last, at_last);
+            let quiet = moved.iter().all(|at| at.elapsed() > QUIET);
+            if (last.0 >= expected && last.1 >= expected) || quiet {
+                return (cpu_at_last, moved);
             }
         }
     }
@@ -358,13 +365,13 @@ impl Bench {
         let cpu0 = proc_cpu_s(pid);
         let start = Instant::now();
         let sent = self.run(Load::Burst { steps, concurrency, nonce: self.nonce }).await;
-        let (cpu1, last) = self.drain(pid, sent.progress).await;
+        let (cpu1, [mqtt_at, nats_at]) = self.drain(pid, sent.progress).await;
         let (mqtt, nats) = self.tally.counts();
-        let secs = last.duration_since(start).as_secs_f64().max(1e-3);
+        let secs = |at: Instant| at.duration_since(start).as_secs_f64().max(1e-3);
         Figures {
             cpu_per_100k: (cpu1 - cpu0) / (sent.text + sent.previews).max(1) as f64 * 1e5,
-            mqtt_per_s: mqtt as f64 / secs,
-            nats_per_s: nats as f64 / secs,
+            mqtt_per_s: mqtt as f64 / secs(mqtt_at),
+            nats_per_s: nats as f64 / secs(nats_at),
             delivered_pct: 100.0 * mqtt.min(nats) as f64 / sent.progress.max(1) as f64,
             rss_peak_kib: proc_status_kib(pid, "VmHWM:"),
         }
