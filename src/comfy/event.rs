@@ -74,6 +74,8 @@ pub struct TextEvent {
     pub prompt_id: Option<String>,
     /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
     pub node_id: Option<String>,
+    /// For `progress`: `data.value` and `data.max` when both are numbers (what the tracker reads of a tick).
+    pub progress: Option<(f64, f64)>,
 }
 
 /// Decoding failures; each is counted and the frame skipped.
@@ -119,43 +121,44 @@ struct Envelope<'a> {
     data: &'a RawValue,
 }
 
-/// The id fields routing reads from `data`, as raw JSON borrowed from it.
+/// The fields routing (and the tracker, for progress) read from `data`, as raw JSON borrowed from it.
 #[derive(Default)]
 struct Ids<'a> {
     prompt_id: Option<&'a str>,
     node: Option<&'a str>,
     display_node: Option<&'a str>,
     node_id: Option<&'a str>,
+    /// `value` and `max` of a progress tick.
+    progress: Option<(f64, f64)>,
 }
 
 impl<'a> Ids<'a> {
-    /// The ids of `data`, an object already known to be valid JSON, found by walking its top-level members
-    /// without parsing the values (most of a frame). Like a serde struct of `Option`s: a repeated id field names
-    /// nothing at all, and `null` is no id.
+    /// The fields of `data`, an object already known to be valid JSON, found by walking its top-level members
+    /// without parsing the values (most of a frame). Read as serde reads a struct of `Option`s: `null` is no
+    /// value, and a field given twice (even as `null`) makes the whole struct fail, so names nothing at all.
+    /// The ids and the progress numbers are two such structs.
     fn of(data: &'a str) -> Self {
-        let mut ids = Self::default();
+        const FIELDS: [&str; 6] = ["prompt_id", "node", "display_node", "node_id", "value", "max"];
+        let mut slots: [Option<Option<&'a str>>; 6] = [None; 6];
+        let (mut ids_failed, mut tick_failed) = (false, false);
         let mut members = Members { text: data, at: 1 };
         while let Some((key, value)) = members.next() {
-            let slot = match key {
-                Cow::Borrowed("prompt_id") => &mut ids.prompt_id,
-                Cow::Borrowed("node") => &mut ids.node,
-                Cow::Borrowed("display_node") => &mut ids.display_node,
-                Cow::Borrowed("node_id") => &mut ids.node_id,
-                Cow::Borrowed(_) => continue,
-                Cow::Owned(key) => match key.as_str() {
-                    "prompt_id" => &mut ids.prompt_id,
-                    "node" => &mut ids.node,
-                    "display_node" => &mut ids.display_node,
-                    "node_id" => &mut ids.node_id,
-                    _ => continue,
-                },
-            };
-            if slot.is_some() {
-                return Self::default();
+            let Some(i) = FIELDS.iter().position(|f| *f == key) else { continue };
+            if slots[i].is_some() {
+                *if i < 4 { &mut ids_failed } else { &mut tick_failed } = true;
             }
-            *slot = Some(value).filter(|v| *v != "null");
+            slots[i] = Some(Some(value).filter(|v| *v != "null"));
         }
-        ids
+        let get = |i: usize| slots[i].flatten();
+        let number = |i: usize| get(i).map(|raw| serde_json::from_str::<f64>(raw).ok());
+        let progress = match (tick_failed, number(4), number(5)) {
+            (false, Some(Some(value)), Some(Some(max))) => Some((value, max)),
+            _ => None,
+        };
+        match ids_failed {
+            true => Self { progress, ..Self::default() },
+            false => Self { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), progress },
+        }
     }
 }
 
@@ -275,6 +278,7 @@ pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
         data: envelope.data.to_owned(),
         prompt_id: as_id(ids.prompt_id),
         node_id,
+        progress: ids.progress.filter(|_| kind == Kind::Progress),
     })
 }
 
@@ -445,6 +449,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_repeated_id_field_names_nothing_even_after_null() {
+        for data in [r#"{"node":null,"node":"3"}"#, r#"{"node":"3","node":null}"#, r#"{"node":"3","node":"4"}"#] {
+            let e = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
+            assert_eq!(e.node_id, None, "{data}");
+        }
+    }
+
+    #[test]
     fn malformed_text_frames_are_errors_not_panics() {
         for bad in ["", "{", "[]", r#"{"type":1,"data":{}}"#, r#"{"data":{}}"#, "null"] {
             assert!(matches!(parse_text(bad), Err(FrameError::InvalidJson(_))), "{bad:?}");
@@ -530,9 +542,19 @@ pub(crate) mod tests {
             node_id: Option<&'a RawValue>,
         }
 
+        /// The reference for [`TextEvent::progress`]: what the tracker used to parse of each tick.
+        #[derive(serde::Deserialize, Default)]
+        struct SerdeTick {
+            #[serde(default)]
+            value: Option<f64>,
+            #[serde(default)]
+            max: Option<f64>,
+        }
+
         /// A JSON value of any kind, with escapes, nesting and odd spacing.
         fn value() -> impl Strategy<Value = String> {
             let leaf = prop_oneof![
+                Just("null".to_string()),
                 Just("null".to_string()),
                 Just("true".to_string()),
                 any::<i64>().prop_map(|n| n.to_string()),
@@ -550,15 +572,9 @@ pub(crate) mod tests {
 
         fn key() -> impl Strategy<Value = String> {
             prop_oneof![
-                Just("prompt_id"),
-                Just("node"),
-                Just("display_node"),
-                Just("node_id"),
-                Just("value"),
-                Just("prompt\\u005fid"),
-                Just("no\\u0064e"),
-                Just("x\\\"y"),
-                Just("")
+                4 => Just("prompt_id"), 4 => Just("node"), 2 => Just("display_node"), 2 => Just("node_id"),
+                3 => Just("value"), 3 => Just("max"), 1 => Just("prompt\\u005fid"), 1 => Just("no\\u0064e"),
+                1 => Just("x\\\"y"), 1 => Just("")
             ]
             .prop_map(str::to_string)
         }
@@ -582,6 +598,8 @@ pub(crate) mod tests {
                 prop_assert_eq!(as_id(got.node), raw(want.node), "{}", data);
                 prop_assert_eq!(as_id(got.display_node), raw(want.display_node), "{}", data);
                 prop_assert_eq!(as_id(got.node_id), raw(want.node_id), "{}", data);
+                let tick = serde_json::from_str::<SerdeTick>(&data).unwrap_or_default();
+                prop_assert_eq!(got.progress, tick.value.zip(tick.max), "{}", data);
             }
 
             #[test]
