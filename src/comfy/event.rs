@@ -5,6 +5,7 @@
 //! are decoded per PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -74,8 +75,27 @@ pub struct TextEvent {
     pub prompt_id: Option<String>,
     /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
     pub node_id: Option<String>,
-    /// For `progress`: `data.value` and `data.max` when both are numbers (what the tracker reads of a tick).
-    pub progress: Option<(f64, f64)>,
+    /// For `progress`: where `data.value` and `data.max` are in `data`, unparsed until asked for.
+    tick: Option<(Range<usize>, Range<usize>)>,
+}
+
+impl TextEvent {
+    /// For `progress`: `data.value` and `data.max` when both are numbers, read as serde reads
+    /// `{value: Option<f64>, max: Option<f64>}` (so what the tracker reads of a tick, without parsing `data`).
+    pub fn progress(&self) -> Option<(f64, f64)> {
+        let (value, max) = self.tick.as_ref()?;
+        let data = self.data.get();
+        Some((number(data.get(value.clone())?)?, number(data.get(max.clone())?)?))
+    }
+}
+
+/// A raw JSON number as `f64`, as serde_json converts it: integers exactly when below 2^53 (the common case,
+/// parsed here directly), anything else through serde_json.
+fn number(raw: &str) -> Option<f64> {
+    if raw.len() <= 15 && !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        return raw.parse::<u64>().ok().map(|n| n as f64);
+    }
+    serde_json::from_str(raw).ok()
 }
 
 /// Decoding failures; each is counted and the frame skipped.
@@ -128,8 +148,8 @@ struct Ids<'a> {
     node: Option<&'a str>,
     display_node: Option<&'a str>,
     node_id: Option<&'a str>,
-    /// `value` and `max` of a progress tick.
-    progress: Option<(f64, f64)>,
+    /// Where `value` and `max` are, when both are present, not `null` and not repeated.
+    tick: Option<(Range<usize>, Range<usize>)>,
 }
 
 impl<'a> Ids<'a> {
@@ -150,14 +170,18 @@ impl<'a> Ids<'a> {
             slots[i] = Some(Some(value).filter(|v| *v != "null"));
         }
         let get = |i: usize| slots[i].flatten();
-        let number = |i: usize| get(i).map(|raw| serde_json::from_str::<f64>(raw).ok());
-        let progress = match (tick_failed, number(4), number(5)) {
-            (false, Some(Some(value)), Some(Some(max))) => Some((value, max)),
+        // `value` is a slice of `data`: its offset is where it starts in `data`.
+        let range = |v: &str| {
+            let start = v.as_ptr() as usize - data.as_ptr() as usize;
+            start..start + v.len()
+        };
+        let tick = match (tick_failed, get(4), get(5)) {
+            (false, Some(value), Some(max)) => Some((range(value), range(max))),
             _ => None,
         };
         match ids_failed {
-            true => Self { progress, ..Self::default() },
-            false => Self { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), progress },
+            true => Self { tick, ..Self::default() },
+            false => Self { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), tick },
         }
     }
 }
@@ -278,7 +302,7 @@ pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
         data: envelope.data.to_owned(),
         prompt_id: as_id(ids.prompt_id),
         node_id,
-        progress: ids.progress.filter(|_| kind == Kind::Progress),
+        tick: ids.tick.filter(|_| kind == Kind::Progress),
     })
 }
 
@@ -449,6 +473,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn progress_numbers_are_read_as_serde_reads_them() {
+        let tick = |data: &str| parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
+        assert_eq!(tick(r#"{"value":5,"max":20,"prompt_id":"p"}"#).progress(), Some((5.0, 20.0)));
+        assert_eq!(tick(r#"{"max":1e3,"value":-0.5}"#).progress(), Some((-0.5, 1000.0)));
+        assert_eq!(tick(r#"{"value":123456789012345678,"max":2}"#).progress(), Some((123456789012345678.0, 2.0)));
+        for data in [
+            r#"{"value":"5","max":20}"#,
+            r#"{"value":5}"#,
+            r#"{"value":5,"max":null}"#,
+            r#"{"value":1,"max":2,"max":3}"#,
+        ] {
+            assert_eq!(tick(data).progress(), None, "{data}");
+        }
+        let other = parse_text(r#"{"type":"executing","data":{"value":5,"max":20}}"#).expect("parses");
+        assert_eq!(other.progress(), None, "only progress ticks");
+    }
+
+    #[test]
     fn a_repeated_id_field_names_nothing_even_after_null() {
         for data in [r#"{"node":null,"node":"3"}"#, r#"{"node":"3","node":null}"#, r#"{"node":"3","node":"4"}"#] {
             let e = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
@@ -593,13 +635,14 @@ pub(crate) mod tests {
                 prop_assume!(serde_json::from_str::<serde_json::Value>(&data).is_ok());
                 let want = serde_json::from_str::<SerdeIds>(&data).unwrap_or_default();
                 let got = Ids::of(&data);
+                let event = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("valid");
                 let raw = |v: Option<&RawValue>| as_id(v.map(RawValue::get));
                 prop_assert_eq!(as_id(got.prompt_id), raw(want.prompt_id), "{}", data);
                 prop_assert_eq!(as_id(got.node), raw(want.node), "{}", data);
                 prop_assert_eq!(as_id(got.display_node), raw(want.display_node), "{}", data);
                 prop_assert_eq!(as_id(got.node_id), raw(want.node_id), "{}", data);
                 let tick = serde_json::from_str::<SerdeTick>(&data).unwrap_or_default();
-                prop_assert_eq!(got.progress, tick.value.zip(tick.max), "{}", data);
+                prop_assert_eq!(event.progress(), tick.value.zip(tick.max), "{}", data);
             }
 
             #[test]
