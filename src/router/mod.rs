@@ -308,22 +308,19 @@ impl Router {
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(data.as_bytes());
         out.extend_from_slice(&self.instance_field);
-        if let Some(prompt_id) = prompt_id {
-            out.extend_from_slice(b",\"prompt_id\":");
-            json_str(&mut out, prompt_id);
-        }
-        if let Some(node_id) = node_id {
-            out.extend_from_slice(b",\"node_id\":");
-            json_str(&mut out, node_id);
-        }
+        let optional = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
+            if let Some(value) = value {
+                out.extend_from_slice(name);
+                json_str(out, value);
+            }
+        };
+        optional(&mut out, b",\"prompt_id\":", prompt_id);
+        optional(&mut out, b",\"node_id\":", node_id);
         out.extend_from_slice(b",\"seq\":");
         json_u64(&mut out, self.seq);
         out.extend_from_slice(b",\"ts\":");
         json_u64(&mut out, ts);
-        if let Some(request_id) = request_id {
-            out.extend_from_slice(b",\"request_id\":");
-            json_str(&mut out, request_id);
-        }
+        optional(&mut out, b",\"request_id\":", request_id);
         out.push(b'}');
         Bytes::from(out)
     }
