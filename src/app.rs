@@ -16,6 +16,10 @@ use crate::health::Health;
 use crate::router;
 use crate::tracker::resync;
 
+/// What shutdown may take beyond `bridge.shutdown_grace_ms`: closing channels and sockets. Publishers bound
+/// their own drain and goodbyes by the grace and do not wait for a broker that is not connected.
+const SHUTDOWN_MARGIN: Duration = Duration::from_millis(500);
+
 /// Capacity of each channel on the event path.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -48,7 +52,7 @@ pub enum AppError {
 /// task ends it drops its sender, the router's input closes, the router drops its bus senders and the resync
 /// worker's; the command plane answers what it already received and drops its own. Each publisher then
 /// drains its outbox, publishes `offline` and disconnects. The whole drain is bounded by
-/// `bridge.shutdown_grace_ms` (plus a little for the goodbyes).
+/// `bridge.shutdown_grace_ms` (plus [`SHUTDOWN_MARGIN`]).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
     let tasks = TaskTracker::new();
     let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;
@@ -98,7 +102,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     shutdown.cancelled().await;
     info!("shutting down");
-    let grace = grace + Duration::from_secs(4);
+    let grace = grace + SHUTDOWN_MARGIN;
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(?grace, "some tasks did not stop in time");
     }

@@ -105,6 +105,9 @@ pub struct BridgeSettings {
     pub shutdown_grace_ms: u64,
     /// Messages each bus keeps while its broker is away; progress and previews are dropped first.
     pub outbox_capacity: usize,
+    /// Bytes each bus keeps while its broker is away (payloads, topics and a small overhead per message);
+    /// progress and previews are dropped first, then the oldest lifecycle events.
+    pub outbox_max_bytes: usize,
 }
 
 impl Default for BridgeSettings {
@@ -115,6 +118,7 @@ impl Default for BridgeSettings {
             log_format: "text".into(),
             shutdown_grace_ms: 5_000,
             outbox_capacity: 10_000,
+            outbox_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -183,6 +187,9 @@ pub struct MqttSettings {
     pub keep_alive_secs: u64,
     /// Largest packet the bridge sends or accepts, in bytes (previews can be large).
     pub max_packet_bytes: usize,
+    /// Longest topic the bridge publishes to (at most 65,535, MQTT's limit); a message for a longer topic
+    /// (e.g. a requester's response topic) is dropped and counted.
+    pub max_topic_bytes: usize,
     /// For `mqtts://`: PEM file of the broker's CA; empty: public roots.
     pub ca_file: String,
     /// For `mqtts://`: PEM client certificate (chain), with `client_key_file`.
@@ -203,6 +210,7 @@ impl Default for MqttSettings {
             client_id: String::new(),
             keep_alive_secs: 30,
             max_packet_bytes: 16 * 1024 * 1024,
+            max_topic_bytes: 4_096,
             ca_file: String::new(),
             client_cert_file: String::new(),
             client_key_file: String::new(),
@@ -230,6 +238,9 @@ pub struct NatsSettings {
     pub password: Option<Secret>,
     /// Longest a publish may take before the message goes back to the outbox, in milliseconds.
     pub publish_timeout_ms: u64,
+    /// Longest subject (and reply subject) the bridge publishes to; longer ones are dropped and counted. At
+    /// most 2,016, so subject and reply fit the server's default 4,096-byte control line.
+    pub max_subject_bytes: usize,
     /// NKey seed (`SU…`) for nkey authentication.
     pub nkey_seed: Option<Secret>,
     /// PEM file of the server's CA (TLS: `tls://` URLs, or whenever the server asks for it).
@@ -251,6 +262,7 @@ impl Default for NatsSettings {
             user: String::new(),
             password: None,
             publish_timeout_ms: 2_000,
+            max_subject_bytes: 1_024,
             nkey_seed: None,
             ca_file: String::new(),
             client_cert_file: String::new(),
@@ -421,6 +433,15 @@ impl Settings {
         if self.bridge.outbox_capacity == 0 {
             return invalid("bridge.outbox_capacity", "must be at least 1");
         }
+        if self.bridge.outbox_max_bytes < 64 * 1024 {
+            return invalid("bridge.outbox_max_bytes", "must be at least 65536");
+        }
+        if !(256..=65_535).contains(&self.mqtt.max_topic_bytes) {
+            return invalid("mqtt.max_topic_bytes", "must be between 256 and 65535");
+        }
+        if !(256..=MAX_SUBJECT_BYTES).contains(&self.nats.max_subject_bytes) {
+            return invalid("nats.max_subject_bytes", "must be between 256 and 2016");
+        }
         if self.mqtt.enabled && mqtt_endpoint(&self.mqtt.url).is_none() {
             return invalid("mqtt.url", "must be mqtt://host[:port] or mqtts://host[:port] (also tcp://, ssl://)");
         }
@@ -558,6 +579,11 @@ fn name_variable(error: ConfigError, vars: &[(String, String)]) -> ConfigError {
     }
 }
 
+/// The largest `nats.max_subject_bytes`: a subject and a reply subject this long, with the rest of the
+/// `HPUB` line, fit nats-server's default 4,096-byte `max_control_line`.
+const MAX_SUBJECT_BYTES: usize =
+    (crate::bus::topics::NATS_CONTROL_LINE - crate::bus::topics::NATS_CONTROL_OVERHEAD) / 2;
+
 /// Base topic levels and the instance are used verbatim in topics, so they must need no escaping.
 fn is_plain_level(level: &str) -> bool {
     !level.is_empty() && level.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -612,6 +638,9 @@ mod tests {
             ("COMFY_BRIDGE__MQTT__PROTOCOL", "v4", "mqtt.protocol"),
             ("COMFY_BRIDGE__BRIDGE__INSTANCE", "a/b", "bridge.instance"),
             ("COMFY_BRIDGE__COMFYUI__URL", "ftp://x", "comfyui.url"),
+            ("COMFY_BRIDGE__MQTT__MAX_TOPIC_BYTES", "70000", "mqtt.max_topic_bytes"),
+            ("COMFY_BRIDGE__NATS__MAX_SUBJECT_BYTES", "4096", "nats.max_subject_bytes"),
+            ("COMFY_BRIDGE__BRIDGE__OUTBOX_MAX_BYTES", "100", "bridge.outbox_max_bytes"),
         ] {
             let err = Settings::load_with_env(None, env(&[(key, value)])).expect_err(key);
             assert!(matches!(err, ConfigError::Invalid { key, .. } if key == name), "{err}");

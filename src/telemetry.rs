@@ -355,6 +355,12 @@ pub fn render_metrics() -> String {
         l.drops.iter().map(|((bus, reason), v)| (format!("{{bus=\"{bus}\",reason=\"{reason}\"}}"), *v)).collect();
     metric("messages_dropped_total", "counter", "Messages dropped before a broker, by bus and reason.", &drops);
     metric("outbox_depth", "gauge", "Messages waiting for a broker, by bus.", &per_bus(&c.outbox));
+    metric(
+        "headers_refused_total",
+        "counter",
+        "Headers left off a message because their name or value was unsafe, by bus.",
+        &per_bus(&HEADERS_REFUSED),
+    );
     metric("previews_throttled_total", "counter", "Previews skipped by the rate limit.", &one(&c.previews_throttled));
     metric(
         "prompts_forgotten_total",
@@ -404,6 +410,17 @@ pub fn render_metrics() -> String {
 /// A label value with `\`, `"` and newlines escaped.
 fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// NATS headers left off a message because their name or value was not safe to send, per bus.
+pub static HEADERS_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// A header was left off a message because its value held control characters (or its name was no token).
+pub fn header_refused(bus: Bus, name: &str, route: &Route) {
+    let total = HEADERS_REFUSED[index(bus)].fetch_add(1, Relaxed) + 1;
+    if warn_allowed("header_refused", bus.name()) {
+        tracing::warn!(bus = bus.name(), header = name, route = ?route.levels(), total, "header refused");
+    }
 }
 
 #[cfg(test)]

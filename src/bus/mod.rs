@@ -3,6 +3,7 @@
 //! Knows nothing about ComfyUI: the router hands over [`Outbound`] messages, each publisher renders the
 //! route with its own base and delivers it.
 
+pub mod delivery;
 pub mod mqtt;
 pub mod nats;
 pub mod outbox;

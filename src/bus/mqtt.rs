@@ -6,7 +6,6 @@
 //! one `Outgoing::Publish(pkid)` in order, which is how the publisher matches `PubAck`s to messages. QoS-0
 //! messages (progress, previews) are fire-and-forget: done once rumqttc has them.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use rumqttc::{Outgoing, Packet as V3Packet};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
+use super::delivery::{Confirmation, Delivery, Limits};
+use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::comfy::backoff;
 use crate::commands::inbox::Inbox;
 use crate::config::Settings;
@@ -29,6 +29,14 @@ const WINDOW: usize = 100;
 const REQUEST_CAPACITY: usize = 1024;
 /// How long to wait before retrying when rumqttc's request channel is full.
 const RETRY_FULL: Duration = Duration::from_millis(1);
+/// MQTT v5: the retained `bridge/availability` `online` expires after this many keep-alive intervals (at
+/// least a minute) and is republished every half of it. A broker that was killed and comes back after the
+/// bridge died would otherwise keep saying `online` for a dead bridge forever (no last will fires then).
+const ONLINE_EXPIRY_KEEP_ALIVES: u64 = 10;
+/// Seconds without a `PubAck` while QoS-1 messages wait for one (or rumqttc's channel stays full) after which
+/// the bus reads as not ready: rumqttc's keep-alive notices a broker that stopped answering only after one
+/// and a half keep-alive intervals (45 s by default).
+const STALL_SECS: u32 = 3;
 
 /// Why the MQTT side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +65,26 @@ enum Client {
     V311(rumqttc::AsyncClient),
 }
 
+/// What a publish carries besides topic and payload.
+struct Extras {
+    qos: u8,
+    retain: bool,
+    /// MQTT v5 correlation data.
+    correlation: Option<Bytes>,
+    /// MQTT v5 message expiry, in seconds.
+    expiry: Option<u32>,
+}
+
 impl Client {
-    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Bytes, correlation: Option<Bytes>) -> bool {
+    fn try_publish(&self, topic: String, payload: Bytes, extras: Extras) -> bool {
+        let Extras { qos, retain, correlation, expiry } = extras;
         match self {
-            Self::V5(c) if correlation.is_some() => {
-                let properties = PublishProperties { correlation_data: correlation, ..Default::default() };
+            Self::V5(c) if correlation.is_some() || expiry.is_some() => {
+                let properties = PublishProperties {
+                    correlation_data: correlation,
+                    message_expiry_interval: expiry,
+                    ..Default::default()
+                };
                 c.try_publish_with_properties(topic, v5_qos(qos), retain, payload, properties).is_ok()
             }
             Self::V5(c) => c.try_publish(topic, v5_qos(qos), retain, payload).is_ok(),
@@ -114,19 +137,7 @@ fn network_options() -> rumqttc::NetworkOptions {
 
 /// Host, port and whether the URL asks for TLS (`mqtts://`, `ssl://`; default ports 1883 and 8883).
 fn host_port(url: &str) -> Result<(String, u16, bool), MqttError> {
-    let invalid = || MqttError::InvalidUrl(url.into());
-    let (rest, tls) = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => (rest, false),
-        Some(("mqtts" | "ssl", rest)) => (rest, true),
-        _ => return Err(invalid()),
-    };
-    let rest = rest.trim_end_matches('/');
-    let default_port = if tls { 8883 } else { 1883 };
-    match rest.rsplit_once(':') {
-        Some((host, port)) => Ok((host.into(), port.parse().map_err(|_| invalid())?, tls)),
-        None if !rest.is_empty() => Ok((rest.into(), default_port, tls)),
-        None => Err(invalid()),
-    }
+    crate::config::mqtt_endpoint(url).ok_or_else(|| MqttError::InvalidUrl(url.into()))
 }
 
 /// Connects (lazily: the first poll connects) and spawns the eventloop and publisher tasks on `tasks`.
@@ -202,7 +213,9 @@ pub fn spawn(
         tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    let publisher = Publisher::new(settings, client, offline, subscriptions, health);
+    let v5 = cfg.protocol != "v311";
+    let expiry = v5.then(|| (keep_alive.as_secs() * ONLINE_EXPIRY_KEEP_ALIVES).clamp(60, u64::from(u32::MAX)) as u32);
+    let publisher = Publisher::new(settings, client, subscriptions, health, expiry);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }
@@ -211,24 +224,27 @@ impl Publisher {
     fn new(
         settings: &Settings,
         client: Client,
-        availability: Route,
         subscriptions: Vec<String>,
         health: Arc<Health>,
+        online_expiry: Option<u32>,
     ) -> Self {
+        let limits = Limits {
+            count: settings.bridge.outbox_capacity,
+            bytes: settings.bridge.outbox_max_bytes,
+            window: WINDOW,
+            stall_ticks: STALL_SECS,
+        };
         Self {
             client,
             base: settings.mqtt.base_topic.clone(),
             max_packet_bytes: settings.mqtt.max_packet_bytes,
-            outbox: Outbox::new(Bus::Mqtt, settings.bridge.outbox_capacity),
-            handed: VecDeque::new(),
-            blocked: false,
-            unacked: VecDeque::new(),
-            retained: HashMap::new(),
-            connected: false,
-            availability,
+            max_topic_bytes: settings.mqtt.max_topic_bytes,
+            delivery: Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits, &settings.bridge.instance),
             subscriptions,
             health,
             grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+            online_expiry,
+            availability: Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
         }
     }
 }
@@ -363,7 +379,12 @@ async fn poll(
 ) {
     let mut attempt = 0;
     loop {
-        let event = match eventloop.next().await {
+        let polled = tokio::select! {
+            polled = eventloop.next() => polled,
+            // The publisher is gone (shutdown): no reconnecting to a broker nobody publishes to.
+            _ = tx.closed() => break,
+        };
+        let event = match polled {
             Polled::Event(event) => event,
             Polled::Message { topic, payload, retain, reply } => {
                 if let Some(intake) = &intake {
@@ -379,7 +400,10 @@ async fn poll(
                 if tx.send(LoopEvent::Disconnected).is_err() {
                     break;
                 }
-                tokio::time::sleep(backoff::delay(attempt, max_ms)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff::delay(attempt, max_ms)) => {}
+                    _ = tx.closed() => break,
+                }
                 attempt = attempt.saturating_add(1);
                 continue;
             }
@@ -394,27 +418,20 @@ async fn poll(
     debug!("mqtt eventloop stopped");
 }
 
-/// Owns the client handle, the outbox and the delivery bookkeeping.
+/// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
 struct Publisher {
     client: Client,
     base: String,
     max_packet_bytes: usize,
-    outbox: Outbox,
-    /// QoS-1 messages handed to rumqttc, waiting for its `Outgoing::Publish` (in order).
-    handed: VecDeque<Arc<Outbound>>,
-    /// rumqttc's request channel was full: retry shortly.
-    blocked: bool,
-    /// Sent with QoS 1, waiting for the broker's `PubAck`.
-    unacked: VecDeque<(u16, Arc<Outbound>)>,
-    /// The last retained message per route that reached rumqttc: republished on every reconnect, because
-    /// a restarted broker may have kept nothing.
-    retained: HashMap<String, Arc<Outbound>>,
-    connected: bool,
-    availability: Route,
+    max_topic_bytes: usize,
+    delivery: Delivery,
     /// The request (and Home Assistant) filters, when commands are on.
     subscriptions: Vec<String>,
     health: Arc<Health>,
     grace: Duration,
+    /// MQTT v5: the message expiry of the retained `online`, in seconds (see [`ONLINE_EXPIRY_KEEP_ALIVES`]).
+    online_expiry: Option<u32>,
+    availability: Route,
 }
 
 impl Publisher {
@@ -423,7 +440,10 @@ impl Publisher {
         mut loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
         mut outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     ) {
-        let mut input_open = true;
+        let period = Duration::from_secs(u64::from(self.online_expiry.unwrap_or(u32::MAX / 2) / 2).max(1));
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -431,137 +451,118 @@ impl Publisher {
                     Some(event) => self.on_loop_event(event),
                     None => return,
                 },
-                msg = outbound_rx.recv(), if input_open && self.accepting() => match msg {
-                    Some(msg) => self.outbox.push(msg),
-                    None => input_open = false,
+                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
+                    Some(msg) => self.delivery.push(msg),
+                    None => break,
                 },
-                _ = tokio::time::sleep(RETRY_FULL), if self.blocked => {}
+                _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => {}
+                _ = refresh.tick(), if self.online_expiry.is_some() => self.delivery.refresh_online(),
+                _ = watchdog.tick() => {
+                    self.delivery.tick();
+                    self.health.set(Part::Mqtt, self.delivery.is_healthy());
+                }
             }
             // Take whatever else is already waiting before handing over.
-            while self.accepting() {
+            while self.delivery.accepting() {
                 let Ok(msg) = outbound_rx.try_recv() else { break };
-                self.outbox.push(msg);
+                self.delivery.push(msg);
             }
             self.pump();
-            if !input_open && self.idle() {
-                break;
-            }
-            if !input_open {
-                // Draining: wait for acknowledgements, bounded by the grace period.
-                if tokio::time::timeout(self.grace, self.drain(&mut loop_rx)).await.is_err() {
-                    warn!(left = self.outbox.len() + self.handed.len() + self.unacked.len(), "mqtt drain timed out");
-                }
-                break;
-            }
         }
-        self.go_offline(&mut loop_rx).await;
-    }
-
-    /// See [`HIGH_WATER`].
-    fn accepting(&self) -> bool {
-        !self.connected || self.outbox.len() < HIGH_WATER
-    }
-
-    fn idle(&self) -> bool {
-        self.outbox.is_empty() && self.handed.is_empty() && self.unacked.is_empty()
-    }
-
-    async fn drain(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
-        loop {
-            self.pump();
-            if self.idle() {
-                return;
-            }
-            match loop_rx.recv().await {
-                Some(event) => self.on_loop_event(event),
-                None => return,
-            }
-        }
+        self.shut_down(&mut loop_rx).await;
     }
 
     fn on_loop_event(&mut self, event: LoopEvent) {
         match event {
             LoopEvent::Connected => {
                 info!("connected to mqtt broker");
-                self.connected = true;
                 self.health.set(Part::Mqtt, true);
                 for filter in &self.subscriptions {
                     self.client.subscribe(filter);
                 }
-                // Order: `online` first, then retained state, then whatever waited.
-                let retained: Vec<_> = self.retained.values().cloned().collect();
-                self.outbox.requeue_front(retained.into_iter());
-                let online = Outbound::lifecycle(self.availability.clone(), "online", true);
-                self.outbox.requeue_front(std::iter::once(online));
+                self.delivery.on_connected();
             }
-            LoopEvent::Sent(pkid) => {
-                if let Some(msg) = self.handed.pop_front() {
-                    self.unacked.push_back((pkid, msg));
-                }
-            }
-            LoopEvent::Acked(pkid) => {
-                if let Some(i) = self.unacked.iter().position(|(p, _)| *p == pkid) {
-                    self.unacked.remove(i);
-                    telemetry::published(Bus::Mqtt, 1);
-                }
-            }
+            LoopEvent::Sent(pkid) => self.delivery.numbered(pkid),
+            LoopEvent::Acked(pkid) => self.delivery.acked(pkid),
             LoopEvent::Disconnected => {
-                if self.connected {
-                    warn!(unconfirmed = self.handed.len() + self.unacked.len(), "mqtt broker connection lost");
+                let was_connected = self.delivery.is_connected();
+                let unconfirmed = self.delivery.on_lost();
+                if was_connected {
+                    warn!(unconfirmed, "mqtt broker connection lost");
                 }
-                self.connected = false;
                 self.health.set(Part::Mqtt, false);
-                let unconfirmed: Vec<_> = self.unacked.drain(..).map(|(_, m)| m).chain(self.handed.drain(..)).collect();
-                self.outbox.requeue_front(unconfirmed.into_iter());
             }
         }
     }
 
-    /// Hands waiting messages to rumqttc while connected, keeping QoS-1 messages under the window.
+    /// Hands waiting messages to rumqttc while [`Delivery`] allows. A topic or size the broker can never
+    /// take is that message's failure (dropped and counted); only a full request channel is retried.
     fn pump(&mut self) {
-        self.blocked = false;
-        while self.connected {
-            let Some(msg) = self.outbox.pop() else { break };
-            if msg.qos > 0 && self.handed.len() + self.unacked.len() >= WINDOW {
-                self.outbox.requeue_front(std::iter::once(msg));
-                break;
-            }
+        while let Some(msg) = self.delivery.next_to_send() {
             let (topic, correlation) = match &msg.reply {
                 Some(reply) => (reply.to.clone(), reply.correlation.clone()),
                 None => (msg.route.mqtt_topic(&self.base), None),
             };
-            let extra = correlation.as_ref().map_or(0, Bytes::len);
-            if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
-                telemetry::dropped(Bus::Mqtt, "too_large", &msg.route);
+            if let Err(refusal) = topics::check_mqtt_topic(&topic, self.max_topic_bytes) {
+                self.delivery.refused(msg, refusal.reason());
                 continue;
             }
-            let retained_key = msg.retain.then(|| topic.clone());
-            if !self.client.try_publish(topic, msg.qos, msg.retain, msg.payload.clone(), correlation) {
-                self.outbox.requeue_front(std::iter::once(msg));
-                self.blocked = true;
-                break;
+            let extra = correlation.as_ref().map_or(0, Bytes::len);
+            if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
+                self.delivery.refused(msg, "too_large");
+                continue;
             }
-            if let Some(topic) = retained_key {
-                self.retained.insert(topic, msg.clone());
-            }
-            if msg.qos == 0 {
-                telemetry::published(Bus::Mqtt, 1);
-            } else {
-                self.handed.push_back(msg);
+            let expiry = self.online_expiry.filter(|_| {
+                msg.retain && msg.reply.is_none() && &msg.payload[..] == b"online" && msg.route == self.availability
+            });
+            let extras = Extras { qos: msg.qos, retain: msg.retain, correlation, expiry };
+            // The topic is valid, so rumqttc can refuse only because its request channel is full.
+            match self.client.try_publish(topic, msg.payload.clone(), extras) {
+                true => self.delivery.sent(msg),
+                false => {
+                    self.delivery.busy(msg);
+                    break;
+                }
             }
         }
     }
 
-    /// Publishes the retained `offline` and waits (briefly) for its acknowledgement, then disconnects.
-    async fn go_offline(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
-        if self.connected {
-            self.outbox.push(Outbound::lifecycle(self.availability.clone(), "offline", true));
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.drain(loop_rx)).await;
+    /// Input closed: hands over what waits, then `comfyui` and `bridge` `offline`, waiting for acknowledgements
+    /// while connected, all within the grace period; then disconnects. A broker that is not connected gets
+    /// no wait at all: whatever waits is lost (the broker's last will still says `offline`).
+    async fn shut_down(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
+        self.delivery.goodbye();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        if tokio::time::timeout_at(deadline, self.drain(loop_rx)).await.is_err() {
+            warn!(left = self.delivery.waiting() + self.delivery.unconfirmed(), "mqtt drain timed out");
         }
-        self.client.disconnect();
-        // Let the eventloop send the DISCONNECT before the task ends.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async { while loop_rx.recv().await.is_some() {} }).await;
+        if self.delivery.is_connected() {
+            self.client.disconnect();
+            // Let the eventloop send the DISCONNECT before the task ends.
+            let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            let _ = tokio::time::timeout_at(until, async { while loop_rx.recv().await.is_some() {} }).await;
+        } else if !self.delivery.is_idle() {
+            warn!(left = self.delivery.waiting(), "mqtt broker not connected at shutdown: not waiting for it");
+        }
         info!("mqtt publisher stopped");
+    }
+
+    /// Pumps and waits for acknowledgements until everything is confirmed or the connection is gone.
+    async fn drain(&mut self, loop_rx: &mut mpsc::UnboundedReceiver<LoopEvent>) {
+        loop {
+            self.pump();
+            if self.delivery.is_idle() || !self.delivery.is_connected() {
+                return;
+            }
+            let event = tokio::select! {
+                event = loop_rx.recv() => event,
+                _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => continue,
+            };
+            match event {
+                Some(event) => self.on_loop_event(event),
+                None => return,
+            }
+        }
     }
 }
 

@@ -1,22 +1,27 @@
-//! The NATS side: one publisher task that owns the outbox and the client handle.
+//! The NATS side: one publisher task that owns the delivery state and the client handle.
 //!
 //! Core NATS has no acknowledgements, and a publish written just before the server dies is lost. So after a
-//! batch that holds lifecycle messages the publisher makes one request to a subject nobody serves: the
-//! server's "no responders" answer proves it processed everything published before it on this connection.
-//! A batch that is not confirmed goes back to the front of the outbox (a subscriber may then see a
-//! duplicate, with the same `seq`).
+//! batch that holds lifecycle messages the publisher sends a marker with a fresh random nonce to a private
+//! random subject it subscribes to itself: the server handles one connection's messages in order, so when
+//! the marker comes back everything published before it was processed. No other client can hold it up (a
+//! subscriber on `>` merely sees the marker too) or fake it (it cannot know the next nonce). A batch that
+//! is not confirmed goes back to the front of the outbox (a subscriber may then see a duplicate, with the
+//! same `seq`).
+//!
+//! A client whose connection task is gone (its channel closed) is rebuilt, with the request intake on it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{client::RequestErrorKind, ConnectOptions, Event, HeaderMap};
+use async_nats::{client::PublishErrorKind, ConnectOptions, Event, HeaderMap};
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Outbox, Reply, Route, HIGH_WATER};
+use super::delivery::{Confirmation, Delivery, Limits};
+use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::commands::inbox::Inbox;
 use crate::config::Settings;
 use crate::health::{Health, Part};
@@ -53,6 +58,47 @@ pub async fn spawn(
 ) -> Result<(), NatsError> {
     let cfg = &settings.nats;
     let (event_tx, event_rx) = mpsc::channel(16);
+    let client = connect(settings, event_tx).await?;
+    let span = tracing::info_span!("nats", url = %cfg.url);
+    // Starts the request intake on a client: now, and again on every rebuilt client.
+    let start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>> = requests.map(|tx| {
+        let subject = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix);
+        let (tasks, span) = (tasks.clone(), span.clone());
+        Box::new(move |client| {
+            let intake = intake(client, subject.clone(), tx.clone(), shutdown.clone());
+            tasks.spawn(intake.instrument(span.clone()));
+        }) as Box<dyn Fn(async_nats::Client) + Send>
+    });
+    if let Some(start) = &start_intake {
+        start(client.clone());
+    }
+    let limits = Limits {
+        count: settings.bridge.outbox_capacity,
+        bytes: settings.bridge.outbox_max_bytes,
+        window: BATCH,
+        stall_ticks: u32::MAX,
+    };
+    let publisher = Publisher {
+        client,
+        settings: settings.clone(),
+        start_intake,
+        marker: None,
+        delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
+        prefix: cfg.subject_prefix.clone(),
+        max_subject_bytes: cfg.max_subject_bytes,
+        timeout: Duration::from_millis(cfg.publish_timeout_ms.max(10)),
+        grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+        health,
+        dead: false,
+    };
+    tasks.spawn(publisher.run(event_rx, outbound_rx).instrument(span));
+    Ok(())
+}
+
+/// A client for `settings.nats` whose connection events go to `event_tx`; it connects in the background.
+/// The client's connection task holds the only sender: the channel closes when that task is gone.
+async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<async_nats::Client, NatsError> {
+    let cfg = &settings.nats;
     let mut options = ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -92,24 +138,7 @@ pub async fn spawn(
             cfg.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default(),
         );
     }
-    let client = options.connect(cfg.url.as_str()).await?;
-    let span = tracing::info_span!("nats", url = %cfg.url);
-    if let Some(tx) = requests {
-        let subject = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix);
-        tasks.spawn(intake(client.clone(), subject, tx, shutdown).instrument(span.clone()));
-    }
-    let publisher = Publisher {
-        client,
-        prefix: cfg.subject_prefix.clone(),
-        outbox: Outbox::new(Bus::Nats, settings.bridge.outbox_capacity),
-        timeout: Duration::from_millis(cfg.publish_timeout_ms.max(10)),
-        availability: Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
-        retained: HashMap::new(),
-        grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
-        health,
-    };
-    tasks.spawn(publisher.run(event_rx, outbound_rx).instrument(span));
-    Ok(())
+    Ok(options.connect(cfg.url.as_str()).await?)
 }
 
 /// Hands every message on the request subjects to `tx` until `shutdown`.
@@ -141,65 +170,104 @@ async fn intake(client: async_nats::Client, base: String, tx: Inbox, shutdown: C
     debug!("nats request intake stopped");
 }
 
+/// The private subject confirmation markers go to, and the subscription they come back on.
+struct Marker {
+    subject: String,
+    subscriber: async_nats::Subscriber,
+}
+
+/// Why a batch was not published.
+enum Failure {
+    /// Timed out or not confirmed: retry the batch.
+    Retry,
+    /// The client's connection task is gone: rebuild the client.
+    Dead,
+}
+
+/// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
 struct Publisher {
     client: async_nats::Client,
+    settings: Settings,
+    start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>>,
+    marker: Option<Marker>,
+    delivery: Delivery,
     prefix: String,
-    outbox: Outbox,
+    max_subject_bytes: usize,
     timeout: Duration,
-    availability: Route,
-    /// Latest "retained" message per route, republished after every reconnect so a late or restarted
-    /// subscriber that asks can catch up (NATS core keeps nothing).
-    retained: HashMap<Route, Arc<Outbound>>,
     grace: Duration,
     health: Arc<Health>,
+    /// The client is dead: rebuild it before publishing again.
+    dead: bool,
 }
 
 impl Publisher {
     async fn run(mut self, mut event_rx: mpsc::Receiver<Event>, mut outbound_rx: mpsc::Receiver<Arc<Outbound>>) {
         let mut retry = tokio::time::interval(Duration::from_millis(250));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        if self.connected() {
+        if self.client_connected() {
             self.on_connected();
         }
         loop {
             tokio::select! {
                 biased;
-                Some(event) = event_rx.recv() => self.on_event(event),
-                msg = outbound_rx.recv(), if self.accepting() => match msg {
-                    Some(msg) => self.outbox.push(msg),
+                event = event_rx.recv(), if !self.dead => match event {
+                    Some(event) => self.on_event(event),
+                    None => {
+                        // The connection task is gone (it panicked, or closed for good).
+                        self.dead = true;
+                        self.on_lost();
+                    }
+                },
+                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
+                    Some(msg) => self.delivery.push(msg),
                     None => break,
                 },
-                _ = retry.tick(), if !self.outbox.is_empty() => {}
+                _ = retry.tick(), if self.dead || !self.delivery.is_idle() => {}
             }
             // Take whatever else is already waiting, so batches form under load.
-            while self.accepting() {
+            while self.delivery.accepting() {
                 let Ok(msg) = outbound_rx.try_recv() else { break };
-                self.outbox.push(msg);
+                self.delivery.push(msg);
+            }
+            if self.dead {
+                if let Some(rx) = self.rebuild().await {
+                    event_rx = rx;
+                }
+            }
+            // The client may have connected or dropped without an event (a full event channel).
+            if self.client_connected() != self.delivery.is_connected() {
+                match self.client_connected() {
+                    true => self.on_connected(),
+                    false => self.on_lost(),
+                }
             }
             self.flush_outbox().await;
         }
+        self.shut_down().await;
+    }
+
+    /// Input closed: what waits, then `comfyui` and `bridge` `offline`, within the grace period; no wait at
+    /// all for a server that is not connected.
+    async fn shut_down(&mut self) {
+        self.delivery.goodbye();
         let deadline = tokio::time::Instant::now() + self.grace;
-        while !self.outbox.is_empty() && tokio::time::Instant::now() < deadline {
-            self.flush_outbox().await;
-            if !self.outbox.is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        while !self.delivery.is_idle() && self.delivery.is_connected() && tokio::time::Instant::now() < deadline {
+            if tokio::time::timeout_at(deadline, self.flush_outbox()).await.is_err() {
+                break;
+            }
+            if !self.delivery.is_idle() {
+                let pause = deadline.min(tokio::time::Instant::now() + Duration::from_millis(100));
+                tokio::time::sleep_until(pause).await;
             }
         }
-        if !self.outbox.is_empty() {
-            warn!(left = self.outbox.len(), "nats drain timed out");
+        if !self.delivery.is_idle() {
+            warn!(left = self.delivery.waiting() + self.delivery.unconfirmed(), "nats drain incomplete");
         }
-        self.outbox.push(Outbound::lifecycle(self.availability.clone(), "offline", true));
-        self.flush_outbox().await;
         info!("nats publisher stopped");
     }
 
-    /// See [`HIGH_WATER`].
-    fn accepting(&self) -> bool {
-        !self.connected() || self.outbox.len() < HIGH_WATER
-    }
-
-    fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+    fn client_connected(&self) -> bool {
+        !self.dead && self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     fn on_event(&mut self, event: Event) {
@@ -210,81 +278,190 @@ impl Publisher {
             }
             Event::Disconnected => {
                 warn!("nats connection lost");
-                self.health.set(Part::Nats, false);
+                self.on_lost();
             }
             other => debug!(event = %other, "nats event"),
         }
     }
 
     fn on_connected(&mut self) {
-        self.health.set(Part::Nats, true);
-        let retained: Vec<_> = self.retained.values().cloned().collect();
-        self.outbox.requeue_front(retained.into_iter());
-        let online = Outbound::lifecycle(self.availability.clone(), "online", true);
-        self.outbox.requeue_front(std::iter::once(online));
+        if !self.delivery.is_connected() {
+            self.delivery.on_connected();
+        }
+        self.health.set(Part::Nats, self.delivery.is_healthy());
+    }
+
+    fn on_lost(&mut self) {
+        self.delivery.on_lost();
+        self.health.set(Part::Nats, false);
+    }
+
+    /// Replaces a client whose connection task is gone, and the request intake that ran on it; returns the
+    /// new client's event channel.
+    async fn rebuild(&mut self) -> Option<mpsc::Receiver<Event>> {
+        warn!("nats client is dead: building a new one");
+        let (event_tx, event_rx) = mpsc::channel(16);
+        match connect(&self.settings, event_tx).await {
+            Ok(client) => {
+                self.client = client;
+                self.marker = None;
+                self.dead = false;
+                if let Some(start) = &self.start_intake {
+                    start(self.client.clone());
+                }
+                Some(event_rx)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot rebuild the nats client");
+                None
+            }
+        }
     }
 
     /// Publishes batches while connected; an unconfirmed batch goes back to the front of the outbox.
     async fn flush_outbox(&mut self) {
-        while self.connected() && !self.outbox.is_empty() {
-            let batch: Vec<_> = std::iter::from_fn(|| self.outbox.pop()).take(BATCH).collect();
-            let needs_confirmation = batch.iter().any(|m| m.class == Class::Lifecycle);
-            let max_payload = self.client.server_info().max_payload;
-            let publish_all = async {
-                for msg in &batch {
-                    if !self.publish(msg, max_payload).await {
-                        return false;
-                    }
-                }
-                true
-            };
+        while self.delivery.is_connected() && !self.delivery.is_idle() {
             // One timer for the whole batch: a timer per message costs more than the publish itself.
-            let mut ok = tokio::time::timeout(self.timeout, publish_all).await.unwrap_or(false);
-            if ok && needs_confirmation {
-                ok = self.confirm().await;
+            let result = match tokio::time::timeout(self.timeout, self.publish_batch()).await {
+                Ok(result) => result,
+                Err(_) => Err(Failure::Retry),
+            };
+            match result {
+                Ok(()) => self.delivery.confirm_all(),
+                Err(Failure::Retry) => self.delivery.confirm_failed(),
+                Err(Failure::Dead) => {
+                    self.dead = true;
+                    self.on_lost();
+                }
             }
-            if !ok {
-                self.outbox.requeue_front(batch.into_iter());
+            self.health.set(Part::Nats, self.delivery.is_healthy());
+            if !self.delivery.is_healthy() {
                 return;
             }
-            telemetry::published(Bus::Nats, batch.len() as u64);
-            for msg in batch.into_iter().filter(|m| m.retain) {
-                self.retained.insert(msg.route.clone(), msg);
-            }
         }
     }
 
-    /// `false` when the message must be retried; a message the server can never take is dropped instead.
-    async fn publish(&self, msg: &Outbound, max_payload: usize) -> bool {
-        if max_payload > 0 && msg.payload.len() > max_payload {
-            telemetry::dropped(Bus::Nats, "too_large", &msg.route);
-            return true;
-        }
-        let subject = match &msg.reply {
-            Some(reply) => reply.to.clone(),
-            None => msg.route.nats_subject(&self.prefix),
-        };
-        let publish = async {
-            if msg.headers.is_empty() {
-                self.client.publish(subject, msg.payload.clone()).await
-            } else {
-                let mut headers = HeaderMap::new();
-                for (name, value) in &msg.headers {
-                    headers.insert(*name, value.as_str());
+    /// Publishes up to a batch and, when it holds lifecycle events, waits for the marker after it.
+    async fn publish_batch(&mut self) -> Result<(), Failure> {
+        let max_payload = self.client.server_info().max_payload;
+        while let Some(msg) = self.delivery.next_to_send() {
+            let subject = match &msg.reply {
+                Some(reply) => reply.to.clone(),
+                None => msg.route.nats_subject(&self.prefix),
+            };
+            if let Err(refusal) = topics::check_nats_subject(&subject, 0, self.max_subject_bytes) {
+                self.delivery.refused(msg, refusal.reason());
+                continue;
+            }
+            if max_payload > 0 && msg.payload.len() + header_bytes(&msg) > max_payload {
+                self.delivery.refused(msg, "too_large");
+                continue;
+            }
+            let published = match headers(&msg) {
+                None => self.client.publish(subject, msg.payload.clone()).await,
+                Some(headers) => self.client.publish_with_headers(subject, headers, msg.payload.clone()).await,
+            };
+            match published {
+                Ok(()) => self.delivery.sent(msg),
+                Err(e) if e.kind() == PublishErrorKind::Send => {
+                    self.delivery.busy(msg);
+                    return Err(Failure::Dead);
                 }
-                self.client.publish_with_headers(subject, headers, msg.payload.clone()).await
+                Err(e) => {
+                    debug!(error = %e, "nats refused a publish");
+                    self.delivery.refused(msg, "refused");
+                }
             }
-        };
-        publish.await.is_ok()
+        }
+        if self.delivery.needs_confirmation() {
+            self.confirm().await
+        } else {
+            Ok(())
+        }
     }
 
-    /// One round trip to the server: "no responders" means everything before it was processed.
-    async fn confirm(&self) -> bool {
-        let subject = format!("_COMFY_BRIDGE.confirm.{}", fastrand::u64(..));
-        match tokio::time::timeout(self.timeout, self.client.request(subject, bytes::Bytes::new())).await {
-            Ok(Err(e)) => e.kind() == RequestErrorKind::NoResponders,
-            Ok(Ok(_)) => true,
-            Err(_) => false,
+    /// Sends a marker to the private subject and waits until it comes back.
+    async fn confirm(&mut self) -> Result<(), Failure> {
+        if self.marker.is_none() {
+            let subject = format!("_COMFY_BRIDGE.confirm.{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            match self.client.subscribe(subject.clone()).await {
+                Ok(subscriber) => self.marker = Some(Marker { subject, subscriber }),
+                Err(_) => return Err(Failure::Dead),
+            }
         }
+        let Some(marker) = self.marker.as_mut() else { return Err(Failure::Retry) };
+        let nonce = Bytes::copy_from_slice(&fastrand::u64(..).to_be_bytes());
+        match self.client.publish(marker.subject.clone(), nonce.clone()).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == PublishErrorKind::Send => return Err(Failure::Dead),
+            Err(_) => return Err(Failure::Retry),
+        }
+        // Markers of earlier batches that timed out may still arrive first.
+        loop {
+            match marker.subscriber.next().await {
+                Some(m) if m.payload == nonce => return Ok(()),
+                Some(_) => continue,
+                None => return Err(Failure::Dead),
+            }
+        }
+    }
+}
+
+/// Bytes the headers add to a message (what `max_payload` counts besides the payload).
+fn header_bytes(msg: &Outbound) -> usize {
+    match msg.headers.is_empty() {
+        true => 0,
+        false => 12 + msg.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>(),
+    }
+}
+
+/// The message's headers, each one only when its name is a token and its value has no control characters
+/// (no CR/LF that could end the header block and start another header); a refused one is counted.
+fn headers(msg: &Outbound) -> Option<HeaderMap> {
+    if msg.headers.is_empty() {
+        return None;
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &msg.headers {
+        if valid_header(name, value) {
+            headers.insert(*name, value.as_str());
+        } else {
+            telemetry::header_refused(Bus::Nats, name, &msg.route);
+        }
+    }
+    Some(headers)
+}
+
+/// A header name is printable ASCII without `:`; a value has no control characters.
+fn valid_header(name: &str, value: &str) -> bool {
+    let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    name_ok && !value.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_with_control_characters_are_left_out() {
+        assert!(valid_header("Comfy-Prompt-Id", "p1"));
+        assert!(valid_header("Comfy-Node-Id", "12:5 ünï"));
+        assert!(!valid_header("Comfy-Prompt-Id", "p1\r\nNats-Msg-Id: injected"));
+        assert!(!valid_header("Comfy-Node-Id", "a\nb"));
+        assert!(!valid_header("Comfy-Node-Id", "a\0b"));
+        assert!(!valid_header("Bad:Name", "x"));
+        assert!(!valid_header("Bad Name", "x"));
+        let msg = Outbound {
+            route: Route::fixed("local", &["preview"]),
+            payload: Bytes::new(),
+            qos: 0,
+            retain: false,
+            class: super::super::Class::Droppable,
+            headers: vec![("Content-Type", "image/png".into()), ("Comfy-Prompt-Id", "p\r\nNats-Msg-Id: x".into())],
+            reply: None,
+        };
+        let headers = headers(&msg).expect("some headers");
+        assert_eq!(headers.iter().count(), 1);
+        assert!(headers.get("Nats-Msg-Id").is_none() && headers.get("Comfy-Prompt-Id").is_none());
     }
 }

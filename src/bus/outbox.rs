@@ -1,4 +1,5 @@
-//! A bounded FIFO of messages waiting for a broker, with a drop rule that protects lifecycle events.
+//! A FIFO of messages waiting for a broker, bounded by count and by bytes, with a drop rule that protects
+//! lifecycle events: progress and previews go first, then the oldest lifecycle event.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -6,56 +7,80 @@ use std::sync::Arc;
 use super::{Bus, Class, Outbound};
 use crate::telemetry;
 
+/// What a message is charged in the byte bound besides its payload (the `Outbound` itself, its route).
+const OVERHEAD: usize = 128;
+
+/// The bytes a message is charged in an outbox: payload, route, reply topic, headers and a fixed overhead.
+pub fn weight(msg: &Outbound) -> usize {
+    let headers: usize = msg.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let reply = msg.reply.as_ref().map_or(0, |r| r.to.len() + r.correlation.as_ref().map_or(0, |c| c.len()));
+    OVERHEAD + msg.payload.len() + msg.route.as_str().len() + reply + headers
+}
+
 /// Messages not yet confirmed by a broker, oldest first. Owned by one publisher task.
 #[derive(Debug)]
 pub struct Outbox {
     bus: Bus,
     capacity: usize,
+    max_bytes: usize,
+    bytes: usize,
+    /// How many [`Class::Droppable`] messages wait, so a queue of lifecycle events is never scanned for one.
+    droppable: usize,
     queue: VecDeque<Arc<Outbound>>,
 }
 
 impl Outbox {
-    /// An empty outbox holding at most `capacity` messages.
-    pub fn new(bus: Bus, capacity: usize) -> Self {
-        Self { bus, capacity: capacity.max(1), queue: VecDeque::new() }
+    /// An empty outbox holding at most `capacity` messages and `max_bytes` bytes (see [`weight`]).
+    pub fn new(bus: Bus, capacity: usize, max_bytes: usize) -> Self {
+        Self { bus, capacity: capacity.max(1), max_bytes, bytes: 0, droppable: 0, queue: VecDeque::new() }
     }
 
-    /// Appends a message. When full, the oldest droppable message goes first, else the oldest of all;
-    /// either way the drop is counted and logged.
+    /// Appends a message. When that breaks a bound, the oldest droppable message goes first, else the
+    /// oldest of all (a new droppable message is the one lost when only lifecycle events wait); every
+    /// drop is counted and logged. A message larger than the whole byte bound is dropped at once.
     pub fn push(&mut self, msg: Arc<Outbound>) {
-        if self.queue.len() >= self.capacity {
-            let victim = self.queue.iter().position(|m| m.class == Class::Droppable).unwrap_or(0);
-            if msg.class == Class::Droppable && victim == 0 && self.queue[0].class == Class::Lifecycle {
-                // Full of lifecycle events: the new droppable message is the one to lose.
+        let w = weight(&msg);
+        if w > self.max_bytes {
+            telemetry::dropped(self.bus, "outbox_full", &msg.route);
+            return;
+        }
+        while self.over(1, w) {
+            if msg.class == Class::Droppable && self.droppable == 0 {
                 telemetry::dropped(self.bus, "outbox_full", &msg.route);
                 return;
             }
-            if let Some(old) = self.queue.remove(victim) {
-                telemetry::dropped(self.bus, "outbox_full", &old.route);
-            }
+            self.evict();
         }
-        self.queue.push_back(msg);
+        self.add_back(msg, w);
         telemetry::outbox_depth(self.bus, self.queue.len());
     }
 
-    /// Puts messages that were handed to a broker but not confirmed back at the front, in their order.
+    /// Puts messages that were handed to a broker but not confirmed back at the front, in their order; then
+    /// applies the bounds with the same drop rule as [`Outbox::push`].
     pub fn requeue_front(&mut self, msgs: impl DoubleEndedIterator<Item = Arc<Outbound>>) {
         for msg in msgs.rev() {
+            let w = weight(&msg);
+            self.bytes += w;
+            self.droppable += usize::from(msg.class == Class::Droppable);
             self.queue.push_front(msg);
         }
-        while self.queue.len() > self.capacity {
-            if let Some(old) = self.queue.pop_back() {
-                telemetry::dropped(self.bus, "outbox_full", &old.route);
-            }
+        while self.over(0, 0) {
+            self.evict();
         }
         telemetry::outbox_depth(self.bus, self.queue.len());
     }
 
     /// Takes the oldest message.
     pub fn pop(&mut self) -> Option<Arc<Outbound>> {
-        let msg = self.queue.pop_front();
+        let msg = self.queue.pop_front()?;
+        self.forget(&msg);
         telemetry::outbox_depth(self.bus, self.queue.len());
-        msg
+        Some(msg)
+    }
+
+    /// The oldest message, left in place.
+    pub fn front(&self) -> Option<&Arc<Outbound>> {
+        self.queue.front()
     }
 
     /// Messages waiting.
@@ -63,9 +88,42 @@ impl Outbox {
         self.queue.len()
     }
 
+    /// Bytes waiting (see [`weight`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    fn over(&self, extra: usize, extra_bytes: usize) -> bool {
+        !self.queue.is_empty()
+            && (self.queue.len() + extra > self.capacity || self.bytes + extra_bytes > self.max_bytes)
+    }
+
+    fn add_back(&mut self, msg: Arc<Outbound>, w: usize) {
+        self.bytes += w;
+        self.droppable += usize::from(msg.class == Class::Droppable);
+        self.queue.push_back(msg);
+    }
+
+    fn forget(&mut self, msg: &Outbound) {
+        self.bytes -= weight(msg);
+        self.droppable -= usize::from(msg.class == Class::Droppable);
+    }
+
+    /// Drops the oldest droppable message, else the oldest one.
+    fn evict(&mut self) {
+        let victim = match self.droppable {
+            0 => 0,
+            _ => self.queue.iter().position(|m| m.class == Class::Droppable).unwrap_or(0),
+        };
+        if let Some(old) = self.queue.remove(victim) {
+            self.forget(&old);
+            telemetry::dropped(self.bus, "outbox_full", &old.route);
+        }
     }
 }
 
@@ -74,10 +132,10 @@ mod tests {
     use super::*;
     use crate::bus::Route;
 
-    fn msg(name: &str, class: Class) -> Arc<Outbound> {
+    fn sized(name: &str, class: Class, len: usize) -> Arc<Outbound> {
         Arc::new(Outbound {
             route: Route::fixed("t", &[name]),
-            payload: bytes::Bytes::new(),
+            payload: bytes::Bytes::from(vec![0; len]),
             qos: 1,
             retain: false,
             class,
@@ -86,13 +144,17 @@ mod tests {
         })
     }
 
+    fn msg(name: &str, class: Class) -> Arc<Outbound> {
+        sized(name, class, 0)
+    }
+
     fn names(outbox: &mut Outbox) -> Vec<String> {
         std::iter::from_fn(|| outbox.pop()).map(|m| m.route.levels()[1].to_string()).collect()
     }
 
     #[test]
     fn full_outbox_drops_progress_before_lifecycle() {
-        let mut outbox = Outbox::new(Bus::Mqtt, 3);
+        let mut outbox = Outbox::new(Bus::Mqtt, 3, usize::MAX);
         outbox.push(msg("start", Class::Lifecycle));
         outbox.push(msg("tick1", Class::Droppable));
         outbox.push(msg("tick2", Class::Droppable));
@@ -103,7 +165,7 @@ mod tests {
 
     #[test]
     fn outbox_full_of_lifecycle_refuses_new_progress_and_drops_oldest_lifecycle() {
-        let mut outbox = Outbox::new(Bus::Nats, 2);
+        let mut outbox = Outbox::new(Bus::Nats, 2, usize::MAX);
         outbox.push(msg("a", Class::Lifecycle));
         outbox.push(msg("b", Class::Lifecycle));
         outbox.push(msg("tick", Class::Droppable));
@@ -113,9 +175,39 @@ mod tests {
 
     #[test]
     fn requeued_messages_keep_their_order_ahead_of_newer_ones() {
-        let mut outbox = Outbox::new(Bus::Mqtt, 10);
+        let mut outbox = Outbox::new(Bus::Mqtt, 10, usize::MAX);
         outbox.push(msg("new", Class::Lifecycle));
         outbox.requeue_front(vec![msg("old1", Class::Lifecycle), msg("old2", Class::Lifecycle)].into_iter());
         assert_eq!(names(&mut outbox), ["old1", "old2", "new"]);
+    }
+
+    #[test]
+    fn byte_bound_drops_previews_first_then_oldest_lifecycle_and_never_exceeds() {
+        const MB: usize = 1 << 20;
+        let mut outbox = Outbox::new(Bus::Mqtt, 10_000, 64 * MB);
+        for i in 0..40 {
+            outbox.push(sized(&format!("big{i}"), Class::Lifecycle, 15 * MB));
+            assert!(outbox.bytes() <= 64 * MB, "{} bytes after {i}", outbox.bytes());
+        }
+        assert_eq!(outbox.len(), 4);
+        outbox.push(sized("preview", Class::Droppable, 10 * MB));
+        assert_eq!(outbox.len(), 4, "a preview does not push out a lifecycle event");
+        let mut outbox = Outbox::new(Bus::Mqtt, 10_000, 64 * MB);
+        outbox.push(sized("start", Class::Lifecycle, MB));
+        for i in 0..5 {
+            outbox.push(sized(&format!("preview{i}"), Class::Droppable, 15 * MB));
+        }
+        outbox.push(sized("done", Class::Lifecycle, 15 * MB));
+        assert!(outbox.bytes() <= 64 * MB);
+        assert_eq!(names(&mut outbox), ["start", "preview2", "preview3", "preview4", "done"]);
+        assert_eq!(outbox.bytes(), 0);
+    }
+
+    #[test]
+    fn a_message_larger_than_the_byte_bound_is_dropped_alone() {
+        let mut outbox = Outbox::new(Bus::Nats, 10, 1000);
+        outbox.push(msg("small", Class::Lifecycle));
+        outbox.push(sized("huge", Class::Lifecycle, 5000));
+        assert_eq!(names(&mut outbox), ["small"]);
     }
 }

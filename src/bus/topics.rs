@@ -1,7 +1,14 @@
 //! Where each event goes: one list of levels, rendered as an MQTT topic (`/`) and a NATS subject (`.`).
 //!
 //! Pure functions only. Levels taken from ComfyUI data are escaped (INTERFACE.md §1): every byte outside
-//! `A-Z a-z 0-9 _ - :` becomes `=XX`, and an empty level is `=`.
+//! `A-Z a-z 0-9 _ - :` becomes `=XX`, and an empty level is `=`. An escaped level longer than
+//! [`MAX_ESCAPED_LEVEL`] becomes `~` and 16 hex digits of a 64-bit FNV-1a hash of the raw level: escaping
+//! triples a byte, so without this a 22,000-byte prompt id would make a 66,000-byte topic, past what MQTT can
+//! carry and far past NATS's control line. `~` is never in an escaped level, so a hashed level cannot collide
+//! with a plain one (and hashed levels of different raw values collide with probability 2^-64).
+//!
+//! [`check_mqtt_topic`] and [`check_nats_subject`] are the last word before a publish: what they refuse is
+//! dropped and counted, never handed to a client that would write a malformed packet.
 
 use std::fmt::Write as _;
 
@@ -31,6 +38,21 @@ pub const RESULT: &str = "result";
 pub const REQUEST: &str = "request";
 /// Level before a command name, on the way out.
 pub const RESPONSE: &str = "response";
+
+/// Longest escaped level kept as it is. 128 bytes hold any real prompt id (a UUID is 36) or node id
+/// (`12:5:3.0.0.1` style paths) even fully escaped, and keep the longest route we build (prefix, instance,
+/// `prompt/<pid>/node/<nid>/<type>`) around 450 bytes: far below MQTT's limit and NATS's 4,096-byte
+/// control line, which also has to hold a reply subject.
+pub const MAX_ESCAPED_LEVEL: usize = 128;
+
+/// MQTT's own limit: a topic's length is a 16-bit number.
+pub const MQTT_TOPIC_LIMIT: usize = 65_535;
+
+/// nats-server's default `max_control_line`: `PUB <subject> <reply> <hdr> <len>\r\n` must fit in it.
+pub const NATS_CONTROL_LINE: usize = 4_096;
+
+/// What `PUB`/`HPUB`, the spaces, the two sizes and `\r\n` take on a NATS control line (generously).
+pub const NATS_CONTROL_OVERHEAD: usize = 64;
 
 /// A destination below the base topic / subject prefix: escaped levels starting with the instance, kept
 /// joined by `/` (escaped levels never contain `/` or `.`, so either separator can be swapped in cheaply).
@@ -105,6 +127,11 @@ impl Route {
         escape_into(level, &mut self.0);
     }
 
+    /// The escaped levels joined by `/`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// The levels, escaped.
     pub fn levels(&self) -> Vec<&str> {
         self.0.split('/').collect()
@@ -146,9 +173,12 @@ pub fn escape(level: &str) -> String {
 }
 
 fn escape_into(level: &str, out: &mut String) {
+    let escaped_len: usize = level.bytes().map(|b| if is_plain(b) { 1 } else { 3 }).sum();
     if level.is_empty() {
         out.push('=');
-    } else if level.bytes().all(is_plain) {
+    } else if escaped_len > MAX_ESCAPED_LEVEL {
+        let _ = write!(out, "~{:016x}", fnv1a(level.as_bytes()));
+    } else if escaped_len == level.len() {
         out.push_str(level);
     } else {
         for b in level.bytes() {
@@ -159,6 +189,56 @@ fn escape_into(level: &str, out: &mut String) {
             }
         }
     }
+}
+
+/// 64-bit FNV-1a: stable across builds and platforms, so a hashed level is the same on every run.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Why a topic or subject cannot be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Longer than the protocol or the configured limit.
+    TooLong,
+    /// Empty, a wildcard, a NUL, whitespace or a control character, or an empty NATS token.
+    Invalid,
+}
+
+impl Refusal {
+    /// The `reason` label of `messages_dropped_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::TooLong => "topic_too_long",
+            Self::Invalid => "invalid_topic",
+        }
+    }
+}
+
+/// Whether an MQTT broker takes `topic` for a PUBLISH: not empty, no `+`, `#` or NUL (a `String` is valid
+/// UTF-8 already), at most `max` bytes and never more than [`MQTT_TOPIC_LIMIT`].
+pub fn check_mqtt_topic(topic: &str, max: usize) -> Result<(), Refusal> {
+    if topic.len() > max.min(MQTT_TOPIC_LIMIT) {
+        return Err(Refusal::TooLong);
+    }
+    if topic.is_empty() || topic.bytes().any(|b| matches!(b, b'+' | b'#' | 0)) {
+        return Err(Refusal::Invalid);
+    }
+    Ok(())
+}
+
+/// Whether a NATS server takes `subject` for a PUB: tokens not empty, no wildcard, whitespace or control
+/// characters, at most `max` bytes and, with room for a reply subject of `reply_len`, within the control line.
+pub fn check_nats_subject(subject: &str, reply_len: usize, max: usize) -> Result<(), Refusal> {
+    let line = subject.len() + reply_len + NATS_CONTROL_OVERHEAD;
+    if subject.len() > max || line > NATS_CONTROL_LINE {
+        return Err(Refusal::TooLong);
+    }
+    let bad_byte = |b: u8| b <= b' ' || b == 0x7f || b == b'*' || b == b'>';
+    if subject.split('.').any(|t| t.is_empty()) || subject.bytes().any(bad_byte) {
+        return Err(Refusal::Invalid);
+    }
+    Ok(())
 }
 
 /// Reverses [`escape`]; `None` when the level is not a valid escape.
@@ -219,6 +299,40 @@ mod tests {
             assert_eq!(route.mqtt_topic("comfyui"), topic);
             assert_eq!(route.nats_subject("comfyui"), topic.replace('/', "."));
         }
+    }
+
+    #[test]
+    fn long_levels_become_hashed_levels_that_cannot_collide_with_escaped_ones() {
+        let dots = ".".repeat(1_400);
+        let route = Route::for_prompt("local", &dots, RESULT);
+        let topic = route.mqtt_topic("comfyui");
+        let hashed = topic.split('/').nth(3).unwrap_or_default();
+        assert!(hashed.starts_with('~') && hashed.len() == 17, "{topic}");
+        assert_eq!(Route::for_prompt("local", &dots, RESULT), route, "stable");
+        assert_ne!(Route::for_prompt("local", &".".repeat(1_401), RESULT), route);
+        assert!(!escape(hashed).contains('~'), "a raw `~` is escaped, so never looks like a hash");
+        // Right at the bound a level is still escaped; one byte more and it is hashed.
+        assert_eq!(escape(&"a".repeat(MAX_ESCAPED_LEVEL)), "a".repeat(MAX_ESCAPED_LEVEL));
+        assert!(escape(&"a".repeat(MAX_ESCAPED_LEVEL + 1)).starts_with('~'));
+        assert!(escape(&".".repeat(MAX_ESCAPED_LEVEL / 3 + 1)).starts_with('~'));
+        let longest = Route::for_event("local", &"x".repeat(10_000), Some(&dots), Some(&dots));
+        assert!(longest.nats_subject("comfyui").len() < 200);
+    }
+
+    #[test]
+    fn topics_and_subjects_are_checked_before_publishing() {
+        assert_eq!(check_mqtt_topic("rel/a/x", 100), Ok(()));
+        for bad in ["rel/+/x", "rel/#", "", "a\0b"] {
+            assert_eq!(check_mqtt_topic(bad, 100), Err(Refusal::Invalid), "{bad:?}");
+        }
+        assert_eq!(check_mqtt_topic(&"a".repeat(101), 100), Err(Refusal::TooLong));
+        assert_eq!(check_mqtt_topic(&"a".repeat(70_000), usize::MAX), Err(Refusal::TooLong));
+        assert_eq!(check_nats_subject("_INBOX.abc.1", 0, 100), Ok(()));
+        for bad in ["a b", "a\r\nPUB x", "a..b", ".a", "a.*", "a.>", ""] {
+            assert_eq!(check_nats_subject(bad, 0, 100), Err(Refusal::Invalid), "{bad:?}");
+        }
+        assert_eq!(check_nats_subject(&"a".repeat(101), 0, 100), Err(Refusal::TooLong));
+        assert_eq!(check_nats_subject(&"a".repeat(4_000), 100, usize::MAX), Err(Refusal::TooLong));
     }
 
     #[test]

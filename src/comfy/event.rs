@@ -4,6 +4,9 @@
 //! a [`RawValue`] and only the few fields routing needs (prompt id, node ids) are read out of it. Binary frames
 //! are decoded per PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -72,6 +75,27 @@ pub struct TextEvent {
     pub prompt_id: Option<String>,
     /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
     pub node_id: Option<String>,
+    /// For `progress`: where `data.value` and `data.max` are in `data`, unparsed until asked for.
+    tick: Option<(Range<usize>, Range<usize>)>,
+}
+
+impl TextEvent {
+    /// For `progress`: `data.value` and `data.max` when both are numbers, read as serde reads
+    /// `{value: Option<f64>, max: Option<f64>}` (so what the tracker reads of a tick, without parsing `data`).
+    pub fn progress(&self) -> Option<(f64, f64)> {
+        let (value, max) = self.tick.as_ref()?;
+        let data = self.data.get();
+        Some((number(data.get(value.clone())?)?, number(data.get(max.clone())?)?))
+    }
+}
+
+/// A raw JSON number as `f64`, as serde_json converts it: integers exactly when below 2^53 (the common case,
+/// parsed here directly), anything else through serde_json.
+fn number(raw: &str) -> Option<f64> {
+    if raw.len() <= 15 && !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        return raw.parse::<u64>().ok().map(|n| n as f64);
+    }
+    serde_json::from_str(raw).ok()
 }
 
 /// Decoding failures; each is counted and the frame skipped.
@@ -108,30 +132,155 @@ impl FrameError {
     }
 }
 
+/// `{"type", "data"}`, borrowed from the frame: `data` is copied once, into [`TextEvent::data`].
 #[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: String,
-    data: Box<RawValue>,
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
-/// The id fields routing reads from `data`; everything else stays in the raw value.
-#[derive(Deserialize, Default)]
-struct Ids {
-    #[serde(default)]
-    prompt_id: Option<serde_json::Value>,
-    #[serde(default)]
-    node: Option<serde_json::Value>,
-    #[serde(default)]
-    display_node: Option<serde_json::Value>,
-    #[serde(default)]
-    node_id: Option<serde_json::Value>,
+/// The fields routing (and the tracker, for progress) read from `data`, as raw JSON borrowed from it.
+#[derive(Default)]
+struct Ids<'a> {
+    prompt_id: Option<&'a str>,
+    node: Option<&'a str>,
+    display_node: Option<&'a str>,
+    node_id: Option<&'a str>,
+    /// Where `value` and `max` are, when both are present, not `null` and not repeated.
+    tick: Option<(Range<usize>, Range<usize>)>,
 }
 
-fn as_id(value: Option<serde_json::Value>) -> Option<String> {
-    match value? {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+impl<'a> Ids<'a> {
+    /// The fields of `data`, an object already known to be valid JSON, found by walking its top-level members
+    /// without parsing the values (most of a frame). Read as serde reads a struct of `Option`s: `null` is no
+    /// value, and a field given twice (even as `null`) makes the whole struct fail, so names nothing at all.
+    /// The ids and the progress numbers are two such structs.
+    fn of(data: &'a str) -> Self {
+        const FIELDS: [&str; 6] = ["prompt_id", "node", "display_node", "node_id", "value", "max"];
+        let mut slots: [Option<Option<&'a str>>; 6] = [None; 6];
+        let (mut ids_failed, mut tick_failed) = (false, false);
+        let mut members = Members { text: data, at: 1 };
+        while let Some((key, value)) = members.next() {
+            let Some(i) = FIELDS.iter().position(|f| *f == key) else { continue };
+            if slots[i].is_some() {
+                *if i < 4 { &mut ids_failed } else { &mut tick_failed } = true;
+            }
+            slots[i] = Some(Some(value).filter(|v| *v != "null"));
+        }
+        let get = |i: usize| slots[i].flatten();
+        // `value` is a slice of `data`: its offset is where it starts in `data`.
+        let range = |v: &str| {
+            let start = v.as_ptr() as usize - data.as_ptr() as usize;
+            start..start + v.len()
+        };
+        let tick = match (tick_failed, get(4), get(5)) {
+            (false, Some(value), Some(max)) => Some((range(value), range(max))),
+            _ => None,
+        };
+        match ids_failed {
+            true => Self { tick, ..Self::default() },
+            false => Self { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), tick },
+        }
+    }
+}
+
+/// The top-level members of a valid JSON object, from just after its `{`: (key, raw value) pairs. Only for text
+/// serde_json has validated: it checks nothing and stops at anything unexpected.
+struct Members<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Members<'a> {
+    fn next(&mut self) -> Option<(Cow<'a, str>, &'a str)> {
+        let bytes = self.text.as_bytes();
+        self.skip_whitespace_and(b',');
+        let key_start = self.at;
+        if bytes.get(key_start) != Some(&b'"') {
+            return None; // `}`: the end
+        }
+        self.at = string_end(bytes, key_start)?;
+        let raw_key = self.text.get(key_start..self.at)?;
+        let key = match raw_key.contains('\\') {
+            false => Cow::Borrowed(raw_key.get(1..raw_key.len() - 1)?),
+            true => Cow::Owned(serde_json::from_str(raw_key).ok()?),
+        };
+        self.skip_whitespace_and(b':');
+        let value_start = self.at;
+        self.at = value_end(bytes, value_start)?;
+        Some((key, self.text.get(value_start..self.at)?))
+    }
+
+    /// Skips whitespace, one `separator`, and whitespace again.
+    fn skip_whitespace_and(&mut self, separator: u8) {
+        let bytes = self.text.as_bytes();
+        while bytes.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+        if bytes.get(self.at) == Some(&separator) {
+            self.at += 1;
+            while bytes.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+                self.at += 1;
+            }
+        }
+    }
+}
+
+/// Just past the string that starts (with its `"`) at `start`.
+fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        match bytes.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Just past the value that starts at `start`.
+fn value_end(bytes: &[u8], start: usize) -> Option<usize> {
+    match bytes.get(start)? {
+        b'"' => string_end(bytes, start),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = start;
+            loop {
+                match bytes.get(i)? {
+                    b'"' => {
+                        i = string_end(bytes, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        // A number, `true`, `false` or `null`.
+        _ => {
+            let len = bytes[start..].iter().position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace());
+            Some(start + len.unwrap_or(bytes.len() - start))
+        }
+    }
+}
+
+/// An id from a raw JSON value: a string as is, a number in its JSON form, anything else `None`.
+fn as_id(value: Option<&str>) -> Option<String> {
+    let raw = value?;
+    match raw.as_bytes().first()? {
+        // A valid JSON string without a backslash holds its text verbatim between the quotes.
+        b'"' if !raw.contains('\\') => raw.get(1..raw.len() - 1).map(str::to_string),
+        b'"' => serde_json::from_str(raw).ok(),
+        b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(raw).ok().map(|n| n.to_string()),
         _ => None,
     }
 }
@@ -140,19 +289,21 @@ fn as_id(value: Option<serde_json::Value>) -> Option<String> {
 pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
     let envelope: Envelope = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     // `data` need not be an object (custom events may send anything); then it names no ids.
-    // (serde would fill `Ids` from an array by position, so only objects are read.)
-    let ids: Ids = if envelope.data.get().starts_with('{') {
-        serde_json::from_str(envelope.data.get()).unwrap_or_default()
-    } else {
-        Ids::default()
-    };
+    let ids = if envelope.data.get().starts_with('{') { Ids::of(envelope.data.get()) } else { Ids::default() };
     let kind = Kind::from_name(&envelope.kind);
     let node_id = match kind {
         // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
         Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
         _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
     };
-    Ok(TextEvent { kind, kind_name: envelope.kind, data: envelope.data, prompt_id: as_id(ids.prompt_id), node_id })
+    Ok(TextEvent {
+        kind,
+        kind_name: envelope.kind.into_owned(),
+        data: envelope.data.to_owned(),
+        prompt_id: as_id(ids.prompt_id),
+        node_id,
+        tick: ids.tick.filter(|_| kind == Kind::Progress),
+    })
 }
 
 /// The image encoding of a preview.
@@ -235,7 +386,11 @@ pub fn parse_binary(frame: Bytes) -> Result<BinaryEvent, FrameError> {
             let end = 8usize.checked_add(word).filter(|&end| end <= len).ok_or(truncated)?;
             let meta: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_slice(&frame[8..end]).map_err(|e| FrameError::InvalidHeader(e.to_string()))?;
-            let field = |k: &str| as_id(meta.get(k).cloned());
+            let field = |k: &str| match meta.get(k) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
             let format = match meta.get("image_type").and_then(|v| v.as_str()) {
                 Some("image/jpeg") => ImageFormat::Jpeg,
                 Some("image/png") => ImageFormat::Png,
@@ -299,6 +454,48 @@ pub(crate) mod tests {
         assert_eq!(e.node_id.as_deref(), Some("12:5"));
         let e = parse_text(r#"{"type":"bridge_probe.custom","data":[1,2]}"#).expect("parses");
         assert_eq!((e.kind, e.prompt_id), (Kind::Other, None));
+    }
+
+    #[test]
+    fn ids_may_be_numbers_or_escaped_strings_and_other_values_name_nothing() {
+        let e = parse_text(r#"{"type":"progress","data":{"prompt_id":"a\"b\u00e9","node":12,"display_node":null}}"#)
+            .expect("parses");
+        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("a\"bé"), Some("12")));
+        let e =
+            parse_text(r#"{"type":"executed","data":{"prompt_id":1.5,"display_node":-3,"node":"x"}}"#).expect("parses");
+        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("1.5"), Some("-3")));
+        let e = parse_text(r#"{"type":"executing","data":{"prompt_id":true,"node":{"id":"3"},"display_node":["3"]}}"#)
+            .expect("parses");
+        assert_eq!((e.prompt_id, e.node_id), (None, None));
+        let e = parse_text(r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"7","node":"8"}}"#)
+            .expect("parses");
+        assert_eq!(e.node_id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn progress_numbers_are_read_as_serde_reads_them() {
+        let tick = |data: &str| parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
+        assert_eq!(tick(r#"{"value":5,"max":20,"prompt_id":"p"}"#).progress(), Some((5.0, 20.0)));
+        assert_eq!(tick(r#"{"max":1e3,"value":-0.5}"#).progress(), Some((-0.5, 1000.0)));
+        assert_eq!(tick(r#"{"value":123456789012345678,"max":2}"#).progress(), Some((123456789012345678.0, 2.0)));
+        for data in [
+            r#"{"value":"5","max":20}"#,
+            r#"{"value":5}"#,
+            r#"{"value":5,"max":null}"#,
+            r#"{"value":1,"max":2,"max":3}"#,
+        ] {
+            assert_eq!(tick(data).progress(), None, "{data}");
+        }
+        let other = parse_text(r#"{"type":"executing","data":{"value":5,"max":20}}"#).expect("parses");
+        assert_eq!(other.progress(), None, "only progress ticks");
+    }
+
+    #[test]
+    fn a_repeated_id_field_names_nothing_even_after_null() {
+        for data in [r#"{"node":null,"node":"3"}"#, r#"{"node":"3","node":null}"#, r#"{"node":"3","node":"4"}"#] {
+            let e = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
+            assert_eq!(e.node_id, None, "{data}");
+        }
     }
 
     #[test]
@@ -374,8 +571,79 @@ pub(crate) mod tests {
             })
         }
 
+        /// The reference for [`Ids::of`]: the same fields read by serde.
+        #[derive(serde::Deserialize, Default)]
+        struct SerdeIds<'a> {
+            #[serde(default, borrow)]
+            prompt_id: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            node: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            display_node: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            node_id: Option<&'a RawValue>,
+        }
+
+        /// The reference for [`TextEvent::progress`]: what the tracker used to parse of each tick.
+        #[derive(serde::Deserialize, Default)]
+        struct SerdeTick {
+            #[serde(default)]
+            value: Option<f64>,
+            #[serde(default)]
+            max: Option<f64>,
+        }
+
+        /// A JSON value of any kind, with escapes, nesting and odd spacing.
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just("null".to_string()),
+                Just("null".to_string()),
+                Just("true".to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| format!("{f:e}")),
+                "[a-z0-9:. ]{0,8}".prop_map(|s| format!("\"{s}\"")),
+                Just(r#""a\"b\\c\u00e9\n}]""#.to_string()),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[ {} ]", v.join(" ,"))),
+                    prop::collection::vec((key(), inner), 0..4).prop_map(|m| object(&m)),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => Just("prompt_id"), 4 => Just("node"), 2 => Just("display_node"), 2 => Just("node_id"),
+                3 => Just("value"), 3 => Just("max"), 1 => Just("prompt\\u005fid"), 1 => Just("no\\u0064e"),
+                1 => Just("x\\\"y"), 1 => Just("")
+            ]
+            .prop_map(str::to_string)
+        }
+
+        fn object(members: &[(String, String)]) -> String {
+            let members: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\" :\t{v}")).collect();
+            format!("{{ {} }}", members.join(",\n"))
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(4096))]
+
+            #[test]
+            fn ids_are_what_serde_reads(members in prop::collection::vec((key(), value()), 0..6)) {
+                let data = object(&members);
+                prop_assume!(serde_json::from_str::<serde_json::Value>(&data).is_ok());
+                let want = serde_json::from_str::<SerdeIds>(&data).unwrap_or_default();
+                let got = Ids::of(&data);
+                let event = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("valid");
+                let raw = |v: Option<&RawValue>| as_id(v.map(RawValue::get));
+                prop_assert_eq!(as_id(got.prompt_id), raw(want.prompt_id), "{}", data);
+                prop_assert_eq!(as_id(got.node), raw(want.node), "{}", data);
+                prop_assert_eq!(as_id(got.display_node), raw(want.display_node), "{}", data);
+                prop_assert_eq!(as_id(got.node_id), raw(want.node_id), "{}", data);
+                let tick = serde_json::from_str::<SerdeTick>(&data).unwrap_or_default();
+                prop_assert_eq!(event.progress(), tick.value.zip(tick.max), "{}", data);
+            }
 
             #[test]
             fn binary_frames_never_panic(frame in prop_oneof![binary_frame(), prop::collection::vec(any::<u8>(), 0..16)]) {

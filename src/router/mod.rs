@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
@@ -24,26 +23,11 @@ use crate::health::{Health, Part};
 use crate::telemetry;
 use crate::tracker::{self, Control, Tracker, Work};
 
-/// The envelope: ComfyUI's own `{type, data}` plus the bridge's fields (INTERFACE.md §2).
-#[derive(Serialize)]
-struct Envelope<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    data: &'a RawValue,
-    instance: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node_id: Option<&'a str>,
-    seq: u64,
-    ts: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-}
-
 /// Per-connection event state.
 pub struct Router {
     instance: String,
+    /// `,"instance":<instance as JSON>`, the constant part of every envelope.
+    instance_field: Vec<u8>,
     seq: u64,
     /// The prompt executing now and its current (display) node: where type-1 previews and text frames belong.
     current: Option<(String, Option<String>)>,
@@ -67,14 +51,20 @@ struct Device {
     at: Option<Instant>,
 }
 
+/// Most inbound frames the router task takes from its channel at once.
+const BATCH: usize = 64;
+
 /// Least time between two device states that differ only in progress.
 const DEVICE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Router {
     /// A router for `settings`.
     pub fn new(settings: &Settings) -> Self {
+        let mut instance_field = b",\"instance\":".to_vec();
+        json_str(&mut instance_field, &settings.bridge.instance);
         Self {
             instance: settings.bridge.instance.clone(),
+            instance_field,
             seq: 0,
             current: None,
             previews_enabled: settings.previews.enabled,
@@ -306,12 +296,33 @@ impl Router {
         }
     }
 
+    /// The envelope (INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
+    /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
     fn envelope(&self, kind: &str, data: &RawValue, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
         let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
-        let envelope =
-            Envelope { kind, data, instance: &self.instance, prompt_id, node_id, seq: self.seq, ts, request_id };
-        // Serialising borrowed strings and a RawValue cannot fail.
-        Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+        let data = data.get();
+        let ids = [prompt_id, node_id, request_id].iter().flatten().map(|s| s.len()).sum::<usize>();
+        let mut out = Vec::with_capacity(128 + kind.len() + data.len() + self.instance_field.len() + ids);
+        out.extend_from_slice(b"{\"type\":");
+        json_str(&mut out, kind);
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(data.as_bytes());
+        out.extend_from_slice(&self.instance_field);
+        let optional = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
+            if let Some(value) = value {
+                out.extend_from_slice(name);
+                json_str(out, value);
+            }
+        };
+        optional(&mut out, b",\"prompt_id\":", prompt_id);
+        optional(&mut out, b",\"node_id\":", node_id);
+        out.extend_from_slice(b",\"seq\":");
+        json_u64(&mut out, self.seq);
+        out.extend_from_slice(b",\"ts\":");
+        json_u64(&mut out, ts);
+        optional(&mut out, b",\"request_id\":", request_id);
+        out.push(b'}');
+        Bytes::from(out)
     }
 
     fn route_binary(&mut self, event: BinaryEvent, ts: u64, now: Instant) -> Vec<Arc<Outbound>> {
@@ -400,6 +411,47 @@ fn is_blocked(event: &TextEvent) -> bool {
     event.data.get().contains("\"ExecutionBlocked\"")
 }
 
+/// The bytes serde_json escapes in a string: `"`, `\` and the control characters.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// `s` as a JSON string, as serde_json writes it: verbatim between quotes unless it holds `"`, `\` or a
+/// control character, which serde_json escapes.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// `n` in decimal.
+fn json_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// The router task: reads [`Inbound`] until the WebSocket task is gone, and [`Control`] messages, and fans
 /// each resulting message out to every bus. Control goes first, so a prompt the command plane announced is
 /// known before any event about it. Dropping the bus senders on return is what tells the publishers to drain
@@ -414,33 +466,39 @@ pub async fn run(
 ) {
     let mut router = Router::new(&settings);
     let mut control_open = true;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut out = Vec::new();
     loop {
-        let out = tokio::select! {
+        tokio::select! {
             biased;
             control = control_rx.recv(), if control_open => match control {
-                Some(control) => router.control(control, Instant::now()),
+                Some(control) => out = router.control(control, Instant::now()),
                 None => {
                     control_open = false;
                     continue;
                 }
             },
-            inbound = inbound_rx.recv() => match inbound {
-                Some(inbound) => {
+            // Whatever is already waiting, at once: one wake-up and one select per batch, not per frame. Frames
+            // that arrive meanwhile wait for the next round, behind any control message that came first.
+            received = inbound_rx.recv_many(&mut batch, BATCH) => {
+                if received == 0 {
+                    break;
+                }
+                for inbound in batch.drain(..) {
                     match inbound {
                         Inbound::Connected => health.set(Part::Comfyui, true),
                         Inbound::Disconnected => health.set(Part::Comfyui, false),
                         _ => {}
                     }
-                    router.route(inbound, Instant::now())
+                    out.extend(router.route(inbound, Instant::now()));
                 }
-                None => break,
             },
-        };
+        }
         let work = router.take_work();
         if !work.is_empty() {
             let _ = work_tx.send(work);
         }
-        for msg in out {
+        for msg in out.drain(..) {
             for (bus, tx) in &buses {
                 deliver(*bus, tx, msg.clone()).await;
             }
@@ -452,6 +510,12 @@ pub async fn run(
 /// Waits while a bus is busy: its publisher stops taking messages only while its broker is connected and
 /// slower than ComfyUI (see [`crate::bus::HIGH_WATER`]), and that back-pressure is what keeps every event.
 async fn deliver(bus: Bus, tx: &mpsc::Sender<Arc<Outbound>>, msg: Arc<Outbound>) {
+    // Room in the channel is the usual case: no future, no waiting.
+    let msg = match tx.try_send(msg) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        Err(mpsc::error::TrySendError::Closed(_)) => return tracing::debug!(bus = bus.name(), "bus publisher gone"),
+    };
     if tx.send(msg).await.is_err() {
         tracing::debug!(bus = bus.name(), "bus publisher gone");
     }

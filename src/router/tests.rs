@@ -133,3 +133,53 @@ fn malformed_frames_are_skipped_but_use_a_seq() {
     let out = router.route(Inbound::Text(r#"{"type":"x","data":{}}"#.into(), 3), now);
     assert_eq!(json(&out[0])["seq"], 3, "a subscriber can see the gap");
 }
+
+/// The envelope as serde_json serialises it: the reference the hand-written envelope must match byte for byte.
+#[derive(serde::Serialize)]
+struct SerdeEnvelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: &'a RawValue,
+    instance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<&'a str>,
+    seq: u64,
+    ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+#[test]
+fn envelopes_are_byte_for_byte_what_serde_json_writes() {
+    let awkward = ["", "local", "a\"b", "back\\slash", "tab\tnew\nline\u{1}", "ünï=2E", "\u{7f}", "12:5"];
+    for instance in awkward {
+        let mut settings = Settings::default();
+        settings.bridge.instance = instance.to_string();
+        let mut router = Router::new(&settings);
+        let workflow = serde_json::json!({"3": {}});
+        router.tracker.expect("p\"1", Some("req\n7".into()), &workflow, Instant::now());
+        for (i, text) in awkward.iter().enumerate() {
+            router.seq = [0, 1, 9, 10, 99, 1_000_000, u64::MAX - 1, u64::MAX][i];
+            let data = RawValue::from_string(r#"{ "value": 1, "x": "é\"" }"#.into()).expect("json");
+            let ts = [0, 7, u64::MAX][i % 3];
+            for (pid, nid) in [(None, None), (Some(*text), None), (Some("p\"1"), Some(*text)), (None, Some("3"))] {
+                let got = router.envelope(text, &data, pid, nid, ts);
+                let request_id = pid.and_then(|p| router.tracker.request_id(p));
+                let envelope = SerdeEnvelope {
+                    kind: text,
+                    data: &data,
+                    instance,
+                    prompt_id: pid,
+                    node_id: nid,
+                    seq: router.seq,
+                    ts,
+                    request_id,
+                };
+                let want = serde_json::to_vec(&envelope).expect("serialises");
+                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+            }
+        }
+    }
+}

@@ -60,6 +60,13 @@ fn wait_for_port(port: u16, log: &Path) {
     panic!("broker on port {port} not ready: {}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
+fn freeze(child: &Option<Child>, frozen: bool) {
+    if let Some(c) = child {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let _ = Command::new("kill").args([signal, &c.id().to_string()]).status();
+    }
+}
+
 fn stop(child: &mut Option<Child>, graceful: bool) {
     if let Some(mut c) = child.take() {
         if graceful {
@@ -129,6 +136,11 @@ impl Mosquitto {
     /// `mqtt://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes (`true`, SIGSTOP) or thaws (`false`, SIGCONT) the broker: connections stay open, nothing moves.
+    pub fn freeze(&self, frozen: bool) {
+        freeze(&self.child, frozen);
     }
 
     /// Stops the broker with SIGTERM (it saves its state) and keeps the port for [`Mosquitto::resume`].
@@ -207,6 +219,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes (`true`, SIGSTOP) or thaws (`false`, SIGCONT) the server: connections stay open, nothing moves.
+    pub fn freeze(&self, frozen: bool) {
+        freeze(&self.child, frozen);
     }
 
     /// Stops the server (SIGTERM); JetStream data stays for [`NatsServer::resume`].

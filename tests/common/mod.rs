@@ -4,6 +4,7 @@
 
 pub mod brokers;
 pub mod daemon;
+pub mod hostile;
 pub mod probe;
 pub mod requester;
 pub mod subscribers;
