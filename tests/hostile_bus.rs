@@ -134,7 +134,7 @@ async fn a_wildcard_response_topic_drops_that_response_only() {
 /// Finding 2: NATS messages whose subject or reply subject is not UTF-8 do not take the NATS side down.
 #[tokio::test]
 async fn non_utf8_subjects_do_not_kill_nats() {
-    let rig = rig(|_| {}).await;
+    let mut rig = rig(|_| {}).await;
     rig.nats_request("comfyui.local.request.status").await;
     nats_raw(
         &rig.nats,
@@ -145,6 +145,8 @@ async fn non_utf8_subjects_do_not_kill_nats() {
     assert_eq!(answer["status"], "ok", "{answer}");
     rig.results_still_arrive().await;
     rig.until_ready().await;
+    // The garbage reached only the request intake's own connection: the event stream never reconnected.
+    rig.no_reconnect().await;
     rig.daemon.stop().await;
 }
 

@@ -8,7 +8,8 @@
 //! is not confirmed goes back to the front of the outbox (a subscriber may then see a duplicate, with the
 //! same `seq`).
 //!
-//! A client whose connection task is gone (its channel closed) is rebuilt, with the request intake on it.
+//! A client whose connection task is gone (its channel closed) is rebuilt. Requests arrive on a second
+//! connection of their own, so nothing a requester sends can make the event stream reconnect.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,17 +61,11 @@ pub async fn spawn(
     let (event_tx, event_rx) = mpsc::channel(16);
     let client = connect(settings, event_tx).await?;
     let span = tracing::info_span!("nats", url = %cfg.url);
-    // Starts the request intake on a client: now, and again on every rebuilt client.
-    let start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>> = requests.map(|tx| {
+    if let Some(tx) = requests {
+        // Requests come in on a connection of their own: whatever a requester sends that makes the client
+        // reconnect (async-nats 0.51 does on a non-UTF-8 subject) costs the event stream nothing.
         let subject = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix);
-        let (tasks, span) = (tasks.clone(), span.clone());
-        Box::new(move |client| {
-            let intake = intake(client, subject.clone(), tx.clone(), shutdown.clone());
-            tasks.spawn(intake.instrument(span.clone()));
-        }) as Box<dyn Fn(async_nats::Client) + Send>
-    });
-    if let Some(start) = &start_intake {
-        start(client.clone());
+        tasks.spawn(intake_connection(settings.clone(), subject, tx, shutdown).instrument(span.clone()));
     }
     let limits = Limits {
         count: settings.bridge.outbox_capacity,
@@ -81,7 +76,6 @@ pub async fn spawn(
     let publisher = Publisher {
         client,
         settings: settings.clone(),
-        start_intake,
         marker: None,
         delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
         prefix: cfg.subject_prefix.clone(),
@@ -141,7 +135,24 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
     Ok(options.connect(cfg.url.as_str()).await?)
 }
 
-/// Hands every message on the request subjects to `tx` until `shutdown`.
+/// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever
+/// the old one's connection task is gone (its subscription ends).
+async fn intake_connection(settings: Settings, subject: String, tx: Inbox, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        // Connection events matter to the publisher only; this client's go nowhere.
+        let (event_tx, _) = mpsc::channel(1);
+        match connect(&settings, event_tx).await {
+            Ok(client) => intake(client, subject.clone(), tx.clone(), shutdown.clone()).await,
+            Err(e) => warn!(error = %e, "cannot connect the nats request intake"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Hands every message on the request subjects to `tx` until `shutdown` or the end of the subscription.
 async fn intake(client: async_nats::Client, base: String, tx: Inbox, shutdown: CancellationToken) {
     let mut subscriber = match client.subscribe(format!("{base}.>")).await {
         Ok(subscriber) => subscriber,
@@ -188,7 +199,6 @@ enum Failure {
 struct Publisher {
     client: async_nats::Client,
     settings: Settings,
-    start_intake: Option<Box<dyn Fn(async_nats::Client) + Send>>,
     marker: Option<Marker>,
     delivery: Delivery,
     prefix: String,
@@ -296,8 +306,7 @@ impl Publisher {
         self.health.set(Part::Nats, false);
     }
 
-    /// Replaces a client whose connection task is gone, and the request intake that ran on it; returns the
-    /// new client's event channel.
+    /// Replaces a client whose connection task is gone; returns the new client's event channel.
     async fn rebuild(&mut self) -> Option<mpsc::Receiver<Event>> {
         warn!("nats client is dead: building a new one");
         let (event_tx, event_rx) = mpsc::channel(16);
@@ -306,9 +315,6 @@ impl Publisher {
                 self.client = client;
                 self.marker = None;
                 self.dead = false;
-                if let Some(start) = &self.start_intake {
-                    start(self.client.clone());
-                }
                 Some(event_rx)
             }
             Err(e) => {
