@@ -52,7 +52,7 @@ pub enum AppError {
 /// task ends it drops its sender, the router's input closes, the router drops its bus senders and the resync
 /// worker's; the command plane answers what it already received and drops its own. Each publisher then
 /// drains its outbox, publishes `offline` and disconnects. The whole drain is bounded by
-/// `bridge.shutdown_grace_ms` (plus [`SHUTDOWN_MARGIN`]).
+/// `bridge.shutdown_grace_ms` (plus `SHUTDOWN_MARGIN`).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
     let tasks = TaskTracker::new();
     let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;

@@ -8,14 +8,17 @@
 //!  resync worker ─────────────────┤      ▼                                              │ responses
 //!  (GET /queue, /history) ◀───────┼──────┘                                              │
 //!  command plane ─────────────────┘ (Expect/Accepted before and after POST /prompt) ────┘
-//!    ▲ Inquiry (mqtt poll task, nats intake)
+//!    ▲ Inquiry through commands::inbox::Inbox (bounded in count and bytes; the mqtt poll task and the nats
+//!    │ intake, on a connection of its own, never wait on it)
 //! ```
 //! * [`comfy`] speaks ComfyUI (WebSocket, frames, HTTP) and knows nothing about the buses.
 //! * [`router`] owns the per-connection event state (sequence numbers, the executing prompt, preview limits)
 //!   and, through [`tracker::Tracker`], every prompt's lifecycle; it turns frames and control messages into
 //!   [`bus::Outbound`] messages. [`tracker::resync`] reads the queue and history when the tracker asks.
 //! * [`commands`] parses and answers requests; [`workflow`] holds templates and the edits requests make.
-//! * [`bus`] owns the brokers: each publisher keeps an outbox so lifecycle events survive a broker restart.
+//! * [`bus`] owns the brokers: each publisher is a thin loop over [`bus::delivery::Delivery`], the sans-IO core
+//!   that keeps the outbox (bounded in count and bytes) so lifecycle events survive a broker restart, and
+//!   decides what is retried, replayed, dropped and counted.
 //! * [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`ha`] builds Home Assistant discovery; [`tls`] the
 //!   rustls client configuration.
 //! * [`app::run`] wires it together; shutdown cancels the WebSocket task, the command plane and the intakes,

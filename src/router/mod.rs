@@ -54,6 +54,9 @@ struct Device {
 /// Most inbound frames the router task takes from its channel at once.
 const BATCH: usize = 64;
 
+/// Most (prompt, node) pairs whose last preview time is kept for the rate limit.
+const MAX_PREVIEW_KEYS: usize = 1024;
+
 /// Least time between two device states that differ only in progress.
 const DEVICE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -354,6 +357,14 @@ impl Router {
             if now.duration_since(*last) < self.preview_interval {
                 telemetry::preview_throttled();
                 return Vec::new();
+            }
+        }
+        if self.last_preview.len() >= MAX_PREVIEW_KEYS {
+            // Previews can name any prompt and node: keep only entries that can still throttle something.
+            let interval = self.preview_interval;
+            self.last_preview.retain(|_, t| now.duration_since(*t) < interval);
+            if self.last_preview.len() >= MAX_PREVIEW_KEYS {
+                self.last_preview.clear();
             }
         }
         self.last_preview.insert(key, now);

@@ -103,6 +103,25 @@ fn previews_are_rate_limited_per_node() {
 }
 
 #[test]
+fn the_preview_rate_limit_remembers_a_bounded_number_of_nodes() {
+    let mut router = Router::new(&Settings::default());
+    let now = Instant::now();
+    let preview = |i: usize| {
+        let meta = format!(r#"{{"prompt_id":"p{i}","node_id":"{i}","image_type":"image/png"}}"#);
+        let mut frame = 4u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        frame.extend_from_slice(meta.as_bytes());
+        frame.extend_from_slice(b"png");
+        Inbound::Binary(Bytes::from(frame), 1)
+    };
+    for i in 0..100_000 {
+        assert!(!router.route(preview(i), now).is_empty(), "each node's first preview passes");
+    }
+    assert!(router.last_preview.len() <= MAX_PREVIEW_KEYS, "{} keys kept", router.last_preview.len());
+    assert!(router.route(preview(99_999), now).is_empty(), "a recent node is still throttled");
+}
+
+#[test]
 fn subgraph_and_expanded_node_ids_are_escaped_and_in_the_payload() {
     let out = replay("j_node_ids", &Settings::default());
     let topics: Vec<String> = out.iter().map(|m| topic(m)).collect();

@@ -41,7 +41,7 @@ pub enum Step {
 }
 
 impl Todo {
-    /// Adds `work`: a lookup already waiting is not added again, nor one beyond [`MAX_TODO`].
+    /// Adds `work`: a lookup already waiting is not added again, nor one beyond `MAX_TODO`.
     pub fn add(&mut self, work: Work) {
         self.resync |= work.resync;
         for id in work.lookups {
