@@ -286,15 +286,6 @@ struct Data {
     exception_message: Option<Value>,
 }
 
-/// The fields of a `progress` message the tracker reads.
-#[derive(Deserialize, Default)]
-struct Tick {
-    #[serde(default)]
-    value: Option<f64>,
-    #[serde(default)]
-    max: Option<f64>,
-}
-
 /// The one owner of per-prompt state.
 #[derive(Debug)]
 pub struct Tracker {
@@ -556,10 +547,10 @@ impl Tracker {
     }
 
     fn on_tracked_event(&mut self, event: &TextEvent, pid: &str, now_ms: u64, now: Instant) -> Effects {
-        // Progress is most of the traffic: read only its two numbers.
+        // Progress is most of the traffic: its two numbers were found when the frame was parsed.
         let data: Data = if event.kind == Kind::Progress {
-            let tick: Tick = serde_json::from_str(event.data.get()).unwrap_or_default();
-            Data { value: tick.value, max: tick.max, ..Data::default() }
+            let (value, max) = event.progress().unzip();
+            Data { value, max, ..Data::default() }
         } else {
             serde_json::from_str(event.data.get()).unwrap_or_default()
         };
@@ -646,7 +637,7 @@ impl Tracker {
             Kind::ExecutionInterrupted => return self.finish(pid, Phase::Interrupted, at, None),
             _ => {}
         }
-        self.publish_state(pid, lifecycle, now)
+        state_update(prompt, pid, lifecycle, now)
     }
 
     /// A `GET /queue` snapshot, requested at `requested`. Adds prompts queued by others, updates positions,
@@ -829,23 +820,30 @@ impl Tracker {
 
     /// A `state` update for `pid`: always for lifecycle changes, at most every [`STATE_INTERVAL`] otherwise.
     fn publish_state(&mut self, pid: &str, lifecycle: bool, now: Instant) -> Effects {
-        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
-        if prompt.phase == Phase::Submitting {
-            return Effects::default();
+        match self.prompts.get_mut(pid) {
+            Some(prompt) => state_update(prompt, pid, lifecycle, now),
+            None => Effects::default(),
         }
-        let due = prompt.last_state.is_none_or(|last| now.duration_since(last) >= STATE_INTERVAL);
-        if !lifecycle && !due {
-            return Effects::default();
-        }
-        prompt.last_state = Some(now);
-        let update = Update {
-            prompt_id: pid.to_string(),
-            topic: Topic::State,
-            payload: to_bytes(&prompt.state_object()),
-            lifecycle,
-        };
-        Effects { updates: vec![update], lookups: Vec::new() }
     }
+}
+
+/// The `state` of `prompt` when it is due: always on a lifecycle change, else at most every [`STATE_INTERVAL`].
+fn state_update(prompt: &mut Prompt, pid: &str, lifecycle: bool, now: Instant) -> Effects {
+    if prompt.phase == Phase::Submitting {
+        return Effects::default();
+    }
+    let due = prompt.last_state.is_none_or(|last| now.duration_since(last) >= STATE_INTERVAL);
+    if !lifecycle && !due {
+        return Effects::default();
+    }
+    prompt.last_state = Some(now);
+    let update = Update {
+        prompt_id: pid.to_string(),
+        topic: Topic::State,
+        payload: to_bytes(&prompt.state_object()),
+        lifecycle,
+    };
+    Effects { updates: vec![update], lookups: Vec::new() }
 }
 
 /// A node may report outputs more than once (expansions): lists are concatenated, other keys replaced.
