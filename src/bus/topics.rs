@@ -62,17 +62,26 @@ pub struct Route(String);
 impl Route {
     /// A route under `instance` made of fixed levels (never escaped: they are our own constants).
     pub fn fixed(instance: &str, levels: &[&str]) -> Self {
-        let mut route = Self(String::with_capacity(64));
-        route.0.push_str(instance);
+        let len = levels.iter().map(|l| l.len() + 1).sum::<usize>();
+        let mut route = Self::with_room(instance, len);
         for level in levels {
             route.push_fixed(level);
         }
         route
     }
 
+    /// `instance` alone, with room for `more` bytes of levels.
+    fn with_room(instance: &str, more: usize) -> Self {
+        let mut route = Self(String::with_capacity(instance.len() + more));
+        route.0.push_str(instance);
+        route
+    }
+
     /// The route of a text event: by prompt and node when the data names them (INTERFACE.md §2).
     pub fn for_event(instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Self {
-        let mut route = Self::fixed(instance, &[]);
+        // Room for the fixed levels and separators, and the ids when they need no escaping (the usual case).
+        let ids = prompt_id.map_or(0, str::len) + node_id.map_or(0, str::len);
+        let mut route = Self::with_room(instance, 16 + ids + kind.len());
         match (kind, prompt_id) {
             ("status", _) => route.push_fixed(STATUS),
             (_, Some(pid)) => {
@@ -94,7 +103,8 @@ impl Route {
 
     /// `prompt/<pid>/node/<nid>/<last>` for binary frames.
     pub fn for_node(instance: &str, prompt_id: &str, node_id: &str, last: &str) -> Self {
-        let mut route = Self::fixed(instance, &[PROMPT]);
+        let mut route = Self::with_room(instance, 16 + prompt_id.len() + node_id.len() + last.len());
+        route.push_fixed(PROMPT);
         route.push_escaped(prompt_id);
         route.push_fixed(NODE);
         route.push_escaped(node_id);
@@ -104,7 +114,8 @@ impl Route {
 
     /// `prompt/<pid>/<last>` for derived messages (`state`, `result`).
     pub fn for_prompt(instance: &str, prompt_id: &str, last: &str) -> Self {
-        let mut route = Self::fixed(instance, &[PROMPT]);
+        let mut route = Self::with_room(instance, 8 + prompt_id.len() + last.len());
+        route.push_fixed(PROMPT);
         route.push_escaped(prompt_id);
         route.push_fixed(last);
         route
@@ -155,14 +166,27 @@ impl Route {
     pub fn nats_subject(&self, prefix: &str) -> String {
         let mut out = String::with_capacity(prefix.len() + 1 + self.0.len());
         out.push_str(prefix);
-        out.push('.');
-        out.extend(self.0.chars().map(|c| if c == '/' { '.' } else { c }));
+        for level in self.0.split('/') {
+            out.push('.');
+            out.push_str(level);
+        }
         out
     }
 }
 
+/// Bytes kept as they are in a level: `A-Z a-z 0-9 _ - :`.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() || matches!(b as u8, b'_' | b'-' | b':');
+        b += 1;
+    }
+    table
+};
+
 fn is_plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':')
+    PLAIN[usize::from(b)]
 }
 
 /// Escapes one level taken from ComfyUI data.
@@ -173,6 +197,11 @@ pub fn escape(level: &str) -> String {
 }
 
 fn escape_into(level: &str, out: &mut String) {
+    // The usual level (a UUID, a node number, an event type) is plain: one pass, then copied whole.
+    if level.len() <= MAX_ESCAPED_LEVEL && !level.is_empty() && level.bytes().all(is_plain) {
+        out.push_str(level);
+        return;
+    }
     let escaped_len: usize = level.bytes().map(|b| if is_plain(b) { 1 } else { 3 }).sum();
     if level.is_empty() {
         out.push('=');
