@@ -212,7 +212,7 @@ impl Router {
                 self.seq += 1;
                 match event::parse_text(&text) {
                     Ok(event) => {
-                        telemetry::event_received(&event.kind_name);
+                        telemetry::event_received(event.kind, &event.kind_name);
                         self.route_text(&event, ts, now)
                     }
                     Err(e) => {
