@@ -164,13 +164,12 @@ impl Route {
 
     /// `<prefix>.<levels…>`.
     pub fn nats_subject(&self, prefix: &str) -> String {
-        let mut out = String::with_capacity(prefix.len() + 1 + self.0.len());
-        out.push_str(prefix);
-        for level in self.0.split('/') {
-            out.push('.');
-            out.push_str(level);
-        }
-        out
+        let mut out = Vec::with_capacity(prefix.len() + 1 + self.0.len());
+        out.extend_from_slice(prefix.as_bytes());
+        out.push(b'.');
+        // Swapping one ASCII byte for another keeps the text UTF-8, so this never takes the lossy path.
+        out.extend(self.0.bytes().map(|b| if b == b'/' { b'.' } else { b }));
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
@@ -264,7 +263,15 @@ pub fn check_nats_subject(subject: &str, reply_len: usize, max: usize) -> Result
         return Err(Refusal::TooLong);
     }
     let bad_byte = |b: u8| b <= b' ' || b == 0x7f || b == b'*' || b == b'>';
-    if subject.split('.').any(|t| t.is_empty()) || subject.bytes().any(bad_byte) {
+    // One pass: a bad byte, or an empty token (a `.` first, last or after another `.`, or no bytes at all).
+    let mut after_dot = true;
+    for b in subject.bytes() {
+        if bad_byte(b) || (b == b'.' && after_dot) {
+            return Err(Refusal::Invalid);
+        }
+        after_dot = b == b'.';
+    }
+    if after_dot {
         return Err(Refusal::Invalid);
     }
     Ok(())
@@ -357,7 +364,7 @@ mod tests {
         assert_eq!(check_mqtt_topic(&"a".repeat(101), 100), Err(Refusal::TooLong));
         assert_eq!(check_mqtt_topic(&"a".repeat(70_000), usize::MAX), Err(Refusal::TooLong));
         assert_eq!(check_nats_subject("_INBOX.abc.1", 0, 100), Ok(()));
-        for bad in ["a b", "a\r\nPUB x", "a..b", ".a", "a.*", "a.>", ""] {
+        for bad in ["a b", "a\r\nPUB x", "a..b", ".a", "a.", ".", "..", "a.*", "a.>", ""] {
             assert_eq!(check_nats_subject(bad, 0, 100), Err(Refusal::Invalid), "{bad:?}");
         }
         assert_eq!(check_nats_subject(&"a".repeat(101), 0, 100), Err(Refusal::TooLong));
