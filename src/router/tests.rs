@@ -9,7 +9,7 @@ fn replay(scenario: &str, settings: &Settings) -> Vec<Arc<Outbound>> {
         // Frames 100 ms apart, as if ComfyUI were running normally.
         let now = start + Duration::from_millis(100 * i as u64);
         let inbound = match frame {
-            Ok(text) => Inbound::Text(text, 1_795_000_000_000 + i as u64),
+            Ok(text) => Inbound::Text(text.into(), 1_795_000_000_000 + i as u64),
             Err(bytes) => Inbound::Binary(Bytes::from(bytes), 1_795_000_000_000 + i as u64),
         };
         out.extend(router.route(inbound, now));
