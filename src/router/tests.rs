@@ -183,3 +183,14 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
         }
     }
 }
+
+#[test]
+fn numbers_are_written_as_serde_json_writes_them() {
+    let edges = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1_000, 65_535, 1_795_000_000_000, u64::MAX - 1, u64::MAX];
+    let powers = (0..20).flat_map(|e| [10u64.pow(e) - 1, 10u64.pow(e), 10u64.pow(e) + 1]);
+    for n in edges.into_iter().chain(powers) {
+        let mut out = Vec::new();
+        json_u64(&mut out, n);
+        assert_eq!(out, serde_json::to_vec(&n).expect("a number serializes"), "{n}");
+    }
+}
