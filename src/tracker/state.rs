@@ -294,6 +294,8 @@ pub struct Tracker {
     /// Recently finished prompts and their request ids, oldest first.
     finished: VecDeque<(String, Option<String>)>,
     finished_ids: HashMap<String, Option<String>>,
+    /// Some prompt was given a `request_id` ([`Tracker::expect`]): until then no lookup can find one.
+    any_request_id: bool,
     /// Whether recent history has been read once: what was there before the bridge looked is not news.
     history_baseline: bool,
     /// The next [`Prompt::seq`].
@@ -325,6 +327,7 @@ impl Tracker {
             prompts: HashMap::new(),
             finished: VecDeque::new(),
             finished_ids: HashMap::new(),
+            any_request_id: false,
             history_baseline: false,
             next_seq: 0,
             foreign_order: VecDeque::new(),
@@ -464,6 +467,9 @@ impl Tracker {
 
     /// The bus request that queued `prompt_id`, for the envelope's `request_id`.
     pub fn request_id(&self, prompt_id: &str) -> Option<&str> {
+        if !self.any_request_id {
+            return None;
+        }
         match self.prompts.get(prompt_id) {
             Some(p) => p.request_id.as_deref(),
             None => self.finished_ids.get(prompt_id)?.as_deref(),
@@ -486,6 +492,7 @@ impl Tracker {
     pub fn expect(&mut self, prompt_id: &str, request_id: Option<String>, workflow: &Value, now: Instant) {
         self.admit(prompt_id, Phase::Submitting, now, true);
         let Some(prompt) = self.prompts.get_mut(prompt_id) else { return };
+        self.any_request_id |= request_id.is_some();
         prompt.request_id = request_id;
         prompt.set_workflow(workflow);
         if !prompt.own {
