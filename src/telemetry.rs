@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::bus::{Bus, Route};
+use crate::comfy::event::Kind;
 
 /// Process-wide counters, read by `/metrics`. One daemon per process; tests that run several share them.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub struct Counters {
     pub requests_ignored: AtomicU64,
     /// ComfyUI's `queue_remaining`, from its latest `status`.
     pub comfyui_queue: AtomicU64,
+    /// Text events of each known type ([`Kind::NAMES`]); other types are counted by name under a lock.
+    pub known_events: [AtomicU64; Kind::NAMES.len()],
     /// Counters with labels.
     labelled: Mutex<Labelled>,
 }
@@ -45,7 +48,10 @@ const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 #[derive(Debug, Default)]
 struct Labelled {
+    /// Events of types outside [`Kind::NAMES`], by name.
     events: BTreeMap<String, u64>,
+    /// Known types seen at least once: with `events`, they take the [`MAX_EVENT_TYPES`] places.
+    known_seen: usize,
     drops: BTreeMap<(&'static str, &'static str), u64>,
     reconnects: BTreeMap<&'static str, u64>,
     /// By command label (bounded: unknown names are `other`) and outcome (`ok` or an error code).
@@ -68,8 +74,10 @@ pub static COUNTERS: Counters = Counters {
     requests: [AtomicU64::new(0), AtomicU64::new(0)],
     requests_ignored: AtomicU64::new(0),
     comfyui_queue: AtomicU64::new(0),
+    known_events: [const { AtomicU64::new(0) }; Kind::NAMES.len()],
     labelled: Mutex::new(Labelled {
         events: BTreeMap::new(),
+        known_seen: 0,
         drops: BTreeMap::new(),
         reconnects: BTreeMap::new(),
         requests: BTreeMap::new(),
@@ -89,13 +97,29 @@ fn index(bus: Bus) -> usize {
     }
 }
 
-/// A text event of type `kind` arrived.
-pub fn event_received(kind: &str) {
+/// A text event of type `name` (of kind `kind`) arrived. The first [`MAX_EVENT_TYPES`] types seen are counted by
+/// name, the rest as `other`; a known type seen before costs one atomic add.
+pub fn event_received(kind: Kind, name: &str) {
+    let known = kind.index().map(|i| &COUNTERS.known_events[i]);
+    if let Some(n) = known.filter(|n| n.load(Relaxed) > 0) {
+        n.fetch_add(1, Relaxed);
+        return;
+    }
     let mut l = labelled();
-    if let Some(n) = l.events.get_mut(kind) {
+    let room = l.events.len() + l.known_seen < MAX_EVENT_TYPES;
+    if let Some(n) = known {
+        if n.load(Relaxed) > 0 || room {
+            // Only here, under the lock, does a known count leave 0.
+            if n.fetch_add(1, Relaxed) == 0 {
+                l.known_seen += 1;
+            }
+        } else {
+            *l.events.entry("other".to_string()).or_default() += 1;
+        }
+    } else if let Some(n) = l.events.get_mut(name) {
         *n += 1;
-    } else if l.events.len() < MAX_EVENT_TYPES {
-        l.events.insert(kind.to_string(), 1);
+    } else if room {
+        l.events.insert(name.to_string(), 1);
     } else {
         *l.events.entry("other".to_string()).or_default() += 1;
     }
@@ -346,7 +370,10 @@ pub fn render_metrics() -> String {
     };
     let one = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed))];
     let l = labelled();
-    let events: Vec<_> = l.events.iter().map(|(k, v)| (format!("{{type=\"{}\"}}", label(k)), *v)).collect();
+    let mut by_type: BTreeMap<&str, u64> = l.events.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let known = Kind::NAMES.iter().zip(&c.known_events).map(|(k, n)| (*k, n.load(Relaxed)));
+    by_type.extend(known.filter(|(_, n)| *n > 0));
+    let events: Vec<_> = by_type.iter().map(|(k, v)| (format!("{{type=\"{}\"}}", label(k)), *v)).collect();
     metric("frames_received_total", "counter", "Frames received from ComfyUI.", &one(&c.frames_in));
     metric("frames_skipped_total", "counter", "Malformed frames skipped.", &one(&c.frames_skipped));
     metric("events_received_total", "counter", "Text events received from ComfyUI, by type.", &events);

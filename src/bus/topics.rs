@@ -62,17 +62,26 @@ pub struct Route(String);
 impl Route {
     /// A route under `instance` made of fixed levels (never escaped: they are our own constants).
     pub fn fixed(instance: &str, levels: &[&str]) -> Self {
-        let mut route = Self(String::with_capacity(64));
-        route.0.push_str(instance);
+        let len = levels.iter().map(|l| l.len() + 1).sum::<usize>();
+        let mut route = Self::with_room(instance, len);
         for level in levels {
             route.push_fixed(level);
         }
         route
     }
 
+    /// `instance` alone, with room for `more` bytes of levels.
+    fn with_room(instance: &str, more: usize) -> Self {
+        let mut route = Self(String::with_capacity(instance.len() + more));
+        route.0.push_str(instance);
+        route
+    }
+
     /// The route of a text event: by prompt and node when the data names them (INTERFACE.md §2).
     pub fn for_event(instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Self {
-        let mut route = Self::fixed(instance, &[]);
+        // Room for the fixed levels and separators, and the ids when they need no escaping (the usual case).
+        let ids = prompt_id.map_or(0, str::len) + node_id.map_or(0, str::len);
+        let mut route = Self::with_room(instance, 16 + ids + kind.len());
         match (kind, prompt_id) {
             ("status", _) => route.push_fixed(STATUS),
             (_, Some(pid)) => {
@@ -94,7 +103,8 @@ impl Route {
 
     /// `prompt/<pid>/node/<nid>/<last>` for binary frames.
     pub fn for_node(instance: &str, prompt_id: &str, node_id: &str, last: &str) -> Self {
-        let mut route = Self::fixed(instance, &[PROMPT]);
+        let mut route = Self::with_room(instance, 16 + prompt_id.len() + node_id.len() + last.len());
+        route.push_fixed(PROMPT);
         route.push_escaped(prompt_id);
         route.push_fixed(NODE);
         route.push_escaped(node_id);
@@ -104,7 +114,8 @@ impl Route {
 
     /// `prompt/<pid>/<last>` for derived messages (`state`, `result`).
     pub fn for_prompt(instance: &str, prompt_id: &str, last: &str) -> Self {
-        let mut route = Self::fixed(instance, &[PROMPT]);
+        let mut route = Self::with_room(instance, 8 + prompt_id.len() + last.len());
+        route.push_fixed(PROMPT);
         route.push_escaped(prompt_id);
         route.push_fixed(last);
         route
@@ -153,16 +164,28 @@ impl Route {
 
     /// `<prefix>.<levels…>`.
     pub fn nats_subject(&self, prefix: &str) -> String {
-        let mut out = String::with_capacity(prefix.len() + 1 + self.0.len());
-        out.push_str(prefix);
-        out.push('.');
-        out.extend(self.0.chars().map(|c| if c == '/' { '.' } else { c }));
-        out
+        let mut out = Vec::with_capacity(prefix.len() + 1 + self.0.len());
+        out.extend_from_slice(prefix.as_bytes());
+        out.push(b'.');
+        // Swapping one ASCII byte for another keeps the text UTF-8, so this never takes the lossy path.
+        out.extend(self.0.bytes().map(|b| if b == b'/' { b'.' } else { b }));
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
+/// Bytes kept as they are in a level: `A-Z a-z 0-9 _ - :`.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() || matches!(b as u8, b'_' | b'-' | b':');
+        b += 1;
+    }
+    table
+};
+
 fn is_plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':')
+    PLAIN[usize::from(b)]
 }
 
 /// Escapes one level taken from ComfyUI data.
@@ -173,6 +196,11 @@ pub fn escape(level: &str) -> String {
 }
 
 fn escape_into(level: &str, out: &mut String) {
+    // The usual level (a UUID, a node number, an event type) is plain: one pass, then copied whole.
+    if level.len() <= MAX_ESCAPED_LEVEL && !level.is_empty() && level.bytes().all(is_plain) {
+        out.push_str(level);
+        return;
+    }
     let escaped_len: usize = level.bytes().map(|b| if is_plain(b) { 1 } else { 3 }).sum();
     if level.is_empty() {
         out.push('=');
@@ -235,7 +263,15 @@ pub fn check_nats_subject(subject: &str, reply_len: usize, max: usize) -> Result
         return Err(Refusal::TooLong);
     }
     let bad_byte = |b: u8| b <= b' ' || b == 0x7f || b == b'*' || b == b'>';
-    if subject.split('.').any(|t| t.is_empty()) || subject.bytes().any(bad_byte) {
+    // One pass: a bad byte, or an empty token (a `.` first, last or after another `.`, or no bytes at all).
+    let mut after_dot = true;
+    for b in subject.bytes() {
+        if bad_byte(b) || (b == b'.' && after_dot) {
+            return Err(Refusal::Invalid);
+        }
+        after_dot = b == b'.';
+    }
+    if after_dot {
         return Err(Refusal::Invalid);
     }
     Ok(())
@@ -328,7 +364,7 @@ mod tests {
         assert_eq!(check_mqtt_topic(&"a".repeat(101), 100), Err(Refusal::TooLong));
         assert_eq!(check_mqtt_topic(&"a".repeat(70_000), usize::MAX), Err(Refusal::TooLong));
         assert_eq!(check_nats_subject("_INBOX.abc.1", 0, 100), Ok(()));
-        for bad in ["a b", "a\r\nPUB x", "a..b", ".a", "a.*", "a.>", ""] {
+        for bad in ["a b", "a\r\nPUB x", "a..b", ".a", "a.", ".", "..", "a.*", "a.>", ""] {
             assert_eq!(check_nats_subject(bad, 0, 100), Err(Refusal::Invalid), "{bad:?}");
         }
         assert_eq!(check_nats_subject(&"a".repeat(101), 0, 100), Err(Refusal::TooLong));

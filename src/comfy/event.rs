@@ -43,6 +43,27 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The `type` strings of the known kinds, in declaration order: [`Kind::index`] points into it.
+    pub const NAMES: [&'static str; 12] = [
+        "status",
+        "feature_flags",
+        "execution_start",
+        "execution_cached",
+        "executing",
+        "progress",
+        "progress_state",
+        "executed",
+        "execution_success",
+        "execution_error",
+        "execution_interrupted",
+        "logs",
+    ];
+
+    /// Where a known kind's name is in [`Kind::NAMES`]; `None` for [`Kind::Other`].
+    pub fn index(self) -> Option<usize> {
+        (self != Self::Other).then_some(self as usize)
+    }
+
     fn from_name(name: &str) -> Self {
         match name {
             "status" => Self::Status,
@@ -470,6 +491,14 @@ pub(crate) mod tests {
         let e = parse_text(r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"7","node":"8"}}"#)
             .expect("parses");
         assert_eq!(e.node_id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn known_names_index_their_kinds() {
+        for (i, name) in Kind::NAMES.iter().enumerate() {
+            assert_eq!(Kind::from_name(name).index(), Some(i), "{name}");
+        }
+        assert_eq!(Kind::from_name("custom").index(), None);
     }
 
     #[test]

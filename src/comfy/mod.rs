@@ -13,8 +13,9 @@ pub enum Inbound {
     Connected,
     /// The socket closed or failed; a reconnect is under way.
     Disconnected,
-    /// A text frame and its receipt time (ms since the epoch).
-    Text(String, u64),
+    /// A text frame (as tungstenite received it, UTF-8 checked, not copied) and its receipt time (ms since
+    /// the epoch).
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes, u64),
     /// A binary frame and its receipt time (ms since the epoch).
     Binary(bytes::Bytes, u64),
 }

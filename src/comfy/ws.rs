@@ -239,7 +239,7 @@ impl WsClient {
     async fn forward(&self, msg: Message) -> bool {
         let now = now_ms();
         let inbound = match msg {
-            Message::Text(text) => Inbound::Text(text.as_str().to_owned(), now),
+            Message::Text(text) => Inbound::Text(text, now),
             Message::Binary(bytes) => Inbound::Binary(bytes, now),
             Message::Close(frame) => {
                 debug!(?frame, "server closed the websocket");

@@ -9,7 +9,7 @@ fn replay(scenario: &str, settings: &Settings) -> Vec<Arc<Outbound>> {
         // Frames 100 ms apart, as if ComfyUI were running normally.
         let now = start + Duration::from_millis(100 * i as u64);
         let inbound = match frame {
-            Ok(text) => Inbound::Text(text, 1_795_000_000_000 + i as u64),
+            Ok(text) => Inbound::Text(text.into(), 1_795_000_000_000 + i as u64),
             Err(bytes) => Inbound::Binary(Bytes::from(bytes), 1_795_000_000_000 + i as u64),
         };
         out.extend(router.route(inbound, now));
@@ -200,5 +200,16 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
                 assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
             }
         }
+    }
+}
+
+#[test]
+fn numbers_are_written_as_serde_json_writes_them() {
+    let edges = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1_000, 65_535, 1_795_000_000_000, u64::MAX - 1, u64::MAX];
+    let powers = (0..20).flat_map(|e| [10u64.pow(e) - 1, 10u64.pow(e), 10u64.pow(e) + 1]);
+    for n in edges.into_iter().chain(powers) {
+        let mut out = Vec::new();
+        json_u64(&mut out, n);
+        assert_eq!(out, serde_json::to_vec(&n).expect("a number serializes"), "{n}");
     }
 }

@@ -286,15 +286,6 @@ struct Data {
     exception_message: Option<Value>,
 }
 
-/// The fields of a `progress` message the tracker reads.
-#[derive(Deserialize, Default)]
-struct Tick {
-    #[serde(default)]
-    value: Option<f64>,
-    #[serde(default)]
-    max: Option<f64>,
-}
-
 /// The one owner of per-prompt state.
 #[derive(Debug)]
 pub struct Tracker {
@@ -303,6 +294,8 @@ pub struct Tracker {
     /// Recently finished prompts and their request ids, oldest first.
     finished: VecDeque<(String, Option<String>)>,
     finished_ids: HashMap<String, Option<String>>,
+    /// Some prompt was given a `request_id` ([`Tracker::expect`]): until then no lookup can find one.
+    any_request_id: bool,
     /// Whether recent history has been read once: what was there before the bridge looked is not news.
     history_baseline: bool,
     /// The next [`Prompt::seq`].
@@ -334,6 +327,7 @@ impl Tracker {
             prompts: HashMap::new(),
             finished: VecDeque::new(),
             finished_ids: HashMap::new(),
+            any_request_id: false,
             history_baseline: false,
             next_seq: 0,
             foreign_order: VecDeque::new(),
@@ -473,6 +467,9 @@ impl Tracker {
 
     /// The bus request that queued `prompt_id`, for the envelope's `request_id`.
     pub fn request_id(&self, prompt_id: &str) -> Option<&str> {
+        if !self.any_request_id {
+            return None;
+        }
         match self.prompts.get(prompt_id) {
             Some(p) => p.request_id.as_deref(),
             None => self.finished_ids.get(prompt_id)?.as_deref(),
@@ -495,6 +492,7 @@ impl Tracker {
     pub fn expect(&mut self, prompt_id: &str, request_id: Option<String>, workflow: &Value, now: Instant) {
         self.admit(prompt_id, Phase::Submitting, now, true);
         let Some(prompt) = self.prompts.get_mut(prompt_id) else { return };
+        self.any_request_id |= request_id.is_some();
         prompt.request_id = request_id;
         prompt.set_workflow(workflow);
         if !prompt.own {
@@ -556,10 +554,10 @@ impl Tracker {
     }
 
     fn on_tracked_event(&mut self, event: &TextEvent, pid: &str, now_ms: u64, now: Instant) -> Effects {
-        // Progress is most of the traffic: read only its two numbers.
+        // Progress is most of the traffic: its two numbers were found when the frame was parsed.
         let data: Data = if event.kind == Kind::Progress {
-            let tick: Tick = serde_json::from_str(event.data.get()).unwrap_or_default();
-            Data { value: tick.value, max: tick.max, ..Data::default() }
+            let (value, max) = event.progress().unzip();
+            Data { value, max, ..Data::default() }
         } else {
             serde_json::from_str(event.data.get()).unwrap_or_default()
         };
@@ -646,7 +644,7 @@ impl Tracker {
             Kind::ExecutionInterrupted => return self.finish(pid, Phase::Interrupted, at, None),
             _ => {}
         }
-        self.publish_state(pid, lifecycle, now)
+        state_update(prompt, pid, lifecycle, now)
     }
 
     /// A `GET /queue` snapshot, requested at `requested`. Adds prompts queued by others, updates positions,
@@ -829,23 +827,30 @@ impl Tracker {
 
     /// A `state` update for `pid`: always for lifecycle changes, at most every [`STATE_INTERVAL`] otherwise.
     fn publish_state(&mut self, pid: &str, lifecycle: bool, now: Instant) -> Effects {
-        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
-        if prompt.phase == Phase::Submitting {
-            return Effects::default();
+        match self.prompts.get_mut(pid) {
+            Some(prompt) => state_update(prompt, pid, lifecycle, now),
+            None => Effects::default(),
         }
-        let due = prompt.last_state.is_none_or(|last| now.duration_since(last) >= STATE_INTERVAL);
-        if !lifecycle && !due {
-            return Effects::default();
-        }
-        prompt.last_state = Some(now);
-        let update = Update {
-            prompt_id: pid.to_string(),
-            topic: Topic::State,
-            payload: to_bytes(&prompt.state_object()),
-            lifecycle,
-        };
-        Effects { updates: vec![update], lookups: Vec::new() }
     }
+}
+
+/// The `state` of `prompt` when it is due: always on a lifecycle change, else at most every [`STATE_INTERVAL`].
+fn state_update(prompt: &mut Prompt, pid: &str, lifecycle: bool, now: Instant) -> Effects {
+    if prompt.phase == Phase::Submitting {
+        return Effects::default();
+    }
+    let due = prompt.last_state.is_none_or(|last| now.duration_since(last) >= STATE_INTERVAL);
+    if !lifecycle && !due {
+        return Effects::default();
+    }
+    prompt.last_state = Some(now);
+    let update = Update {
+        prompt_id: pid.to_string(),
+        topic: Topic::State,
+        payload: to_bytes(&prompt.state_object()),
+        lifecycle,
+    };
+    Effects { updates: vec![update], lookups: Vec::new() }
 }
 
 /// A node may report outputs more than once (expansions): lists are concatenated, other keys replaced.
