@@ -121,7 +121,7 @@ async fn replies_into_the_bridges_tree_or_home_assistants_are_refused_on_both_bu
             refused.insert(body["id"].as_str().unwrap_or_default().to_string(), message);
         }
     }
-    assert!(refused["spoof-0"].contains("inside `comfyui/local/`"), "{refused:?}");
+    assert!(refused["spoof-0"].contains("inside `comfyui/`"), "{refused:?}");
     assert!(refused["spoof-4"].contains("inside `homeassistant/`"), "{refused:?}");
     assert!(refused["spoof-5"].contains("wildcard"), "{refused:?}");
 

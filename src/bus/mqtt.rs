@@ -395,7 +395,6 @@ async fn poll(
             Polled::Ignored => continue,
             Polled::Stopped => break,
             Polled::Failed(e) => {
-                eventloop.reset();
                 telemetry::reconnecting("mqtt", attempt, &e);
                 if tx.send(LoopEvent::Disconnected).is_err() {
                     break;
@@ -404,6 +403,10 @@ async fn poll(
                     _ = tokio::time::sleep(backoff::delay(attempt, max_ms)) => {}
                     _ = tx.closed() => break,
                 }
+                // Only now: the publisher has seen `Disconnected` and stopped handing over, so whatever it
+                // handed over before that (still in rumqttc's channel) is forgotten too and redelivered once,
+                // from the outbox.
+                eventloop.reset();
                 attempt = attempt.saturating_add(1);
                 continue;
             }

@@ -84,6 +84,7 @@ pub async fn spawn(
         grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
         health,
         dead: false,
+        publishing: None,
     };
     tasks.spawn(publisher.run(event_rx, outbound_rx).instrument(span));
     Ok(())
@@ -208,6 +209,9 @@ struct Publisher {
     health: Arc<Health>,
     /// The client is dead: rebuild it before publishing again.
     dead: bool,
+    /// The message whose publish is being awaited: taken from the outbox but not yet handed over, so a
+    /// batch cut short by its timer puts it back instead of losing it.
+    publishing: Option<Arc<Outbound>>,
 }
 
 impl Publisher {
@@ -332,6 +336,10 @@ impl Publisher {
                 Ok(result) => result,
                 Err(_) => Err(Failure::Retry),
             };
+            if let Some(msg) = self.publishing.take() {
+                // Cut short while the client had it: it goes back behind the unconfirmed ones.
+                self.delivery.busy(msg);
+            }
             match result {
                 Ok(()) => self.delivery.confirm_all(),
                 Err(Failure::Retry) => self.delivery.confirm_failed(),
@@ -363,10 +371,12 @@ impl Publisher {
                 self.delivery.refused(msg, "too_large");
                 continue;
             }
+            self.publishing = Some(msg.clone());
             let published = match headers(&msg) {
                 None => self.client.publish(subject, msg.payload.clone()).await,
                 Some(headers) => self.client.publish_with_headers(subject, headers, msg.payload.clone()).await,
             };
+            self.publishing = None;
             match published {
                 Ok(()) => self.delivery.sent(msg),
                 Err(e) if e.kind() == PublishErrorKind::Send => {

@@ -49,23 +49,29 @@ impl Outbox {
                 telemetry::dropped(self.bus, "outbox_full", &msg.route);
                 return;
             }
-            self.evict();
+            self.evict(0);
         }
         self.add_back(msg, w);
         telemetry::outbox_depth(self.bus, self.queue.len());
     }
 
-    /// Puts messages that were handed to a broker but not confirmed back at the front, in their order; then
-    /// applies the bounds with the same drop rule as [`Outbox::push`].
+    /// Puts messages back at the front, in their order: ones that were handed to a broker but not confirmed,
+    /// or `online` and the retained state on connect. Then applies the bounds: droppable messages go first,
+    /// then the oldest lifecycle event behind the requeued ones, so what was just put back (`online` first of
+    /// all) is lost only when nothing else is left.
     pub fn requeue_front(&mut self, msgs: impl DoubleEndedIterator<Item = Arc<Outbound>>) {
+        let mut requeued = 0;
         for msg in msgs.rev() {
             let w = weight(&msg);
             self.bytes += w;
             self.droppable += usize::from(msg.class == Class::Droppable);
             self.queue.push_front(msg);
+            requeued += 1;
         }
         while self.over(0, 0) {
-            self.evict();
+            if self.evict(requeued) < requeued {
+                requeued -= 1;
+            }
         }
         telemetry::outbox_depth(self.bus, self.queue.len());
     }
@@ -114,16 +120,19 @@ impl Outbox {
         self.droppable -= usize::from(msg.class == Class::Droppable);
     }
 
-    /// Drops the oldest droppable message, else the oldest one.
-    fn evict(&mut self) {
+    /// Drops the oldest droppable message, else the oldest one from position `from` on (the last one when
+    /// `from` is past the end); returns the position it had.
+    fn evict(&mut self, from: usize) -> usize {
+        let oldest = from.min(self.queue.len().saturating_sub(1));
         let victim = match self.droppable {
-            0 => 0,
-            _ => self.queue.iter().position(|m| m.class == Class::Droppable).unwrap_or(0),
+            0 => oldest,
+            _ => self.queue.iter().position(|m| m.class == Class::Droppable).unwrap_or(oldest),
         };
         if let Some(old) = self.queue.remove(victim) {
             self.forget(&old);
             telemetry::dropped(self.bus, "outbox_full", &old.route);
         }
+        victim
     }
 }
 
@@ -171,6 +180,23 @@ mod tests {
         outbox.push(msg("tick", Class::Droppable));
         outbox.push(msg("c", Class::Lifecycle));
         assert_eq!(names(&mut outbox), ["b", "c"]);
+    }
+
+    #[test]
+    fn a_full_outbox_keeps_what_was_put_back_at_the_front() {
+        let mut outbox = Outbox::new(Bus::Mqtt, 3, usize::MAX);
+        for name in ["a", "b", "c"] {
+            outbox.push(msg(name, Class::Lifecycle));
+        }
+        outbox.requeue_front(std::iter::once(msg("online", Class::Lifecycle)));
+        assert_eq!(names(&mut outbox), ["online", "b", "c"], "the oldest behind the requeued one goes");
+        for name in ["a", "b"] {
+            outbox.push(msg(name, Class::Lifecycle));
+        }
+        outbox.requeue_front(
+            vec![msg("x", Class::Lifecycle), msg("y", Class::Lifecycle), msg("z", Class::Lifecycle)].into_iter(),
+        );
+        assert_eq!(names(&mut outbox), ["x", "y", "z"], "only requeued ones left: the newest of them goes last");
     }
 
     #[test]

@@ -11,24 +11,30 @@ use crate::config::Settings;
 /// Longest response topic or reply subject taken, in bytes.
 pub const MAX_REPLY_BYTES: usize = 1024;
 
-/// The roots replies may not go under, per bus.
+/// The roots replies may not go under, and the longest reply, per bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyRules {
-    /// MQTT: `<base>/<inst>` and the discovery prefix.
+    /// MQTT: `<base>` (this bridge's tree and its siblings'), the discovery prefix, and the NATS prefix as an
+    /// MQTT-enabled NATS server maps it.
     mqtt: Vec<String>,
-    /// NATS: `<prefix>.<inst>`, and the MQTT roots as a NATS server with MQTT enabled maps them.
+    /// NATS: `<prefix>`, and the MQTT roots as a NATS server with MQTT enabled maps them.
     nats: Vec<String>,
+    /// The longest response topic and reply subject: [`MAX_REPLY_BYTES`], or less where the bus's own limit
+    /// (`mqtt.max_topic_bytes`, `nats.max_subject_bytes`) is lower, so an accepted reply is never dropped.
+    max_bytes: (usize, usize),
 }
 
 impl ReplyRules {
     /// The rules for this bridge's topic and subject trees.
     pub fn new(settings: &Settings) -> Self {
-        let inst = &settings.bridge.instance;
-        let mqtt_own = format!("{}/{inst}", settings.mqtt.base_topic);
+        let mqtt_base = settings.mqtt.base_topic.clone();
         let discovery = settings.homeassistant.discovery_prefix.trim_end_matches('/').to_string();
-        let nats_own = format!("{}.{inst}", settings.nats.subject_prefix);
-        let nats = vec![nats_own, mqtt_own.replace('/', "."), discovery.replace('/', ".")];
-        Self { mqtt: vec![mqtt_own, discovery], nats }
+        let nats_base = settings.nats.subject_prefix.clone();
+        let nats = vec![nats_base.clone(), mqtt_base.replace('/', "."), discovery.replace('/', ".")];
+        let mqtt = vec![mqtt_base, discovery, nats_base.replace('.', "/")];
+        let max_bytes =
+            (MAX_REPLY_BYTES.min(settings.mqtt.max_topic_bytes), MAX_REPLY_BYTES.min(settings.nats.max_subject_bytes));
+        Self { mqtt, nats, max_bytes }
     }
 
     /// Whether `to` may receive a response on `bus`; the error says what is wrong with it, for an
@@ -41,8 +47,12 @@ impl ReplyRules {
         if to.is_empty() {
             return Err(format!("{what} is empty"));
         }
-        if to.len() > MAX_REPLY_BYTES {
-            return Err(format!("{what} is {} bytes, more than the {MAX_REPLY_BYTES} allowed", to.len()));
+        let max = match bus {
+            Bus::Mqtt => self.max_bytes.0,
+            Bus::Nats => self.max_bytes.1,
+        };
+        if to.len() > max {
+            return Err(format!("{what} is {} bytes, more than the {max} allowed", to.len()));
         }
         if to.starts_with('$') {
             return Err(format!("{what} starts with `$`, which is reserved for the server"));
@@ -106,10 +116,10 @@ mod tests {
     #[test]
     fn replies_outside_every_tree_are_taken() {
         let r = rules();
-        for to in ["clients/1/responses", "comfyui/local2/x", "comfyui/other/prompt/p/result", "comfyui", "a"] {
+        for to in ["clients/1/responses", "comfyuiX/local/x", "replies/comfyui/local", "a"] {
             assert_eq!(r.check(Bus::Mqtt, to), Ok(()), "{to}");
         }
-        for to in ["_INBOX.abc.1", "comfyui.local2.x", "comfyui.other.response.status", "homeassistants.x"] {
+        for to in ["_INBOX.abc.1", "comfyuiX.local.x", "replies.comfyui", "homeassistants.x"] {
             assert_eq!(r.check(Bus::Nats, to), Ok(()), "{to}");
         }
     }
@@ -125,11 +135,13 @@ mod tests {
             "comfyui/local/ha/prompt/set",
             "homeassistant/sensor/x/config",
             "homeassistant",
+            "comfyui/other/prompt/p/result",
+            "comfyui",
         ] {
             let error = r.check(Bus::Mqtt, to).expect_err(to);
             assert!(error.contains("where only the bridge publishes"), "{to}: {error}");
         }
-        for to in ["comfyui.local.prompt.victim.result", "comfyui.local", "homeassistant.status"] {
+        for to in ["comfyui.local.prompt.victim.result", "comfyui.local", "homeassistant.status", "comfyui.other.x"] {
             let error = r.check(Bus::Nats, to).expect_err(to);
             assert!(error.starts_with("the reply subject is inside"), "{to}: {error}");
         }
@@ -148,7 +160,12 @@ mod tests {
         assert!(r.check(Bus::Mqtt, "ha/select/x/config").is_err());
         assert!(r.check(Bus::Nats, "farm.a1.response.status").is_err());
         assert!(r.check(Bus::Nats, "site.gpu.a1.x").is_err(), "the MQTT tree as NATS maps it");
-        assert!(r.check(Bus::Nats, "farm.a10.x").is_ok());
+        assert!(r.check(Bus::Nats, "farm.a10.x").is_err(), "a sibling instance's tree");
+        assert!(r.check(Bus::Mqtt, "farm/a1/prompt/x/result").is_err(), "the NATS tree as MQTT maps it");
+        settings.mqtt.max_topic_bytes = 300;
+        let r = ReplyRules::new(&settings);
+        assert!(r.check(Bus::Mqtt, &format!("r/{}", "x".repeat(300))).is_err(), "over mqtt.max_topic_bytes");
+        assert!(r.check(Bus::Nats, &format!("r.{}", "x".repeat(300))).is_ok());
     }
 
     #[test]
