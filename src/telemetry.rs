@@ -325,7 +325,7 @@ pub fn init(filter: &str, json: bool) {
 pub fn request_ignored(bus: Bus, reason: &'static str, topic: &str) {
     let total = COUNTERS.requests_ignored.fetch_add(1, Relaxed) + 1;
     *labelled().ignored.entry((bus.name(), reason)).or_default() += 1;
-    let topic = topic.get(..topic.len().min(128)).unwrap_or_default();
+    let topic = crate::commands::inbox::cut(topic, 128);
     if total <= 10 || total.is_power_of_two() {
         tracing::warn!(bus = bus.name(), reason, topic, total, "ignored message on a request topic");
     } else {

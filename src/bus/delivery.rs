@@ -13,7 +13,7 @@
 //! * While connected and `HIGH_WATER` messages wait, [`Delivery::accepting`] says no: back-pressure.
 //! * On shutdown, [`Delivery::goodbye`] queues `comfyui/availability` and `bridge/availability` `offline`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::{topics, Bus, Class, Outbound, Outbox, Route, HIGH_WATER};
@@ -62,8 +62,8 @@ pub struct Delivery {
     window: usize,
     outbox: Outbox,
     in_flight: VecDeque<InFlight>,
-    /// The last confirmed retained message per topic (its reply topic, or its route).
-    retained: HashMap<String, Arc<Outbound>>,
+    /// The last confirmed retained message per topic (its reply topic, or its route), replayed in topic order.
+    retained: BTreeMap<String, Arc<Outbound>>,
     connected: bool,
     /// The client's channel was full: retry shortly.
     blocked: bool,
@@ -86,7 +86,7 @@ impl Delivery {
             window: limits.window.max(1),
             outbox: Outbox::new(bus, limits.count, limits.bytes),
             in_flight: VecDeque::new(),
-            retained: HashMap::new(),
+            retained: BTreeMap::new(),
             connected: false,
             blocked: false,
             stalled: false,
