@@ -421,6 +421,9 @@ impl Settings {
         if self.mqtt.base_topic.split('/').any(|l| !is_plain_level(l)) {
             return invalid("mqtt.base_topic", "levels may use only A-Z a-z 0-9 _ - separated by /");
         }
+        if self.homeassistant.discovery_prefix.split('/').any(|l| !is_plain_level(l)) {
+            return invalid("homeassistant.discovery_prefix", "levels may use only A-Z a-z 0-9 _ - separated by /");
+        }
         if self.nats.subject_prefix.split('.').any(|l| !is_plain_level(l)) {
             return invalid("nats.subject_prefix", "tokens may use only A-Z a-z 0-9 _ - separated by .");
         }
@@ -641,6 +644,7 @@ mod tests {
             ("COMFY_BRIDGE__MQTT__MAX_TOPIC_BYTES", "70000", "mqtt.max_topic_bytes"),
             ("COMFY_BRIDGE__NATS__MAX_SUBJECT_BYTES", "4096", "nats.max_subject_bytes"),
             ("COMFY_BRIDGE__BRIDGE__OUTBOX_MAX_BYTES", "100", "bridge.outbox_max_bytes"),
+            ("COMFY_BRIDGE__HOMEASSISTANT__DISCOVERY_PREFIX", "homeassistant/", "homeassistant.discovery_prefix"),
         ] {
             let err = Settings::load_with_env(None, env(&[(key, value)])).expect_err(key);
             assert!(matches!(err, ConfigError::Invalid { key, .. } if key == name), "{err}");
