@@ -11,6 +11,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+mod scan;
+
 /// A message type ComfyUI's core sends; anything else (custom `send_sync` events) is [`Kind::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -89,9 +91,9 @@ pub struct TextEvent {
     /// The known type, or [`Kind::Other`].
     pub kind: Kind,
     /// The `type` string exactly as sent.
-    pub kind_name: String,
+    pub kind_name: Cow<'static, str>,
     /// `data` exactly as sent.
-    pub data: Box<RawValue>,
+    pub data: RawJson,
     /// `data.prompt_id` when it is a string.
     pub prompt_id: Option<String>,
     /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
@@ -100,7 +102,45 @@ pub struct TextEvent {
     tick: Option<(Range<usize>, Range<usize>)>,
 }
 
+/// JSON text that was validated when its frame was parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TextEvent {
+    /// The event of a frame whose `type` is `kind_name` and whose `data` is the valid JSON `data`.
+    fn new(kind_name: &str, data: &str, found: Option<Found<'_>>) -> Self {
+        // `data` need not be an object (custom events may send anything); then it names no ids.
+        let ids = match found {
+            Some(found) => found.ids(data),
+            None if data.starts_with('{') => Ids::of(data),
+            None => Ids::default(),
+        };
+        let kind = Kind::from_name(kind_name);
+        let node_id = match kind {
+            // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
+            Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
+            _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
+        };
+        Self {
+            kind,
+            kind_name: match kind.index() {
+                Some(i) => Cow::Borrowed(Kind::NAMES[i]),
+                None => Cow::Owned(kind_name.to_string()),
+            },
+            prompt_id: as_id(ids.prompt_id),
+            node_id,
+            tick: ids.tick.filter(|_| kind == Kind::Progress),
+            data: RawJson(data.into()),
+        }
+    }
+
     /// For `progress`: `data.value` and `data.max` when both are numbers, read as serde reads
     /// `{value: Option<f64>, max: Option<f64>}` (so what the tracker reads of a tick, without parsing `data`).
     pub fn progress(&self) -> Option<(f64, f64)> {
@@ -179,30 +219,58 @@ impl<'a> Ids<'a> {
     /// value, and a field given twice (even as `null`) makes the whole struct fail, so names nothing at all.
     /// The ids and the progress numbers are two such structs.
     fn of(data: &'a str) -> Self {
-        const FIELDS: [&str; 6] = ["prompt_id", "node", "display_node", "node_id", "value", "max"];
-        let mut slots: [Option<Option<&'a str>>; 6] = [None; 6];
-        let (mut ids_failed, mut tick_failed) = (false, false);
+        let mut found = Found::default();
         let mut members = Members { text: data, at: 1 };
         while let Some((key, value)) = members.next() {
-            let Some(i) = FIELDS.iter().position(|f| *f == key) else { continue };
-            if slots[i].is_some() {
-                *if i < 4 { &mut ids_failed } else { &mut tick_failed } = true;
-            }
-            slots[i] = Some(Some(value).filter(|v| *v != "null"));
+            found.member(&key, value);
         }
-        let get = |i: usize| slots[i].flatten();
+        found.ids(data)
+    }
+}
+
+/// The routing fields among an object's top-level members, as they are met.
+#[derive(Default)]
+pub(super) struct Found<'a> {
+    /// Per field (`prompt_id`, `node`, `display_node`, `node_id`, `value`, `max`): not met, met as `null`, or met with a raw value.
+    slots: [Option<Option<&'a str>>; 6],
+    /// An id field, or a progress number, was met twice.
+    ids_failed: bool,
+    tick_failed: bool,
+}
+
+impl<'a> Found<'a> {
+    /// The member `key` (unescaped) with the raw JSON `value`.
+    pub(super) fn member(&mut self, key: &str, value: &'a str) {
+        let i = match key {
+            "prompt_id" => 0,
+            "node" => 1,
+            "display_node" => 2,
+            "node_id" => 3,
+            "value" => 4,
+            "max" => 5,
+            _ => return,
+        };
+        if self.slots[i].is_some() {
+            *if i < 4 { &mut self.ids_failed } else { &mut self.tick_failed } = true;
+        }
+        self.slots[i] = Some(Some(value).filter(|v| *v != "null"));
+    }
+
+    /// What was found in `data`, whose members the values are slices of.
+    fn ids(self, data: &'a str) -> Ids<'a> {
+        let get = |i: usize| self.slots[i].flatten();
         // `value` is a slice of `data`: its offset is where it starts in `data`.
         let range = |v: &str| {
             let start = v.as_ptr() as usize - data.as_ptr() as usize;
             start..start + v.len()
         };
-        let tick = match (tick_failed, get(4), get(5)) {
+        let tick = match (self.tick_failed, get(4), get(5)) {
             (false, Some(value), Some(max)) => Some((range(value), range(max))),
             _ => None,
         };
-        match ids_failed {
-            true => Self { tick, ..Self::default() },
-            false => Self { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), tick },
+        match self.ids_failed {
+            true => Ids { tick, ..Ids::default() },
+            false => Ids { prompt_id: get(0), node: get(1), display_node: get(2), node_id: get(3), tick },
         }
     }
 }
@@ -306,25 +374,13 @@ fn as_id(value: Option<&str>) -> Option<String> {
     }
 }
 
-/// Parses one text frame.
+/// Parses one text frame: the common shape in one pass ([`scan`]), anything else through serde_json.
 pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
+    if let Some(frame) = scan::frame(text) {
+        return Ok(TextEvent::new(frame.kind, frame.data, frame.found));
+    }
     let envelope: Envelope = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-    // `data` need not be an object (custom events may send anything); then it names no ids.
-    let ids = if envelope.data.get().starts_with('{') { Ids::of(envelope.data.get()) } else { Ids::default() };
-    let kind = Kind::from_name(&envelope.kind);
-    let node_id = match kind {
-        // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
-        Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
-        _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
-    };
-    Ok(TextEvent {
-        kind,
-        kind_name: envelope.kind.into_owned(),
-        data: envelope.data.to_owned(),
-        prompt_id: as_id(ids.prompt_id),
-        node_id,
-        tick: ids.tick.filter(|_| kind == Kind::Progress),
-    })
+    Ok(TextEvent::new(&envelope.kind, envelope.data.get(), None))
 }
 
 /// The image encoding of a preview.
@@ -458,9 +514,27 @@ pub(crate) mod tests {
                 let original: serde_json::Value = serde_json::from_str(&frame).expect("json");
                 let data: serde_json::Value = serde_json::from_str(event.data.get()).expect("json");
                 assert_eq!(data, original["data"], "{scenario}");
-                assert_eq!(event.kind_name, original["type"], "{scenario}");
+                assert_eq!(original["type"], &*event.kind_name, "{scenario}");
             }
         }
+    }
+
+    #[test]
+    fn recorded_frames_take_the_fast_path_and_it_reads_them_as_serde_does() {
+        let mut frames = 0;
+        for entry in
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts")).expect("fixtures")
+        {
+            let path = entry.expect("entry").path();
+            let scenario = path.file_stem().and_then(|s| s.to_str()).expect("name").to_string();
+            for frame in recorded_frames(&scenario).into_iter().filter_map(Result::ok) {
+                let fast = scan::frame(&frame).unwrap_or_else(|| panic!("{scenario}: slow path for {frame}"));
+                let envelope: Envelope = serde_json::from_str(&frame).expect("valid");
+                assert_eq!((fast.kind, fast.data), (&*envelope.kind, envelope.data.get()), "{scenario}");
+                frames += 1;
+            }
+        }
+        assert!(frames > 100, "the transcripts hold text frames");
     }
 
     #[test]
@@ -655,6 +729,50 @@ pub(crate) mod tests {
             format!("{{ {} }}", members.join(",\n"))
         }
 
+        /// The envelope as serde_json alone reads it: the reference for [`scan::frame`].
+        fn by_serde(text: &str) -> Option<(String, String)> {
+            let envelope: Envelope = serde_json::from_str(text).ok()?;
+            Some((envelope.kind.into_owned(), envelope.data.get().to_string()))
+        }
+
+        /// The whole event as the serde path alone makes it.
+        fn by_serde_event(text: &str) -> Option<TextEvent> {
+            let envelope: Envelope = serde_json::from_str(text).ok()?;
+            Some(TextEvent::new(&envelope.kind, envelope.data.get(), None))
+        }
+
+        /// A text frame: mostly the common shape, sometimes with escaped, repeated, missing or odd members.
+        fn envelope() -> impl Strategy<Value = String> {
+            let kind = prop_oneof![
+                6 => "[a-z_.]{0,12}".prop_map(|k| format!("\"{k}\"")),
+                1 => Just(r#""pro\u0067ress""#.to_string()),
+                1 => Just(r#""a\"b""#.to_string()),
+                1 => value(),
+            ];
+            let member = prop_oneof![
+                4 => kind.prop_map(|v| ("type".to_string(), v)),
+                2 => value().prop_map(|v| ("data".to_string(), v)),
+                4 => prop::collection::vec((key(), value()), 0..6).prop_map(|m| ("data".to_string(), object(&m))),
+                1 => (key(), value()),
+                1 => value().prop_map(|v| ("typ\\u0065".to_string(), v)),
+                1 => value().prop_map(|v| ("dat\\u0061".to_string(), v)),
+            ];
+            (prop::collection::vec(member, 0..4), "[ \t\n]{0,2}").prop_map(|(members, pad)| {
+                let members: Vec<String> = members.iter().map(|(k, v)| format!("{pad}\"{k}\"{pad}:{v}")).collect();
+                format!("{pad}{{{}}}{pad}", members.join(","))
+            })
+        }
+
+        /// What an edit puts into a frame: JSON's own characters most of the time.
+        fn edit_byte() -> impl Strategy<Value = char> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    '"', '\\', '{', '}', '[', ']', ',', ':', '-', '0', '1', '.', 'e', 'u', ' ', '\u{1}'
+                ]),
+                any::<char>(),
+            ]
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(4096))]
 
@@ -672,6 +790,29 @@ pub(crate) mod tests {
                 prop_assert_eq!(as_id(got.node_id), raw(want.node_id), "{}", data);
                 let tick = serde_json::from_str::<SerdeTick>(&data).unwrap_or_default();
                 prop_assert_eq!(event.progress(), tick.value.zip(tick.max), "{}", data);
+            }
+
+            #[test]
+            fn the_fast_path_accepts_only_what_serde_accepts_and_finds_the_same(
+                text in envelope(), edit in any::<prop::sample::Index>(), how in 0u8..4, byte in edit_byte(),
+            ) {
+                let mut text = text;
+                let at = edit.index(text.len() + 1);
+                if text.is_char_boundary(at) {
+                    match how {
+                        0 => {}
+                        1 => text.truncate(at),
+                        2 => text.insert(at, byte),
+                        _ => { if at < text.len() && text.is_char_boundary(at + 1) { text.remove(at); } }
+                    }
+                }
+                if let Some(frame) = scan::frame(&text) {
+                    prop_assert_eq!(by_serde(&text), Some((frame.kind.to_string(), frame.data.to_string())), "{}", text);
+                    let (fast, slow) = (parse_text(&text).expect("valid"), by_serde_event(&text).expect("valid"));
+                    prop_assert_eq!(&fast.kind_name, &slow.kind_name);
+                    prop_assert_eq!((&fast.prompt_id, &fast.node_id), (&slow.prompt_id, &slow.node_id), "{}", text);
+                    prop_assert_eq!(fast.progress(), slow.progress(), "{}", text);
+                }
             }
 
             #[test]

@@ -247,7 +247,7 @@ impl Router {
         if event.kind == Kind::Status {
             // Prompts queued by others show only as queue changes (PROTOCOL.md §3).
             self.work.resync = true;
-            if let Some(remaining) = queue_remaining(&event.data) {
+            if let Some(remaining) = queue_remaining(event.data.get()) {
                 telemetry::comfyui_queue(remaining);
                 self.queue_remaining = remaining;
             }
@@ -258,7 +258,7 @@ impl Router {
         let route = Route::for_event(&self.instance, &event.kind_name, prompt_id, node_id);
         let span = tracing::debug_span!("event", kind = %event.kind_name, prompt_id, node_id, seq = self.seq);
         let _entered = span.enter();
-        let payload = self.envelope(&event.kind_name, &event.data, prompt_id, node_id, ts);
+        let payload = self.envelope(&event.kind_name, event.data.get(), prompt_id, node_id, ts);
         let (qos, class) = match event.kind {
             Kind::Progress => (0, Class::Droppable),
             Kind::ProgressState => (1, Class::Droppable),
@@ -301,9 +301,8 @@ impl Router {
 
     /// The envelope (INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
     /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
-    fn envelope(&self, kind: &str, data: &RawValue, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
+    fn envelope(&self, kind: &str, data: &str, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
         let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
-        let data = data.get();
         let ids = [prompt_id, node_id, request_id].iter().flatten().map(|s| s.len()).sum::<usize>();
         let mut out = Vec::with_capacity(128 + kind.len() + data.len() + self.instance_field.len() + ids);
         out.extend_from_slice(b"{\"type\":");
@@ -398,7 +397,7 @@ impl Router {
             Some(pid) => Route::for_node(&self.instance, pid, &node_id, topics::TEXT),
             None => Route::for_event(&self.instance, "progress_text", None, None),
         };
-        let payload = self.envelope("progress_text", &data, prompt_id.as_deref(), Some(&node_id), ts);
+        let payload = self.envelope("progress_text", data.get(), prompt_id.as_deref(), Some(&node_id), ts);
         vec![Arc::new(Outbound {
             route,
             payload,
@@ -412,8 +411,8 @@ impl Router {
 }
 
 /// `status.exec_info.queue_remaining` of a `status` message.
-fn queue_remaining(data: &RawValue) -> Option<u64> {
-    let data: serde_json::Value = serde_json::from_str(data.get()).ok()?;
+fn queue_remaining(data: &str) -> Option<u64> {
+    let data: serde_json::Value = serde_json::from_str(data).ok()?;
     data.pointer("/status/exec_info/queue_remaining")?.as_u64()
 }
 

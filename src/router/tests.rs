@@ -184,7 +184,7 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
             let data = RawValue::from_string(r#"{ "value": 1, "x": "é\"" }"#.into()).expect("json");
             let ts = [0, 7, u64::MAX][i % 3];
             for (pid, nid) in [(None, None), (Some(*text), None), (Some("p\"1"), Some(*text)), (None, Some("3"))] {
-                let got = router.envelope(text, &data, pid, nid, ts);
+                let got = router.envelope(text, data.get(), pid, nid, ts);
                 let request_id = pid.and_then(|p| router.tracker.request_id(p));
                 let envelope = SerdeEnvelope {
                     kind: text,

@@ -1,0 +1,316 @@
+//! One pass over a text frame of the shape ComfyUI nearly always sends: a JSON object with a plain `type`
+//! string and a `data` value. It validates the whole frame as strict JSON and says where `type` and `data` are,
+//! at a fraction of what deserializing costs.
+//!
+//! It is only a fast path. Whatever it is not sure of (`\u` escapes, escaped top-level keys, a repeated or
+//! missing `type`/`data`, deep nesting, a frame that is not an object, anything invalid) makes it give up, and
+//! the frame goes through serde_json, which decides. So it never accepts a frame serde_json would refuse, and
+//! what it finds is what serde_json finds (a property test holds it to that).
+
+use super::Found;
+
+/// Where the envelope's parts are in a frame that is valid JSON.
+pub(super) struct Frame<'a> {
+    /// The `type` string's contents (it has no escapes).
+    pub kind: &'a str,
+    /// `data`'s raw JSON.
+    pub data: &'a str,
+    /// The routing fields among `data`'s members, when it is an object whose keys have no escapes.
+    pub found: Option<Found<'a>>,
+}
+
+/// Deeper nesting than this is left to serde_json (whose own limit is 128).
+const MAX_DEPTH: usize = 64;
+
+/// How a byte inside a JSON string is treated: plain, the closing quote, a backslash, or invalid (a control
+/// character).
+const PLAIN: u8 = 0;
+const QUOTE: u8 = 1;
+const BACKSLASH: u8 = 2;
+const CONTROL: u8 = 3;
+
+const STRING_CLASS: [u8; 256] = {
+    let mut table = [PLAIN; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = CONTROL;
+        b += 1;
+    }
+    table[b'"' as usize] = QUOTE;
+    table[b'\\' as usize] = BACKSLASH;
+    table
+};
+
+/// The frame's `type` and `data`, when it is an object of the common shape and valid; `None` when serde_json
+/// must decide.
+pub(super) fn frame(text: &str) -> Option<Frame<'_>> {
+    let mut s = Scanner { text, bytes: text.as_bytes(), at: 0 };
+    let mut found = None;
+    s.whitespace();
+    if s.peek()? != b'{' {
+        return None;
+    }
+    s.at += 1;
+    let (mut kind, mut data) = (None, None);
+    s.whitespace();
+    if s.peek()? != b'}' {
+        loop {
+            let key = s.string()?;
+            if key.escaped {
+                return None;
+            }
+            s.whitespace();
+            s.expect(b':')?;
+            s.whitespace();
+            let start = s.at;
+            match &text[key.inner()] {
+                "type" => {
+                    let value = s.string()?;
+                    if kind.is_some() || value.escaped {
+                        return None;
+                    }
+                    kind = Some(value.inner());
+                }
+                "data" => {
+                    match s.peek()? {
+                        b'{' => found = Some(s.members()?),
+                        _ => s.value(0)?,
+                    }
+                    if data.is_some() {
+                        return None;
+                    }
+                    data = Some(start..s.at);
+                }
+                _ => s.value(0)?,
+            }
+            s.whitespace();
+            match s.peek()? {
+                b',' => {
+                    s.at += 1;
+                    s.whitespace();
+                }
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    s.at += 1;
+    s.whitespace();
+    if s.at != s.bytes.len() {
+        return None;
+    }
+    Some(Frame { kind: text.get(kind?)?, data: text.get(data?)?, found: found.flatten() })
+}
+
+/// A string just scanned: where its quotes are, and whether it holds escapes.
+struct Str {
+    start: usize,
+    end: usize,
+    escaped: bool,
+}
+
+impl Str {
+    /// Between the quotes.
+    fn inner(&self) -> std::ops::Range<usize> {
+        self.start + 1..self.end - 1
+    }
+}
+
+struct Scanner<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    /// `data`'s object, noting the routing fields among its members: `Some(None)` when a key has escapes (the
+    /// caller then reads the fields the slow way); `None` when it is not valid.
+    fn members(&mut self) -> Option<Option<Found<'a>>> {
+        let mut found = Some(Found::default());
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(found);
+        }
+        loop {
+            let key = self.string()?;
+            self.whitespace();
+            self.expect(b':')?;
+            self.whitespace();
+            let start = self.at;
+            self.value(1)?;
+            if key.escaped {
+                found = None;
+            } else if let Some(found) = &mut found {
+                found.member(self.text.get(key.inner())?, self.text.get(start..self.at)?);
+            }
+            self.whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    self.whitespace();
+                }
+                b'}' => {
+                    self.at += 1;
+                    return Some(found);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    fn whitespace(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    /// A string starting at its `"`. `\u` escapes (surrogates) are left to serde_json.
+    fn string(&mut self) -> Option<Str> {
+        let bytes = self.bytes;
+        let start = self.at;
+        if bytes.get(start) != Some(&b'"') {
+            return None;
+        }
+        let mut at = start + 1;
+        let mut escaped = false;
+        loop {
+            at += bytes.get(at..)?.iter().position(|&b| STRING_CLASS[usize::from(b)] != PLAIN)?;
+            match STRING_CLASS[usize::from(bytes[at])] {
+                QUOTE => {
+                    self.at = at + 1;
+                    return Some(Str { start, end: at + 1, escaped });
+                }
+                BACKSLASH => {
+                    match bytes.get(at + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 2,
+                        _ => return None,
+                    }
+                    escaped = true;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Any JSON value.
+    fn value(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.bytes.get(self.at..)?.starts_with(word).then(|| self.at += word.len())
+    }
+
+    /// `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`
+    fn number(&mut self) -> Option<()> {
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.peek()? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            self.some_digits()?;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            self.some_digits()?;
+        }
+        Some(())
+    }
+
+    fn digits(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.at += 1;
+        }
+    }
+
+    fn some_digits(&mut self) -> Option<()> {
+        let start = self.at;
+        self.digits();
+        (self.at > start).then_some(())
+    }
+
+    fn object(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            self.string()?;
+            self.whitespace();
+            self.expect(b':')?;
+            self.whitespace();
+            self.value(depth)?;
+            self.whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    self.whitespace();
+                }
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            self.value(depth)?;
+            self.whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    self.whitespace();
+                }
+                b']' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+}
