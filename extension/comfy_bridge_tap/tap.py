@@ -282,9 +282,13 @@ class Tap:
             return
         if not should_mirror(event, data) or self.is_tap(sid):
             return
+        where = "mirror text" if original is self._send_json else "mirror binary"
         for tap_sid in self.tap_sids():
             if tap_sid != sid:
-                await original(event, data, tap_sid)
+                try:
+                    await original(event, data, tap_sid)
+                except Exception as exc:  # one broken tap must not starve the others
+                    self.errors.failed(where, exc)
 
     async def _welcome(self, sid):
         """Runs right after ComfyUI answered a tap's feature flags."""
