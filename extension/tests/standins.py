@@ -88,10 +88,12 @@ class _Content:
     def __init__(self, body, chunk):
         self._body = body
         self._chunk = chunk
+        self.bytes_read = 0
 
     async def read(self, n=-1):
         n = min(n, self._chunk) if n > 0 else len(self._body)
         part, self._body = self._body[:n], self._body[n:]
+        self.bytes_read += len(part)
         return part
 
 
