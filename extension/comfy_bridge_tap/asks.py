@@ -111,9 +111,7 @@ class AskRegistry:
     def open(self, prompt_id, node_id, subject, payload, timeout_seconds):
         with self._lock:
             if len(self._pending) >= self._max_pending:
-                raise TooManyAsks(
-                    "Bus Ask: %d asks are already waiting; refusing another" % len(self._pending)
-                )
+                raise TooManyAsks("Bus Ask: %d asks are already waiting; refusing another" % len(self._pending))
             ask_id = secrets.token_urlsafe(16)
             while ask_id in self._pending or ask_id in self._ended:
                 ask_id = secrets.token_urlsafe(16)

@@ -46,7 +46,14 @@ class BusPublish:
         return {
             "required": {
                 "subject": ("STRING", {"default": "status", "tooltip": "One or more /-separated levels under flow/."}),
-                "payload": ("STRING", {"default": "{}", "multiline": True, "tooltip": "Sent as JSON when it parses as JSON, else as text."}),
+                "payload": (
+                    "STRING",
+                    {
+                        "default": "{}",
+                        "multiline": True,
+                        "tooltip": "Sent as JSON when it parses as JSON, else as text.",
+                    },
+                ),
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "The first image of the batch is sent as a PNG."}),
@@ -93,10 +100,16 @@ class BusAsk:
         return {
             "required": {
                 "subject": ("STRING", {"default": "prompt", "tooltip": "One or more /-separated levels under ask/."}),
-                "payload": ("STRING", {"default": "{}", "multiline": True, "tooltip": "The question; JSON when it parses as JSON."}),
+                "payload": (
+                    "STRING",
+                    {"default": "{}", "multiline": True, "tooltip": "The question; JSON when it parses as JSON."},
+                ),
                 "timeout_seconds": ("FLOAT", {"default": 60.0, "min": 0.1, "max": 86400.0, "step": 0.1}),
                 "on_timeout": (["error", "default"], {"default": "error"}),
-                "default": ("STRING", {"default": "", "multiline": True, "tooltip": "Answer used when on_timeout is default."}),
+                "default": (
+                    "STRING",
+                    {"default": "", "multiline": True, "tooltip": "Answer used when on_timeout is default."},
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -130,9 +143,7 @@ class BusAsk:
             tap.raise_interrupt()
         if on_timeout == "default":
             return (default, asks.parse_payload(default))
-        raise TimeoutError(
-            "Bus Ask: no answer on ask/%s within %g s (ask %s)" % (subject, timeout_seconds, ask.ask_id)
-        )
+        raise TimeoutError("Bus Ask: no answer on ask/%s within %g s (ask %s)" % (subject, timeout_seconds, ask.ask_id))
 
 
 NODE_CLASS_MAPPINGS = {

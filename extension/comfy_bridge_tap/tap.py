@@ -325,7 +325,10 @@ class Tap:
             executor.add_message = wrapped_add_message
             done = True
         else:
-            log.warning("comfy_bridge_tap: PromptExecutor.add_message not found; no lifecycle events for prompts without a client id")
+            log.warning(
+                "comfy_bridge_tap: PromptExecutor.add_message not found; "
+                "no lifecycle events for prompts without a client id"
+            )
 
         execute = getattr(execution, "execute", None)
         if execute is not None:
@@ -343,7 +346,9 @@ class Tap:
             execution.execute = wrapped_execute
             done = True
         else:
-            log.warning("comfy_bridge_tap: execution.execute not found; no executing/executed for prompts without a client id")
+            log.warning(
+                "comfy_bridge_tap: execution.execute not found; no executing/executed for prompts without a client id"
+            )
 
         queue = getattr(execution, "PromptQueue", None)
         task_done = getattr(queue, "task_done", None)

@@ -38,7 +38,14 @@ def probe_workflow():
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 12536894}},
         "2": {
             "class_type": "BridgeProbeSleepProgress",
-            "inputs": {"image": ["1", 0], "steps": 3, "step_seconds": 0.2, "preview": "JPEG", "preview_size": 32, "seed": seed},
+            "inputs": {
+                "image": ["1", 0],
+                "steps": 3,
+                "step_seconds": 0.2,
+                "preview": "JPEG",
+                "preview_size": 32,
+                "seed": seed,
+            },
         },
         "3": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bridge_tap_live/success"}},
@@ -170,7 +177,9 @@ async def queue(session, url, prompt, client_id=None):
 
 async def answer(session, url, secret, ask_id, text):
     headers = {} if secret is None else {SECRET_HEADER: secret}
-    async with session.post(url + "/comfy_bridge/answer", json={"ask_id": ask_id, "answer": text}, headers=headers) as r:
+    async with session.post(
+        url + "/comfy_bridge/answer", json={"ask_id": ask_id, "answer": text}, headers=headers
+    ) as r:
         try:
             body = await r.json(content_type=None)
         except ValueError:
@@ -184,7 +193,9 @@ async def main(url):
         async with session.get(url + "/features") as r:
             features = await r.json()
         print("GET /features:", json.dumps(features))
-        checks.check("version in /features", isinstance(features.get("comfy_bridge_tap"), str), features.get("comfy_bridge_tap"))
+        checks.check(
+            "version in /features", isinstance(features.get("comfy_bridge_tap"), str), features.get("comfy_bridge_tap")
+        )
 
         browser = Socket("browser", session, url, BROWSER_FLAGS)
         tap = Socket("tap", session, url, TAP_FLAGS)
@@ -196,8 +207,14 @@ async def main(url):
         print("\nbrowser handshake:", summary(browser.frames))
         print("tap handshake:    ", summary(tap.frames))
         reply = [text_of(f) for f in browser.frames if text_of(f, "feature_flags")]
-        checks.check("version in the flags reply", reply and reply[0]["data"].get("comfy_bridge_tap") == features.get("comfy_bridge_tap"))
-        checks.check("hello with a secret only to the tap", len(secret) >= 40 and not any(text_of(f, "comfy_bridge.hello") for f in browser.frames))
+        checks.check(
+            "version in the flags reply",
+            reply and reply[0]["data"].get("comfy_bridge_tap") == features.get("comfy_bridge_tap"),
+        )
+        checks.check(
+            "hello with a secret only to the tap",
+            len(secret) >= 40 and not any(text_of(f, "comfy_bridge.hello") for f in browser.frames),
+        )
 
         # 1. a prompt queued by the browser
         print("\n1. probe workflow queued with the browser's client id")
@@ -208,8 +225,15 @@ async def main(url):
         seen_b, seen_t = browser.frames[b0 : bi + 1], tap.frames[t0 : ti + 1]
         print("  browser got:", compact(seen_b))
         print("  tap got:    ", compact(seen_t))
-        checks.check("tap got exactly the browser's frames", [f[1:] for f in seen_b] == [f[1:] for f in seen_t], "%d frames each" % len(seen_b))
-        checks.check("with previews and progress", "bin4" in summary(seen_t) and any(s.startswith("progress(") for s in summary(seen_t)))
+        checks.check(
+            "tap got exactly the browser's frames",
+            [f[1:] for f in seen_b] == [f[1:] for f in seen_t],
+            "%d frames each" % len(seen_b),
+        )
+        checks.check(
+            "with previews and progress",
+            "bin4" in summary(seen_t) and any(s.startswith("progress(") for s in summary(seen_t)),
+        )
 
         # 2. a prompt queued with no client id
         print("\n2. probe workflow queued with no client id")
@@ -220,47 +244,82 @@ async def main(url):
         seen_b, seen_t = browser.frames[b0:], tap.frames[t0 : ti + 1]
         print("  browser got:", compact(seen_b))
         print("  tap got:    ", compact(seen_t))
-        wanted = ["execution_start", "execution_cached", "executing(2)", "executed(5)", "executed(4)", "execution_success", "executing(None)"]
+        wanted = [
+            "execution_start",
+            "execution_cached",
+            "executing(2)",
+            "executed(5)",
+            "executed(4)",
+            "execution_success",
+            "executing(None)",
+        ]
         got = summary(seen_t)
-        checks.check("tap got the lifecycle events", all(w in got for w in wanted), ", ".join(w for w in wanted if w not in got) or "all of " + ", ".join(wanted))
-        checks.check("browser got no lifecycle events", not any(s.startswith(("execution_start", "executing", "executed")) for s in summary(seen_b)))
+        checks.check(
+            "tap got the lifecycle events",
+            all(w in got for w in wanted),
+            ", ".join(w for w in wanted if w not in got) or "all of " + ", ".join(wanted),
+        )
+        checks.check(
+            "browser got no lifecycle events",
+            not any(s.startswith(("execution_start", "executing", "executed")) for s in summary(seen_b)),
+        )
 
         # 3. Bus Ask answered over POST /comfy_bridge/answer
         print("\n3. Bus Ask answered over POST /comfy_bridge/answer")
         b0, t0 = len(browser.frames), len(tap.frames)
         pid = await queue(session, url, ask_workflow(30), browser.client_id)
-        ai, ask_frame = await tap.wait_for(lambda f: text_of(f, "comfy_bridge.ask") is not None, 30, t0)
+        _, ask_frame = await tap.wait_for(lambda f: text_of(f, "comfy_bridge.ask") is not None, 30, t0)
         ask = text_of(ask_frame)["data"]
         print("  tap got ask:", json.dumps(ask))
         started = time.monotonic()
         async with session.get(url + "/queue") as r:
             await r.read()
-        checks.check("ComfyUI answers HTTP while the node waits", time.monotonic() - started < 1.0, "%.0f ms for GET /queue" % (1000 * (time.monotonic() - started)))
+        checks.check(
+            "ComfyUI answers HTTP while the node waits",
+            time.monotonic() - started < 1.0,
+            "%.0f ms for GET /queue" % (1000 * (time.monotonic() - started)),
+        )
         status, body = await answer(session, url, "wrong-secret", ask["ask_id"], "nope")
         checks.check("wrong secret -> 403", status == 403, "%s %s" % (status, body))
         answer_text = json.dumps({"prompt": "a red fox in the snow"})
         status, body = await answer(session, url, secret, ask["ask_id"], answer_text)
         checks.check("answer -> 200 accepted", status == 200 and body == {"accepted": True}, "%s %s" % (status, body))
         status, body = await answer(session, url, secret, ask["ask_id"], "second")
-        checks.check("second answer -> 409 late", status == 409 and body.get("reason") == "late", "%s %s" % (status, body))
+        checks.check(
+            "second answer -> 409 late", status == 409 and body.get("reason") == "late", "%s %s" % (status, body)
+        )
         ti, _ = await tap.wait_for(is_end(pid), 30, t0)
         seen_t = tap.frames[t0 : ti + 1]
         print("  tap got:    ", compact(seen_t))
         print("  browser got:", compact(browser.frames[b0:]))
         texts = {text_of(f)["data"]["node"]: text_of(f)["data"]["output"] for f in seen_t if text_of(f, "executed")}
-        checks.check("the next node got the answer text", texts.get("2") == {"text": [answer_text]}, json.dumps(texts.get("2")))
-        checks.check("answer_json fed a node as a dict", texts.get("3") == {"text": [{"prompt": "a red fox in the snow"}]}, json.dumps(texts.get("3")))
+        checks.check(
+            "the next node got the answer text", texts.get("2") == {"text": [answer_text]}, json.dumps(texts.get("2"))
+        )
+        checks.check(
+            "answer_json fed a node as a dict",
+            texts.get("3") == {"text": [{"prompt": "a red fox in the snow"}]},
+            json.dumps(texts.get("3")),
+        )
         done = [text_of(f)["data"] for f in seen_t if text_of(f, "comfy_bridge.ask_done")]
         checks.check("ask_done answered", done and done[0]["outcome"] == "answered", json.dumps(done))
         published = [text_of(f)["data"] for f in seen_t if text_of(f, "comfy_bridge.publish")]
         print("  tap got publish:", json.dumps(published))
-        ok = bool(published) and published[0]["payload"] == {"prompt": "a red fox in the snow"} and published[0]["subject"] == "live/check"
+        ok = (
+            bool(published)
+            and published[0]["payload"] == {"prompt": "a red fox in the snow"}
+            and published[0]["subject"] == "live/check"
+        )
         checks.check("Bus Publish reached the tap with the JSON payload", ok)
         if published and "image" in published[0]:
             ref = published[0]["image"]
             async with session.get(url + "/view", params=ref) as r:
                 data = await r.read()
-            checks.check("published image is served by /view", r.status == 200 and data[:8] == b"\x89PNG\r\n\x1a\n", "%s, %d bytes" % (r.status, len(data)))
+            checks.check(
+                "published image is served by /view",
+                r.status == 200 and data[:8] == b"\x89PNG\r\n\x1a\n",
+                "%s, %d bytes" % (r.status, len(data)),
+            )
         else:
             checks.check("published image is served by /view", False, "no image in the publish message")
         checks.check(
@@ -278,7 +337,11 @@ async def main(url):
         print("  tap got:", compact(seen_t))
         errors = [text_of(f)["data"] for f in seen_t if text_of(f, "execution_error")]
         message = errors[0]["exception_message"] if errors else ""
-        checks.check("on_timeout=error fails the prompt with a clear error", "no answer on ask/prompt within 1.5 s" in message, message.strip())
+        checks.check(
+            "on_timeout=error fails the prompt with a clear error",
+            "no answer on ask/prompt within 1.5 s" in message,
+            message.strip(),
+        )
         done = [text_of(f)["data"]["outcome"] for f in seen_t if text_of(f, "comfy_bridge.ask_done")]
         checks.check("ask_done timeout", done == ["timeout"], "%s after %.1f s" % (done, time.monotonic() - started))
 
@@ -288,7 +351,11 @@ async def main(url):
         seen_t = tap.frames[t0 : ti + 1]
         print("  (default, no client id) tap got:", compact(seen_t))
         texts = {text_of(f)["data"]["node"]: text_of(f)["data"]["output"] for f in seen_t if text_of(f, "executed")}
-        checks.check("on_timeout=default continues with the default", texts.get("3") == {"text": [{"prompt": "fallback"}]}, json.dumps(texts))
+        checks.check(
+            "on_timeout=default continues with the default",
+            texts.get("3") == {"text": [{"prompt": "fallback"}]},
+            json.dumps(texts),
+        )
 
         # 5. interrupt during the wait
         print("\n5. Bus Ask interrupted during its wait (POST /interrupt)")
@@ -305,11 +372,19 @@ async def main(url):
         ti, _ = await tap.wait_for(is_end(pid), 10, t0)
         seen_t = tap.frames[t0 : ti + 1]
         print("  tap got:", compact(seen_t))
-        checks.check("interrupt ends the wait at once", took < 1.0, "execution_interrupted %.0f ms after POST /interrupt" % (1000 * took))
+        checks.check(
+            "interrupt ends the wait at once",
+            took < 1.0,
+            "execution_interrupted %.0f ms after POST /interrupt" % (1000 * took),
+        )
         done = [text_of(f)["data"]["outcome"] for f in seen_t if text_of(f, "comfy_bridge.ask_done")]
         checks.check("ask_done interrupted", done == ["interrupted"], str(done))
         status, body = await answer(session, url, secret, ask["ask_id"], "too late")
-        checks.check("answer after the interrupt -> 409 late", status == 409 and body.get("reason") == "late", "%s %s" % (status, body))
+        checks.check(
+            "answer after the interrupt -> 409 late",
+            status == 409 and body.get("reason") == "late",
+            "%s %s" % (status, body),
+        )
 
         await browser.close()
         await tap.close()

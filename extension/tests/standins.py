@@ -155,8 +155,8 @@ class PromptServer:
         PromptServer.instance = self
         self.loop = loop
         self.messages = asyncio.Queue()
-        self.sockets = dict()
-        self.sockets_metadata = dict()
+        self.sockets = {}
+        self.sockets_metadata = {}
         self.routes = RouteTable()
         self.last_node_id = None
         self.last_prompt_id = None
@@ -310,11 +310,17 @@ def make_execution():
         node_id = node["id"]
         if node.get("cached"):
             if server.client_id is not None:
-                server.send_sync("executed", {"node": node_id, "display_node": node_id, "output": node.get("ui"), "prompt_id": prompt_id}, server.client_id)
+                server.send_sync(
+                    "executed",
+                    {"node": node_id, "display_node": node_id, "output": node.get("ui"), "prompt_id": prompt_id},
+                    server.client_id,
+                )
             return "ok"
         if server.client_id is not None:
             server.last_node_id = node_id
-            server.send_sync("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}, server.client_id)
+            server.send_sync(
+                "executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}, server.client_id
+            )
         if node.get("blocked"):
             mes = {
                 "prompt_id": prompt_id,
@@ -329,12 +335,20 @@ def make_execution():
             }
             server.send_sync("execution_error", mes, server.client_id)
         for value in range(1, node.get("steps", 0) + 1):
-            real.send_sync("progress", {"value": value, "max": node["steps"], "prompt_id": prompt_id, "node": node_id}, real.client_id)
+            real.send_sync(
+                "progress",
+                {"value": value, "max": node["steps"], "prompt_id": prompt_id, "node": node_id},
+                real.client_id,
+            )
             if node.get("preview"):
                 image = bytes([value]) * 8
-                if real.feature_flags.supports_feature(real.sockets_metadata, real.client_id, "supports_preview_metadata"):
+                if real.feature_flags.supports_feature(
+                    real.sockets_metadata, real.client_id, "supports_preview_metadata"
+                ):
                     meta = json.dumps({"node_id": node_id, "prompt_id": prompt_id}).encode()
-                    real.send_sync(PREVIEW_IMAGE_WITH_METADATA, struct.pack(">I", len(meta)) + meta + image, real.client_id)
+                    real.send_sync(
+                        PREVIEW_IMAGE_WITH_METADATA, struct.pack(">I", len(meta)) + meta + image, real.client_id
+                    )
                 else:
                     real.send_sync(PREVIEW_IMAGE, struct.pack(">I", 1) + image, real.client_id)
         if node.get("interrupt"):
@@ -342,7 +356,11 @@ def make_execution():
         if node.get("error"):
             return "error"
         if node.get("ui") is not None and server.client_id is not None:
-            server.send_sync("executed", {"node": node_id, "display_node": node_id, "output": node["ui"], "prompt_id": prompt_id}, server.client_id)
+            server.send_sync(
+                "executed",
+                {"node": node_id, "display_node": node_id, "output": node["ui"], "prompt_id": prompt_id},
+                server.client_id,
+            )
         return "ok"
 
     class PromptQueue:

@@ -61,7 +61,9 @@ class PublishTests(NodeTestCase):
         browser = await self.h.browser()
         bridge = await self.h.bridge()
         b0 = len(browser.frames)
-        await self.finish(self.in_worker(BusPublish().publish, "lights/kitchen", '{"on": true, "level": 3}', unique_id="9"))
+        await self.finish(
+            self.in_worker(BusPublish().publish, "lights/kitchen", '{"on": true, "level": 3}', unique_id="9")
+        )
         data = await self.next_message(bridge, "comfy_bridge.publish")
         self.assertEqual(
             data,
@@ -113,13 +115,21 @@ class AskTests(NodeTestCase):
         question = await self.next_message(bridge, "comfy_bridge.ask")
         self.assertEqual(
             {k: v for k, v in question.items() if k != "ask_id"},
-            {"prompt_id": "prompt-1", "node_id": "12", "subject": "prompt", "payload": {"q": "prompt?"}, "timeout_seconds": 10.0},
+            {
+                "prompt_id": "prompt-1",
+                "node_id": "12",
+                "subject": "prompt",
+                "payload": {"q": "prompt?"},
+                "timeout_seconds": 10.0,
+            },
         )
         self.assertGreaterEqual(len(question["ask_id"]), 20)
         self.assertEqual(await self.answer(question["ask_id"], '{"text": "a red fox"}'), (200, {"accepted": True}))
         self.assertEqual(await self.finish(node), ('{"text": "a red fox"}', {"text": "a red fox"}))
         done = await self.next_message(bridge, "comfy_bridge.ask_done")
-        self.assertEqual(done, {"ask_id": question["ask_id"], "prompt_id": "prompt-1", "node_id": "12", "outcome": "answered"})
+        self.assertEqual(
+            done, {"ask_id": question["ask_id"], "prompt_id": "prompt-1", "node_id": "12", "outcome": "answered"}
+        )
         self.assertEqual(since(browser, b0), [])
 
     async def test_second_answer_gets_409_and_the_first_wins(self):

@@ -1,6 +1,5 @@
 """The tap: what tap sockets and ordinary sockets receive."""
 
-import asyncio
 import json
 import logging
 import unittest
@@ -8,7 +7,7 @@ import unittest
 from comfy_bridge_tap import tap as tap_module
 from comfy_bridge_tap.version import FEATURE_FLAG, VERSION
 
-from .harness import BROWSER_FLAGS, NODES, Harness, kinds, since
+from .harness import BROWSER_FLAGS, Harness, kinds, since
 
 
 class TapTestCase(unittest.IsolatedAsyncioTestCase):
@@ -66,7 +65,7 @@ class MirroringTests(TapTestCase):
     async def test_legacy_preview_type_1_is_mirrored_as_sent(self):
         """A client that did not negotiate metadata gets type-1 previews; the
         tap gets those very frames, not a re-encoded type 4."""
-        sid, plain = await self.h.server.connect("plain")
+        _, plain = await self.h.server.connect("plain")
         bridge = await self.h.bridge()
         t0, p0 = len(bridge.frames), len(plain.frames)
         await self.h.run_prompt("p3", client_id="plain")
@@ -116,8 +115,8 @@ class NoDuplicateTests(TapTestCase):
         bridge = await self.h.bridge()
         self.h.server.disconnect("bridge")
         reuse = await self.h.socket("bridge", BROWSER_FLAGS)
-        browser = await self.h.browser()
-        r0, b0, t0 = len(reuse.frames), len(browser.frames), len(bridge.frames)
+        await self.h.browser()
+        r0, t0 = len(reuse.frames), len(bridge.frames)
         self.assertEqual(self.h.tap.tap_sids(), [])
         await self.h.run_prompt("p6", client_id="browser")
         self.assertEqual(len(bridge.frames), t0)
@@ -221,7 +220,9 @@ class BrowserUnchangedTests(unittest.IsolatedAsyncioTestCase):
             await h.run_prompt("a", client_id="browser")
             await h.run_prompt("b", client_id=None)
             await h.run_prompt("c", client_id="bridge")
-            await h.run_prompt("d", client_id="browser", nodes=[{"id": "5", "blocked": "x"}, {"id": "6", "error": True}])
+            await h.run_prompt(
+                "d", client_id="browser", nodes=[{"id": "5", "blocked": "x"}, {"id": "6", "error": True}]
+            )
             return browser.frames
         finally:
             h.close()
