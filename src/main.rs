@@ -67,12 +67,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Simulate { listen, transcript, speed, autoplay } => {
             comfy_bridge::telemetry::init("info", false);
-            let opts = comfy_bridge::sim::SimOptions { transcripts: transcript, speed, autoplay };
+            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay };
             runtime
                 .block_on(async {
                     let shutdown = CancellationToken::new();
                     tokio::spawn(cancel_on_signal(shutdown.clone()));
-                    comfy_bridge::sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
+                    comfy_sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
                 })
                 .with_context(|| format!("cannot listen on {listen} (choose another address with --listen)"))?;
         }

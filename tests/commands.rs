@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, ALL};
 use common::requester::{mqtt311_publish, nats_client, nats_request, MqttRequester};
 use common::*;

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::hostile::{free_port, get, metric, metrics_until, nats_raw};
 use common::requester::{nats_client, MqttRequester};

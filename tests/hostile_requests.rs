@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, ALL};
 use common::probe::{free_port, metrics_until, nats_ready, sample};
 use common::requester::{mqtt311_publish, nats_client, nats_request, MqttRequester};

@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::*;
 use serde_json::Value;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
+use comfy_sim::{SimOptions, Simulator};
 use common::daemon::{settings, Daemon};
 use common::*;
 use serde_json::Value;

@@ -364,7 +364,7 @@ mod tests {
 
     use super::*;
     use crate::config::Secret;
-    use crate::sim::{SimOptions, Simulator};
+    use comfy_sim::{SimOptions, Simulator};
 
     fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transcripts")

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::{SimOptions, Simulator};
+use comfy_sim::{SimOptions, Simulator};
 use tokio_util::sync::CancellationToken;
 
 use super::{Mosquitto, NatsServer};
