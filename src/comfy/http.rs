@@ -1,10 +1,10 @@
-//! ComfyUI's HTTP API (PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
+//! ComfyUI's HTTP API (docs/PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
 //!
 //! [`ComfyHttp`] is a cheap handle on one `reqwest::Client` (a connection pool), so every task that talks to
 //! ComfyUI clones it. Every call names its endpoint in its [`HttpError`]: `Unavailable` when ComfyUI cannot be
 //! reached in time, `Status` when it answers with an error status (the 400 of `POST /prompt` keeps its JSON),
 //! `BadResponse` when a 2xx answer is not what the endpoint promises. Endpoints that answer an empty 200
-//! (PROTOCOL.md §1) are never parsed. No `Origin` header is ever sent: ComfyUI answers 403 to one that does
+//! (docs/PROTOCOL.md §1) are never parsed. No `Origin` header is ever sent: ComfyUI answers 403 to one that does
 //! not match the host (§1).
 
 use std::time::Duration;

@@ -12,7 +12,7 @@ use super::{backoff, Inbound};
 use crate::config::Settings;
 use crate::telemetry;
 
-/// Sent as the first message so previews arrive as type 4, with their prompt and node (PROTOCOL.md §2.3).
+/// Sent as the first message so previews arrive as type 4, with their prompt and node (docs/PROTOCOL.md §2.3).
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,7 +196,7 @@ impl WsClient {
         let result = self.read_loop(&mut socket, shutdown).await;
         self.send(Inbound::Disconnected).await;
         // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
-        // socket would later unregister the new one (PROTOCOL.md §2.1).
+        // socket would later unregister the new one (docs/PROTOCOL.md §2.1).
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
         drop(socket);
         result.map(|()| true)

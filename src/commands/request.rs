@@ -1,4 +1,4 @@
-//! Requests from the buses as values (INTERFACE.md §3): the bytes of a `request/<command>` message in, a
+//! Requests from the buses as values (docs/INTERFACE.md §3): the bytes of a `request/<command>` message in, a
 //! [`Request`] or a [`Rejected`] out.
 //!
 //! Pure: no I/O. Checks happen in a fixed order, so the same payload always fails the same way: size, JSON syntax,
@@ -192,7 +192,7 @@ pub fn id_of(payload: &[u8]) -> Option<String> {
 }
 
 /// Parses a raw-bytes upload on `request/upload/<filename>`. `filename_level` is the level as received, escaped
-/// per INTERFACE.md §1; the file goes to the top of the input folder and never overwrites.
+/// per docs/INTERFACE.md §1; the file goes to the top of the input folder and never overwrites.
 pub fn parse_raw_upload(filename_level: &str, payload: Bytes, max_payload_bytes: usize) -> Result<Request, Rejected> {
     let reject = |failure| Rejected { id: None, failure };
     check_size(payload.len(), max_payload_bytes).map_err(reject)?;

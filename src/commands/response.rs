@@ -1,4 +1,4 @@
-//! What every request gets back (INTERFACE.md §3): `{"id", "status": "ok", "data"}` or
+//! What every request gets back (docs/INTERFACE.md §3): `{"id", "status": "ok", "data"}` or
 //! `{"id", "status": "error", "error": {"code", "message", "details"}}`.
 //!
 //! Pure: rendering a response is a function of the request id and the outcome.
@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-/// A stable error code that users program against (INTERFACE.md §3).
+/// A stable error code that users program against (docs/INTERFACE.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Code {
     /// The payload is not JSON (or not UTF-8, or nested too deeply).
@@ -36,7 +36,7 @@ pub enum Code {
 }
 
 impl Code {
-    /// Every code, in the order INTERFACE.md lists them.
+    /// Every code, in the order docs/INTERFACE.md lists them.
     pub const ALL: [Code; 11] = [
         Code::InvalidJson,
         Code::InvalidRequest,
