@@ -55,7 +55,7 @@ pub enum AppError {
 /// `bridge.shutdown_grace_ms` (plus `SHUTDOWN_MARGIN`).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
     let tasks = TaskTracker::new();
-    let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;
+    let client_id = comfy::ws::client_id(settings.comfyui.client_id.as_deref(), &settings.state.dir)?;
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
     let http = ComfyHttp::new(&settings)?;

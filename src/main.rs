@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let settings = load(cli.config.as_deref())?;
-            comfy_bridge::telemetry::init(&settings.bridge.log, settings.bridge.log_format == "json");
+            comfy_bridge::telemetry::init(
+                &settings.bridge.log,
+                settings.bridge.log_format == comfy_bridge::config::LogFormat::Json,
+            );
             if settings.commands.enabled && !settings.commands.templates_dir.is_dir() {
                 tracing::warn!("{}", comfy_bridge::check::missing_templates_dir(&settings));
             }

@@ -240,7 +240,7 @@ async fn mqtt_v311_carries_the_same_events() {
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.mqtt.protocol = "v311".into();
+    s.mqtt.protocol = comfy_bridge::config::MqttProtocol::V311;
     let daemon = Daemon::start(s, state);
     sub.expect(|m| m.topic == "comfyui/local/bridge/availability" && &m.payload[..] == b"online", WAIT).await;
     sim.wait_for_client(WAIT).await.expect("bridge connects");

@@ -61,7 +61,7 @@ async fn start_nats(configure: impl FnOnce(&mut Settings)) -> NatsBridge {
     let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, None, Some(&nats));
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     configure(&mut s);
     let daemon = Daemon::start(s, state);
     sim.wait_for_client(WAIT).await.expect("bridge connects");
@@ -173,7 +173,7 @@ async fn home_assistant_commands_obey_read_only_and_the_allow_list() {
         let (mut s, state) = settings(&sim, Some(&broker), None);
         let _templates = templates(&mut s);
         let port = free_port();
-        s.http.listen = format!("127.0.0.1:{port}");
+        s.http.listen = Some(format!("127.0.0.1:{port}"));
         s.homeassistant.enabled = true;
         s.commands.enabled = !read_only;
         s.commands.allow = vec!["status".into()];
@@ -298,7 +298,7 @@ async fn a_request_over_the_limit_is_answered_payload_too_large_on_every_transpo
     let v5 = start_mqtt(&broker, &sim, s, state).await;
     let (mut s, state) = settings(&sim, Some(&broker), None);
     s.bridge.instance = "old".into();
-    s.mqtt.protocol = "v311".into();
+    s.mqtt.protocol = comfy_bridge::config::MqttProtocol::V311;
     let v311 = start_mqtt(&broker, &sim, s, state).await;
     let client = nats_client(&nats).await;
     nats_ready(&client, "comfyui.local").await;

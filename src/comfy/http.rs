@@ -121,8 +121,8 @@ impl ComfyHttp {
         if base.scheme() == "http" {
             // Plain HTTP needs no root certificates (loading them costs about a megabyte).
             builder = builder.tls_built_in_root_certs(false);
-        } else if !settings.comfyui.ca_file.is_empty() {
-            let config = crate::tls::client_config(&settings.comfyui.ca_file, "", "")
+        } else if let Some(ca_file) = settings.comfyui.ca_file.as_deref() {
+            let config = crate::tls::client_config(Some(ca_file), None, None)
                 .map_err(|e| invalid(format!("comfyui.ca_file: {e}")))?;
             builder = builder.use_preconfigured_tls((*config).clone());
         }

@@ -32,7 +32,7 @@ pub fn settings(sim: &Simulator, mqtt: Option<&Mosquitto>, nats: Option<&NatsSer
     s.state.dir = state.path().to_path_buf();
     s.previews.max_per_second = 1_000.0;
     s.bridge.shutdown_grace_ms = 3_000;
-    s.http.listen = "127.0.0.1:0".into();
+    s.http.listen = Some("127.0.0.1:0".into());
     s.mqtt.enabled = mqtt.is_some();
     if let Some(m) = mqtt {
         s.mqtt.url = m.url();
