@@ -516,7 +516,7 @@ impl Settings {
             );
             return invalid("commands.max_payload_bytes", reason);
         }
-        let known = crate::commands::request::COMMANDS;
+        let known = crate::commands::COMMANDS;
         if let Some(name) = c.allow.iter().find(|a| !known.contains(&a.as_str())) {
             let reason = format!("no command named `{name}`; the commands are {}", known.join(", "));
             return invalid("commands.allow", reason);
