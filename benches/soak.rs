@@ -128,7 +128,7 @@ async fn soak(length: Duration) {
     let mut results = common::mqtt_subscribe_persistent(&broker, "comfyui/soak/prompt/+/result").await;
     let state = tempfile::tempdir().expect("state");
     let templates = tempfile::tempdir().expect("templates");
-    let workflow = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/workflows/a_success__prompt.json");
+    let workflow = common::fixtures::workflow_path("a_success__prompt");
     std::fs::copy(workflow, templates.path().join("probe.json")).expect("template");
     let mut bridge = Command::new(env!("CARGO_BIN_EXE_comfy-bridge"))
         .env("COMFY_BRIDGE__BRIDGE__INSTANCE", "soak")

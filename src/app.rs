@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::bus::{self, Bus};
 use crate::comfy::{self, http::ComfyHttp, ws::WsClient};
 use crate::commands::inbox::inbox;
-use crate::commands::plane::Plane;
+use crate::commands::task::CommandTask;
 use crate::config::Settings;
 use crate::health::Health;
 use crate::router;
@@ -55,7 +55,7 @@ pub enum AppError {
 /// `bridge.shutdown_grace_ms` (plus `SHUTDOWN_MARGIN`).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
     let tasks = TaskTracker::new();
-    let client_id = comfy::ws::client_id(&settings.comfyui.client_id, &settings.state.dir)?;
+    let client_id = comfy::ws::client_id(settings.comfyui.client_id.as_deref(), &settings.state.dir)?;
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
     let http = ComfyHttp::new(&settings)?;
@@ -91,8 +91,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tasks.spawn(resync::run(http.clone(), work_rx, control_tx.clone()));
     if requests.is_some() {
         let senders = buses.iter().cloned().collect();
-        let plane = Plane::new(&settings, &client_id, http, control_tx, senders);
-        tasks.spawn(plane.run(request_rx, shutdown.clone(), grace));
+        let commands = CommandTask::new(&settings, &client_id, http, control_tx, senders);
+        tasks.spawn(commands.run(request_rx, shutdown.clone(), grace));
     }
     drop(requests);
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "COMFY_BRIDGE";
@@ -67,6 +67,47 @@ impl Serialize for Secret {
     }
 }
 
+/// `mqtt.protocol`: the MQTT version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (`v5`): response topics, correlation data, message expiry.
+    #[default]
+    #[serde(rename = "v5")]
+    V5,
+    /// MQTT 3.1.1 (`v311`), for older brokers and clients.
+    #[serde(rename = "v311")]
+    V311,
+}
+
+/// `bridge.log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (`text`).
+    #[default]
+    Text,
+    /// One JSON object per line (`json`).
+    Json,
+}
+
+/// The keys whose values form a closed set, and what the error for any other value says.
+const CHOICES: &[(&str, &str)] =
+    &[("mqtt.protocol", "must be `v5` or `v311`"), ("bridge.log_format", "must be `text` or `json`")];
+
+/// `""` means unset, in the file and in the environment, as it always has: an `Option` field with
+/// `#[serde(with = "empty_is_none")]` reads `""` as `None`, and prints `None` as `""` so `check` shows every key.
+mod empty_is_none {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(value.as_deref().unwrap_or_default())
+    }
+}
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -100,7 +141,7 @@ pub struct BridgeSettings {
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log: String,
     /// `text` or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// How long shutdown may take to drain in-flight publishes, in milliseconds.
     pub shutdown_grace_ms: u64,
     /// Messages each bus keeps while its broker is away; progress and previews are dropped first.
@@ -115,7 +156,7 @@ impl Default for BridgeSettings {
         Self {
             instance: "local".into(),
             log: "info".into(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             shutdown_grace_ms: 5_000,
             outbox_capacity: 10_000,
             outbox_max_bytes: 64 * 1024 * 1024,
@@ -129,10 +170,12 @@ impl Default for BridgeSettings {
 pub struct ComfySettings {
     /// Base URL of ComfyUI's HTTP API; the WebSocket URL is derived from it (`http` -> `ws`, `https` -> `wss`).
     pub url: String,
-    /// Base URL that subscribers can reach, used in `/view` links; empty means `url`.
-    pub public_url: String,
-    /// WebSocket client id; empty means a random id generated once and kept in `state.dir`.
-    pub client_id: String,
+    /// Base URL that subscribers can reach, used in `/view` links; unset (or empty) means `url`.
+    #[serde(with = "empty_is_none")]
+    pub public_url: Option<String>,
+    /// WebSocket client id; unset (or empty) means a random id generated once and kept in `state.dir`.
+    #[serde(with = "empty_is_none")]
+    pub client_id: Option<String>,
     /// Extra HTTP headers for every request and the WebSocket handshake (e.g. `Authorization`).
     pub headers: BTreeMap<String, Secret>,
     /// Upper bound of the reconnect backoff, in milliseconds.
@@ -141,8 +184,9 @@ pub struct ComfySettings {
     pub ping_interval_ms: u64,
     /// Longest an HTTP request to ComfyUI may take, in milliseconds (uploads get four times as long).
     pub request_timeout_ms: u64,
-    /// PEM file of the CA that signed an `https` ComfyUI's (or its proxy's) certificate; empty: public roots.
-    pub ca_file: String,
+    /// PEM file of the CA that signed an `https` ComfyUI's (or its proxy's) certificate; unset: public roots.
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<String>,
     /// Longest body read from any HTTP answer of ComfyUI, in bytes; a longer one fails that call. The default,
     /// 32 MiB, holds `GET /history?max_items=32` of large workflows and a queue of about a hundred of them,
     /// while the parsed JSON of a capped body (several times its size) stays in the low hundreds of megabytes.
@@ -153,13 +197,13 @@ impl Default for ComfySettings {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8188".into(),
-            public_url: String::new(),
-            client_id: String::new(),
+            public_url: None,
+            client_id: None,
             headers: BTreeMap::new(),
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
             request_timeout_ms: 30_000,
-            ca_file: String::new(),
+            ca_file: None,
             max_body_bytes: 32 * 1024 * 1024,
         }
     }
@@ -173,16 +217,18 @@ pub struct MqttSettings {
     pub enabled: bool,
     /// Broker URL: `mqtt://host:port` (`mqtts://` for TLS).
     pub url: String,
-    /// User name; empty for none.
-    pub username: String,
+    /// User name; unset (or empty) for none.
+    #[serde(with = "empty_is_none")]
+    pub username: Option<String>,
     /// Password.
     pub password: Option<Secret>,
     /// First topic level(s), e.g. `comfyui` or `home/comfyui`.
     pub base_topic: String,
     /// `v5` or `v311`.
-    pub protocol: String,
-    /// MQTT client id; empty means `comfy-bridge-<instance>`.
-    pub client_id: String,
+    pub protocol: MqttProtocol,
+    /// MQTT client id; unset (or empty) means `comfy-bridge-<instance>`.
+    #[serde(with = "empty_is_none")]
+    pub client_id: Option<String>,
     /// Keep-alive interval, in seconds.
     pub keep_alive_secs: u64,
     /// Largest packet the bridge sends or accepts, in bytes (previews can be large).
@@ -190,12 +236,15 @@ pub struct MqttSettings {
     /// Longest topic the bridge publishes to (at most 65,535, MQTT's limit); a message for a longer topic
     /// (e.g. a requester's response topic) is dropped and counted.
     pub max_topic_bytes: usize,
-    /// For `mqtts://`: PEM file of the broker's CA; empty: public roots.
-    pub ca_file: String,
+    /// For `mqtts://`: PEM file of the broker's CA; unset: public roots.
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<String>,
     /// For `mqtts://`: PEM client certificate (chain), with `client_key_file`.
-    pub client_cert_file: String,
+    #[serde(with = "empty_is_none")]
+    pub client_cert_file: Option<String>,
     /// For `mqtts://`: PEM private key of the client certificate.
-    pub client_key_file: String,
+    #[serde(with = "empty_is_none")]
+    pub client_key_file: Option<String>,
 }
 
 impl Default for MqttSettings {
@@ -203,17 +252,17 @@ impl Default for MqttSettings {
         Self {
             enabled: true,
             url: "mqtt://127.0.0.1:1883".into(),
-            username: String::new(),
+            username: None,
             password: None,
             base_topic: "comfyui".into(),
-            protocol: "v5".into(),
-            client_id: String::new(),
+            protocol: MqttProtocol::V5,
+            client_id: None,
             keep_alive_secs: 30,
             max_packet_bytes: 16 * 1024 * 1024,
             max_topic_bytes: 4_096,
-            ca_file: String::new(),
-            client_cert_file: String::new(),
-            client_key_file: String::new(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -228,12 +277,14 @@ pub struct NatsSettings {
     pub url: String,
     /// First subject token(s), e.g. `comfyui`.
     pub subject_prefix: String,
-    /// Path of a `.creds` file; empty for none.
-    pub credentials_file: String,
+    /// Path of a `.creds` file; unset (or empty) for none.
+    #[serde(with = "empty_is_none")]
+    pub credentials_file: Option<String>,
     /// Token authentication.
     pub token: Option<Secret>,
-    /// User name; empty for none.
-    pub user: String,
+    /// User name; unset (or empty) for none.
+    #[serde(with = "empty_is_none")]
+    pub user: Option<String>,
     /// Password for `user`.
     pub password: Option<Secret>,
     /// Longest a publish may take before the message goes back to the outbox, in milliseconds.
@@ -244,11 +295,14 @@ pub struct NatsSettings {
     /// NKey seed (`SU…`) for nkey authentication.
     pub nkey_seed: Option<Secret>,
     /// PEM file of the server's CA (TLS: `tls://` URLs, or whenever the server asks for it).
-    pub ca_file: String,
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<String>,
     /// PEM client certificate, with `client_key_file`, for servers that verify clients.
-    pub client_cert_file: String,
+    #[serde(with = "empty_is_none")]
+    pub client_cert_file: Option<String>,
     /// PEM private key of the client certificate.
-    pub client_key_file: String,
+    #[serde(with = "empty_is_none")]
+    pub client_key_file: Option<String>,
 }
 
 impl Default for NatsSettings {
@@ -257,16 +311,16 @@ impl Default for NatsSettings {
             enabled: true,
             url: "nats://127.0.0.1:4222".into(),
             subject_prefix: "comfyui".into(),
-            credentials_file: String::new(),
+            credentials_file: None,
             token: None,
-            user: String::new(),
+            user: None,
             password: None,
             publish_timeout_ms: 2_000,
             max_subject_bytes: 1_024,
             nkey_seed: None,
-            ca_file: String::new(),
-            client_cert_file: String::new(),
-            client_key_file: String::new(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -360,13 +414,14 @@ impl Default for HomeAssistantSettings {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address of `/healthz`, `/readyz` and `/metrics`; empty disables it.
-    pub listen: String,
+    /// Address of `/healthz`, `/readyz` and `/metrics`; unset (or empty) disables it.
+    #[serde(with = "empty_is_none")]
+    pub listen: Option<String>,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9464".into() }
+        Self { listen: Some("127.0.0.1:9464".into()) }
     }
 }
 
@@ -400,18 +455,12 @@ impl Settings {
             settings.validate()?;
             Ok(settings)
         };
-        load().map_err(|e| name_variable(e, &vars))
+        load().map_err(|e| name_variable(name_choice(e), &vars))
     }
 
     /// Cross-field and value checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string(), var: None });
-        if !matches!(self.mqtt.protocol.as_str(), "v5" | "v311") {
-            return invalid("mqtt.protocol", "must be `v5` or `v311`");
-        }
-        if !matches!(self.bridge.log_format.as_str(), "text" | "json") {
-            return invalid("bridge.log_format", "must be `text` or `json`");
-        }
         if !(self.comfyui.url.starts_with("http://") || self.comfyui.url.starts_with("https://")) {
             return invalid("comfyui.url", "must start with http:// or https://");
         }
@@ -467,7 +516,7 @@ impl Settings {
             );
             return invalid("commands.max_payload_bytes", reason);
         }
-        let known = crate::commands::request::COMMANDS;
+        let known = crate::commands::COMMANDS;
         if let Some(name) = c.allow.iter().find(|a| !known.contains(&a.as_str())) {
             let reason = format!("no command named `{name}`; the commands are {}", known.join(", "));
             return invalid("commands.allow", reason);
@@ -488,9 +537,9 @@ impl Settings {
 
     /// The URL `/view` links are built on.
     pub fn public_base(&self) -> &str {
-        match self.comfyui.public_url.trim_end_matches('/') {
-            "" => self.comfy_base(),
-            url => url,
+        match self.comfyui.public_url.as_deref().map(|url| url.trim_end_matches('/')) {
+            None | Some("") => self.comfy_base(),
+            Some(url) => url,
         }
     }
 
@@ -563,6 +612,20 @@ fn check_env_names(vars: &[(String, String)]) -> Result<(), ConfigError> {
 
 fn join(names: Vec<&String>) -> String {
     names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// A value outside a closed set ([`CHOICES`]) is an invalid value for its key, naming the accepted values,
+/// whether it came from the file or the environment (serde alone would say "unknown variant").
+fn name_choice(error: ConfigError) -> ConfigError {
+    let key = match &error {
+        ConfigError::Load(config::ConfigError::At { key: Some(key), .. })
+        | ConfigError::Load(config::ConfigError::Type { key: Some(key), .. }) => key,
+        _ => return error,
+    };
+    match CHOICES.iter().find(|(k, _)| k == key) {
+        Some((key, reason)) => ConfigError::Invalid { key, reason: reason.to_string(), var: None },
+        None => error,
+    }
 }
 
 /// An error about a key that an environment variable set names that variable.
@@ -645,6 +708,8 @@ mod tests {
             ("COMFY_BRIDGE__NATS__MAX_SUBJECT_BYTES", "4096", "nats.max_subject_bytes"),
             ("COMFY_BRIDGE__BRIDGE__OUTBOX_MAX_BYTES", "100", "bridge.outbox_max_bytes"),
             ("COMFY_BRIDGE__HOMEASSISTANT__DISCOVERY_PREFIX", "homeassistant/", "homeassistant.discovery_prefix"),
+            ("COMFY_BRIDGE__BRIDGE__LOG_FORMAT", "xml", "bridge.log_format"),
+            ("COMFY_BRIDGE__MQTT__PROTOCOL", "5", "mqtt.protocol"),
         ] {
             let err = Settings::load_with_env(None, env(&[(key, value)])).expect_err(key);
             assert!(matches!(err, ConfigError::Invalid { key, .. } if key == name), "{err}");
@@ -699,6 +764,51 @@ mod tests {
         let many = env(&[("COMFY_BRIDGE__NATS__URL", "nats://a:4222, tls://b:4223,c")]);
         assert!(Settings::load_with_env(None, many).is_ok(), "a list of servers, as the NATS client takes it");
         assert_eq!(mqtt_endpoint("mqtts://broker"), Some(("broker".into(), 8883, true)));
+    }
+
+    #[test]
+    fn closed_sets_take_their_names_and_refuse_others_naming_key_and_values() {
+        let named = env(&[("COMFY_BRIDGE__MQTT__PROTOCOL", "v311"), ("COMFY_BRIDGE__BRIDGE__LOG_FORMAT", "json")]);
+        let loaded = Settings::load_with_env(None, named).expect("loads");
+        assert_eq!((loaded.mqtt.protocol, loaded.bridge.log_format), (MqttProtocol::V311, LogFormat::Json));
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (toml, key, says) in [
+            ("[mqtt]\nprotocol = \"v4\"", "mqtt.protocol", "invalid value for `mqtt.protocol`: must be `v5` or `v311`"),
+            ("[mqtt]\nprotocol = 5", "mqtt.protocol", "invalid value for `mqtt.protocol`: must be `v5` or `v311`"),
+            (
+                "[bridge]\nlog_format = \"JSON\"",
+                "bridge.log_format",
+                "invalid value for `bridge.log_format`: must be `text` or `json`",
+            ),
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, toml).expect("write");
+            let err = Settings::load_with_env(Some(&path), env(&[])).expect_err(toml);
+            assert!(matches!(&err, ConfigError::Invalid { key: k, var: None, .. } if *k == key), "{err}");
+            assert_eq!(err.to_string(), says);
+        }
+        let printed = Settings::default().to_redacted_toml();
+        assert!(printed.contains("protocol = \"v5\"") && printed.contains("log_format = \"text\""), "{printed}");
+    }
+
+    #[test]
+    fn an_empty_value_means_unset_in_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[comfyui]\npublic_url = \"\"\nclient_id = \"\"\n[mqtt]\nusername = \"\"\n")
+            .expect("write");
+        let loaded = Settings::load_with_env(Some(&path), env(&[("COMFY_BRIDGE__HTTP__LISTEN", "")])).expect("loads");
+        assert_eq!((loaded.comfyui.public_url, loaded.comfyui.client_id), (None, None));
+        assert_eq!((loaded.mqtt.username, loaded.http.listen), (None, None), "an empty http.listen disables it");
+        let set =
+            env(&[("COMFY_BRIDGE__COMFYUI__PUBLIC_URL", "http://gpu:8188/"), ("COMFY_BRIDGE__MQTT__USERNAME", "u")]);
+        let loaded = Settings::load_with_env(None, set).expect("loads");
+        assert_eq!(loaded.public_base(), "http://gpu:8188");
+        assert_eq!(loaded.mqtt.username.as_deref(), Some("u"));
+        assert_eq!(Settings::default().public_base(), "http://127.0.0.1:8188", "unset: the ComfyUI URL");
+        // `check` still shows every key, unset ones as "".
+        let printed = Settings::default().to_redacted_toml();
+        assert!(printed.contains("public_url = \"\"") && printed.contains("credentials_file = \"\""), "{printed}");
     }
 
     #[test]

@@ -84,11 +84,11 @@ impl Health {
     }
 }
 
-/// Binds `http.listen`; `None` when it is empty (disabled).
+/// Binds `http.listen`; `None` when it is unset (disabled).
 pub async fn bind(settings: &Settings) -> std::io::Result<Option<TcpListener>> {
-    match settings.http.listen.as_str() {
-        "" => Ok(None),
-        addr => TcpListener::bind(addr).await.map(Some),
+    match settings.http.listen.as_deref() {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr).await.map(Some),
     }
 }
 

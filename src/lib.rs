@@ -33,7 +33,6 @@ pub mod config;
 pub mod ha;
 pub mod health;
 pub mod router;
-pub mod sim;
 pub mod telemetry;
 pub mod tls;
 pub mod tracker;

@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let settings = load(cli.config.as_deref())?;
-            comfy_bridge::telemetry::init(&settings.bridge.log, settings.bridge.log_format == "json");
+            comfy_bridge::telemetry::init(
+                &settings.bridge.log,
+                settings.bridge.log_format == comfy_bridge::config::LogFormat::Json,
+            );
             if settings.commands.enabled && !settings.commands.templates_dir.is_dir() {
                 tracing::warn!("{}", comfy_bridge::check::missing_templates_dir(&settings));
             }
@@ -67,12 +70,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Simulate { listen, transcript, speed, autoplay } => {
             comfy_bridge::telemetry::init("info", false);
-            let opts = comfy_bridge::sim::SimOptions { transcripts: transcript, speed, autoplay };
+            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay };
             runtime
                 .block_on(async {
                     let shutdown = CancellationToken::new();
                     tokio::spawn(cancel_on_signal(shutdown.clone()));
-                    comfy_bridge::sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
+                    comfy_sim::run_cli(listen, opts, shutdown.cancelled_owned()).await
                 })
                 .with_context(|| format!("cannot listen on {listen} (choose another address with --listen)"))?;
         }

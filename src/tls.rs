@@ -33,21 +33,26 @@ fn file_error(path: &str, reason: impl std::fmt::Display) -> TlsError {
 
 /// A client configuration: trust `ca_file` (PEM) only when given, else the Mozilla roots; present the client
 /// certificate chain `cert_file` with `key_file` when both are given.
-pub fn client_config(ca_file: &str, cert_file: &str, key_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca_file: Option<&str>,
+    cert_file: Option<&str>,
+    key_file: Option<&str>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    if ca_file.is_empty() {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    } else {
-        for cert in certificates(ca_file)? {
-            roots.add(cert).map_err(|e| file_error(ca_file, e))?;
+    match ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(ca_file) => {
+            for cert in certificates(ca_file)? {
+                roots.add(cert).map_err(|e| file_error(ca_file, e))?;
+            }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
     let builder = builder.with_root_certificates(roots);
-    let config = match (cert_file.is_empty(), key_file.is_empty()) {
-        (true, true) => builder.with_no_client_auth(),
-        (false, false) => {
+    let config = match (cert_file, key_file) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert_file), Some(key_file)) => {
             let key = PrivateKeyDer::from_pem_file(Path::new(key_file)).map_err(|e| file_error(key_file, e))?;
             builder.with_client_auth_cert(certificates(cert_file)?, key)?
         }
@@ -73,14 +78,14 @@ mod tests {
 
     #[test]
     fn bad_files_are_named_and_defaults_work() {
-        assert!(client_config("", "", "").is_ok(), "public roots, no client certificate");
-        let err = client_config("/nonexistent/ca.pem", "", "").expect_err("missing CA");
+        assert!(client_config(None, None, None).is_ok(), "public roots, no client certificate");
+        let err = client_config(Some("/nonexistent/ca.pem"), None, None).expect_err("missing CA");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
         let dir = tempfile::tempdir().expect("tempdir");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not pem").expect("write");
-        let err = client_config(empty.to_str().expect("utf-8"), "", "").expect_err("no cert");
+        let err = client_config(empty.to_str(), None, None).expect_err("no cert");
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
-        assert!(matches!(client_config("", "cert.pem", ""), Err(TlsError::HalfClientAuth)));
+        assert!(matches!(client_config(None, Some("cert.pem"), None), Err(TlsError::HalfClientAuth)));
     }
 }

@@ -20,7 +20,7 @@ fn secret(value: &str) -> Option<Secret> {
 /// `WAIT`).
 async fn readiness(mut s: Settings, state: tempfile::TempDir, part: &str, want: &str) -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
     if want == "disconnected" {
         // Down at first anyway: it must still be down once a good connection would long be up.
@@ -56,7 +56,7 @@ async fn mqtt_user_and_password() {
     let sim = simulator(SUCCESS, 0.0).await;
     for (password, want) in [("wrong", "disconnected"), ("s3cret", "connected")] {
         let (mut s, state) = settings(&sim, Some(&broker), None);
-        s.mqtt.username = "bridge".into();
+        s.mqtt.username = Some("bridge".into());
         s.mqtt.password = secret(password);
         let body = readiness(s, state, "mqtt", want).await;
         assert!(body.contains(&format!(r#""mqtt":"{want}""#)), "password {password}: {body}");

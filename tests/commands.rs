@@ -7,32 +7,27 @@ mod common;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
-use common::daemon::{settings, simulator, Daemon, ALL};
+use comfy_sim::Simulator;
+use common::daemon::{simulator, Daemon, ALL};
 use common::requester::{mqtt311_publish, nats_client, nats_request, MqttRequester};
 use common::*;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn workflow(name: &str) -> Value {
-    let path = format!("{}/tests/fixtures/workflows/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(path).expect("workflow fixture")).expect("json")
-}
-
-fn json(payload: &[u8]) -> Value {
-    serde_json::from_slice(payload).unwrap_or(Value::Null)
-}
-
 /// A templates directory holding `probe` (the recorded success workflow), `long` and a broken file.
-fn templates(settings: &mut Settings) -> tempfile::TempDir {
+fn templates() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("templates dir");
     let write = |name: &str, v: &Value| std::fs::write(dir.path().join(name), v.to_string()).expect("write");
     write("probe.json", &workflow("a_success__prompt"));
     write("long.json", &workflow("e_interrupt__p1_long"));
     std::fs::write(dir.path().join("broken.json"), "{ not json").expect("write");
-    settings.commands.templates_dir = dir.path().to_path_buf();
     dir
+}
+
+/// Settings that take their templates from `dir`.
+fn from(dir: &tempfile::TempDir) -> impl FnOnce(&mut Settings) + '_ {
+    |s| s.commands.templates_dir = dir.path().to_path_buf()
 }
 
 struct Setup {
@@ -45,13 +40,8 @@ struct Setup {
 async fn start(speed: f64, configure: impl FnOnce(&mut Settings)) -> Setup {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, speed).await;
-    let mut availability = mqtt_subscribe(&broker, "comfyui/local/+/availability").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    let templates = templates(&mut s);
-    configure(&mut s);
-    let daemon = Daemon::start(s, state);
-    availability.expect(|m| m.topic.ends_with("bridge/availability") && &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
+    let templates = templates();
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(from(&templates)).with(configure).start().await;
     Setup { sim, broker, daemon, _templates: templates }
 }
 
@@ -118,10 +108,8 @@ async fn queue_a_template_over_mqtt_v5_and_follow_its_events_state_and_result() 
 async fn every_command_answers_over_nats_request_reply() {
     let nats = NatsServer::start();
     let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, None, Some(&nats));
-    let _templates = templates(&mut s);
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let templates = templates();
+    let daemon = Daemon::builder(&sim).nats(&nats).with(from(&templates)).start().await;
     let client = nats_client(&nats).await;
     let subject = |c: &str| format!("comfyui.local.request.{c}");
     // The subscription may take a moment after connecting.
@@ -211,10 +199,8 @@ async fn a_repeated_request_id_acts_once_and_retained_requests_are_ignored() {
     // Retained before the bridge even starts: it must not replay when the bridge subscribes.
     mqtt311_publish(broker.port, "comfyui/local/request/queue", br#"{"id":"old","template":"probe"}"#, true).await;
     let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    let _templates = templates(&mut s);
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let templates = templates();
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(from(&templates)).start().await;
     let mut requester = MqttRequester::connect(&broker).await;
     let first = requester.request("comfyui/local/request/queue", r#"{"id":"once","template":"probe"}"#, WAIT).await;
     let again = requester.request("comfyui/local/request/queue", r#"{"id":"once","template":"probe"}"#, WAIT).await;
@@ -294,8 +280,12 @@ async fn a_prompt_that_ends_while_the_websocket_is_down_still_gets_its_result() 
     let pid = answer["data"]["prompt_id"].as_str().expect("pid").to_string();
     setup.sim.refuse_websockets(true);
     setup.sim.disconnect_all();
-    // Long enough for the prompt (about 1.5 s at this speed) to end while nobody listens.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The prompt (about 1.5 s at this speed) ends while nobody listens.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while setup.sim.queue_remaining() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the prompt never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     setup.sim.refuse_websockets(false);
     let msg = results.expect(|m| m.topic.contains(&pid), WAIT).await;
     let result = json(&msg.payload);
@@ -379,13 +369,9 @@ async fn every_command_works_the_same_over_mqtt_v5_mqtt_v311_and_nats() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
     let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
-    let _templates = templates(&mut s);
-    s.commands.max_payload_bytes = 64 * 1024;
-    let mut online = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
-    let daemon = Daemon::start(s, state);
-    online.expect(|m| &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let templates = templates();
+    let small = |s: &mut Settings| s.commands.max_payload_bytes = 64 * 1024;
+    let daemon = Daemon::builder(&sim).mqtt(&broker).nats(&nats).with(from(&templates)).with(small).start().await;
     let client = nats_client(&nats).await;
     // The NATS subscription is made right after connecting; wait until it answers.
     for _ in 0..50 {

@@ -4,26 +4,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{settings, simulator, Daemon, ALL};
+use comfy_bridge::config::{MqttProtocol, Settings};
+use common::daemon::{simulator, Daemon, ALL};
 use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn json(payload: &[u8]) -> Value {
-    serde_json::from_slice(payload).unwrap_or(Value::Null)
-}
-
 /// The recorded `data` of every text frame ComfyUI sent in a scenario, in order, with the recorded prompt id.
 fn recorded_text_data(scenario: &str) -> Vec<(String, Value)> {
-    let path = format!("{}/tests/fixtures/transcripts/{scenario}.jsonl", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(path)
-        .expect("fixture")
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["kind"] == "text" && l["dir"] == "in")
-        .filter(|l| l["data"]["type"] != "feature_flags" && l["data"]["data"].get("sid").is_none())
-        .map(|l| (l["data"]["type"].as_str().unwrap_or_default().to_string(), l["data"]["data"].clone()))
+    fixtures::recorded_frames(scenario)
+        .into_iter()
+        .filter(|f| f["type"] != "feature_flags" && f["data"].get("sid").is_none())
+        .map(|f| (f["type"].as_str().unwrap_or_default().to_string(), f["data"].clone()))
         .collect()
 }
 
@@ -40,11 +33,9 @@ async fn success_run_arrives_on_mqtt_in_order_with_untouched_data() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.previews.max_per_second = 1e9; // every preview frame published, so every seq is accounted for
-    let daemon = Daemon::start(s, state);
+    // Every preview frame published, so every seq is accounted for.
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(|s| s.previews.max_per_second = 1e9).start().await;
     sub.expect(|m| m.topic == "comfyui/local/comfyui/availability" && &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
 
     let pid = sim.play("a_success").await.expect("scenario plays");
     let msgs = sub.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
@@ -102,9 +93,7 @@ async fn success_run_arrives_on_nats_with_preview_headers() {
     let nats = NatsServer::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = nats_subscribe(&nats, "comfyui.>").await;
-    let (s, state) = settings(&sim, None, Some(&nats));
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
+    let daemon = Daemon::builder(&sim).nats(&nats).start().await;
     sub.expect(|m| m.subject == "comfyui.local.bridge.availability" && &m.payload[..] == b"online", WAIT).await;
 
     let pid = sim.play("a_success").await.expect("scenario plays");
@@ -132,10 +121,7 @@ async fn node_ids_are_escaped_identically_on_both_buses() {
     let sim = simulator(ALL, 0.0).await;
     let mut mqtt = mqtt_subscribe(&broker, "comfyui/local/prompt/#").await;
     let mut nsub = nats_subscribe(&nats, "comfyui.local.prompt.>").await;
-    let (s, state) = settings(&sim, Some(&broker), Some(&nats));
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let daemon = Daemon::builder(&sim).mqtt(&broker).nats(&nats).start().await;
 
     let pid = sim.play("j_node_ids").await.expect("plays");
     let via_mqtt = mqtt.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
@@ -160,9 +146,7 @@ async fn custom_events_and_progress_text_are_published() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
     sub.expect(|m| m.topic.ends_with("bridge/availability"), WAIT).await;
     sim.play("g_custom_events").await.expect("plays");
     let custom = sub.expect(|m| m.topic == "comfyui/local/event/bridge_probe=2Ecustom", WAIT).await;
@@ -178,8 +162,7 @@ async fn malformed_frames_are_skipped_and_the_bridge_keeps_going() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
     let client = sim.wait_for_client(WAIT).await.expect("bridge connects");
     sub.expect(|m| m.topic.ends_with("comfyui/availability") && &m.payload[..] == b"online", WAIT).await;
 
@@ -205,8 +188,7 @@ async fn comfyui_availability_follows_the_websocket() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/comfyui/availability").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
     let first = sim.wait_for_client(WAIT).await.expect("connects");
     let online = sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
     assert!(online.retain || online.qos == 1);
@@ -223,8 +205,7 @@ async fn graceful_stop_leaves_retained_offline() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
     sub.expect(|m| &m.payload[..] == b"online", WAIT).await;
     daemon.stop().await;
     sub.expect(|m| &m.payload[..] == b"offline", WAIT).await;
@@ -239,11 +220,9 @@ async fn mqtt_v311_carries_the_same_events() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.mqtt.protocol = "v311".into();
-    let daemon = Daemon::start(s, state);
+    let v311 = |s: &mut Settings| s.mqtt.protocol = MqttProtocol::V311;
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(v311).start().await;
     sub.expect(|m| m.topic == "comfyui/local/bridge/availability" && &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
     let pid = sim.play("a_success").await.expect("plays");
     let msgs = sub.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
     let success = format!("comfyui/local/prompt/{pid}/execution_success");
@@ -260,14 +239,12 @@ async fn an_unreachable_nats_does_not_affect_mqtt() {
     let broker = Mosquitto::start();
     let sim = simulator(ALL, 0.0).await;
     let mut sub = mqtt_subscribe(&broker, "comfyui/#").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.nats.enabled = true;
-    s.nats.url = format!(
-        "nats://127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
-    );
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let unreachable_nats = |s: &mut Settings| {
+        s.nats.enabled = true;
+        s.nats.url = format!("nats://127.0.0.1:{nowhere}");
+    };
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(unreachable_nats).start().await;
     sub.expect(|m| m.topic.ends_with("bridge/availability") && &m.payload[..] == b"online", WAIT).await;
     let pid = sim.play("a_success").await.expect("plays");
     let msgs = sub.collect_until(|m| is_final(&m.topic, &m.payload), WAIT).await;
@@ -284,9 +261,7 @@ async fn oversized_preview_does_not_block_nats() {
     let sim = simulator(ALL, 0.0).await;
     let mut mqtt = mqtt_subscribe(&broker, "comfyui/local/preview").await;
     let mut sub = nats_subscribe(&nats, "comfyui.>").await;
-    let (s, state) = settings(&sim, Some(&broker), Some(&nats));
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let daemon = Daemon::builder(&sim).mqtt(&broker).nats(&nats).start().await;
     sub.expect(|m| m.subject.ends_with("bridge.availability"), WAIT).await;
     // A type-1 JPEG preview of 2 MiB: over nats-server's default 1 MiB max_payload.
     let mut frame = vec![0, 0, 0, 1, 0, 0, 0, 1, 0xFF, 0xD8];

@@ -7,8 +7,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use comfy_bridge::sim::Simulator;
-use common::daemon::{settings, simulator, Daemon, SUCCESS};
+use comfy_sim::Simulator;
+use common::daemon::{simulator, Daemon, SUCCESS};
 use common::*;
 use serde_json::{json, Value};
 
@@ -17,7 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Asks over NATS until answered, resending the same `id` after every failure: the bridge must act once.
 async fn queue_until_answered(url: String, id: String) -> Value {
-    let body = json!({"id": id, "workflow": workflow()}).to_string();
+    let body = json!({"id": id, "workflow": workflow("a_success__prompt")}).to_string();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         assert!(tokio::time::Instant::now() < deadline, "request {id} never answered");
@@ -31,11 +31,6 @@ async fn queue_until_answered(url: String, id: String) -> Value {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn workflow() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/workflows/a_success__prompt.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
 }
 
 /// Every `result` captured by a JetStream stream, by prompt id.
@@ -71,10 +66,8 @@ async fn brokers_and_comfyui_connection_failing_repeatedly_lose_no_result_and_no
     let sim = simulator(SUCCESS, 1.0).await;
     let mut results = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/result").await;
     let mut lifecycle = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/+/+").await;
-    let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
-    s.comfyui.reconnect_max_ms = 300;
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(Duration::from_secs(10)).await.expect("bridge connects");
+    let fast = |s: &mut comfy_bridge::config::Settings| s.comfyui.reconnect_max_ms = 300;
+    let daemon = Daemon::builder(&sim).mqtt(&broker).nats(&nats).with(fast).start().await;
 
     let requests: Vec<_> =
         (0..PROMPTS).map(|i| tokio::spawn(queue_until_answered(nats.url(), format!("fault-{i}")))).collect();

@@ -3,9 +3,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{settings, simulator, Daemon, SUCCESS};
+use comfy_bridge::config::Settings;
+use common::daemon::{simulator, Daemon, SUCCESS};
 use common::requester::MqttRequester;
 use common::*;
 use serde_json::Value;
@@ -20,10 +22,8 @@ async fn the_readme_queue_command_works_with_the_default_templates_dir() {
     let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
     let mut states = mqtt_subscribe(&broker, "comfyui/local/prompt/+/state").await;
     // `commands.templates_dir` as it comes (tests run in the repository root, like a fresh clone).
-    let (s, state) = settings(&sim, Some(&broker), None);
-    assert_eq!(s.commands.templates_dir, std::path::Path::new("examples/templates"));
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let as_it_comes = |s: &mut Settings| assert_eq!(s.commands.templates_dir, Path::new("examples/templates"));
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(as_it_comes).start().await;
 
     // Word for word the README's first command (mosquitto_pub: MQTT v3.1.1, QoS 1).
     let request = r#"{"id": "fox-1", "template": "txt2img", "set": {"Positive.text": "a red fox"}, "randomize": ["KSampler.seed"]}"#;
@@ -58,10 +58,9 @@ async fn the_readme_queue_command_works_with_the_default_templates_dir() {
 async fn a_missing_templates_dir_is_named_in_the_unknown_template_answer() {
     let broker = Mosquitto::start();
     let sim = simulator(SUCCESS, 0.0).await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.commands.templates_dir = state.path().join("no-such-dir");
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let nowhere = tempfile::tempdir().expect("tempdir");
+    let missing = |s: &mut Settings| s.commands.templates_dir = nowhere.path().join("no-such-dir");
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(missing).start().await;
     let mut requester = MqttRequester::connect(&broker).await;
     let body = requester.request("comfyui/local/request/queue", r#"{"template": "txt2img"}"#, WAIT).await;
     let message = body["error"]["message"].as_str().unwrap_or_default();
@@ -73,9 +72,7 @@ async fn a_missing_templates_dir_is_named_in_the_unknown_template_answer() {
 async fn an_unescaped_dot_in_a_nats_upload_subject_is_answered_with_the_escape() {
     let nats = NatsServer::start();
     let sim = simulator(SUCCESS, 0.0).await;
-    let (s, state) = settings(&sim, None, Some(&nats));
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let daemon = Daemon::builder(&sim).nats(&nats).start().await;
     let client = common::requester::nats_client(&nats).await;
     // The bridge subscribes a moment after it connects: ready once `status` is answered.
     for _ in 0..50 {

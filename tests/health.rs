@@ -44,7 +44,7 @@ async fn readiness_follows_the_connections_and_metrics_count_events_and_requests
     let sim = simulator(ALL, 0.0).await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let base = format!("http://127.0.0.1:{port}");
     let daemon = Daemon::start(s, state);
 

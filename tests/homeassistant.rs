@@ -6,16 +6,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::daemon::{settings, simulator, Daemon, ALL};
+use common::daemon::{simulator, Daemon, ALL};
 use common::requester::mqtt311_publish;
 use common::*;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn json(payload: &[u8]) -> Value {
-    serde_json::from_slice(payload).unwrap_or(Value::Null)
-}
 
 #[tokio::test]
 async fn discovery_configs_state_and_entity_commands_work_like_home_assistant_expects() {
@@ -23,17 +19,17 @@ async fn discovery_configs_state_and_entity_commands_work_like_home_assistant_ex
     let sim = simulator(ALL, 0.0).await;
     let templates = tempfile::tempdir().expect("templates");
     for (name, fixture) in [("probe", "a_success__prompt"), ("long", "e_interrupt__p1_long")] {
-        let path = format!("{}/tests/fixtures/workflows/{fixture}.json", env!("CARGO_MANIFEST_DIR"));
-        std::fs::copy(path, templates.path().join(format!("{name}.json"))).expect("template");
+        std::fs::copy(fixtures::workflow_path(fixture), templates.path().join(format!("{name}.json")))
+            .expect("template");
     }
     let mut discovery = mqtt_subscribe(&broker, "homeassistant/#").await;
     let mut device = mqtt_subscribe(&broker, "comfyui/local/ha/#").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.homeassistant.enabled = true;
-    s.homeassistant.prompt_input = "4.filename_prefix".into();
-    s.commands.templates_dir = templates.path().to_path_buf();
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let configure = |s: &mut comfy_bridge::config::Settings| {
+        s.homeassistant.enabled = true;
+        s.homeassistant.prompt_input = "4.filename_prefix".into();
+        s.commands.templates_dir = templates.path().to_path_buf();
+    };
+    let daemon = Daemon::builder(&sim).mqtt(&broker).with(configure).start().await;
 
     // Fifteen entities of one device, each valid for its component.
     let mut configs = BTreeMap::new();

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::hostile::{free_port, get, metric, metrics_until, nats_raw};
 use common::requester::{nats_client, MqttRequester};
@@ -36,7 +36,7 @@ async fn rig(tune: impl FnOnce(&mut Settings)) -> Rig {
     let nats_availability = nats_subscribe(&nats, "comfyui.local.bridge.availability").await;
     let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     tune(&mut s);
     let daemon = Daemon::start(s, state);
     sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
@@ -248,7 +248,7 @@ async fn the_outbox_is_bounded_in_bytes_while_the_broker_is_away() {
     s.mqtt.url = format!("mqtt://127.0.0.1:{nowhere}");
     s.bridge.outbox_max_bytes = 1 << 20;
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
     sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
     let big = "x".repeat(300_000);
@@ -284,7 +284,7 @@ async fn shutdown_marks_comfyui_offline_and_keeps_its_grace_without_a_broker() {
     // Production-like backoff: the MQTT side is asleep between reconnect attempts when the stop comes.
     s.comfyui.reconnect_max_ms = 30_000;
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
     sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
     readyz_until(port, 200).await;

@@ -94,7 +94,7 @@ fn settings(url: &str, nats: &NatsServer) -> (Settings, tempfile::TempDir) {
     s.comfyui.reconnect_max_ms = 500;
     s.comfyui.max_body_bytes = CAP;
     s.state.dir = state.path().to_path_buf();
-    s.http.listen = "127.0.0.1:0".into();
+    s.http.listen = Some("127.0.0.1:0".into());
     s.mqtt.enabled = false;
     s.nats.enabled = true;
     s.nats.url = nats.url();

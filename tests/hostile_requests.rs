@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::Simulator;
-use common::daemon::{settings, simulator, Daemon, ALL};
+use comfy_sim::Simulator;
+use common::daemon::{simulator, Daemon, ALL};
 use common::probe::{free_port, metrics_until, nats_ready, sample};
 use common::requester::{mqtt311_publish, nats_client, nats_request, MqttRequester};
 use common::*;
@@ -19,31 +19,20 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn json(payload: &[u8]) -> Value {
-    serde_json::from_slice(payload).unwrap_or(Value::Null)
-}
-
 fn count(sim: &Simulator, method: &str, path: &str) -> usize {
     sim.requests().iter().filter(|(m, p, _)| m == method && p == path).count()
 }
 
 /// A templates directory holding `probe` (the recorded success workflow).
-fn templates(settings: &mut Settings) -> tempfile::TempDir {
+fn templates() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("templates dir");
-    let path = format!("{}/tests/fixtures/workflows/a_success__prompt.json", env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(path, dir.path().join("probe.json")).expect("template");
-    settings.commands.templates_dir = dir.path().to_path_buf();
+    std::fs::copy(fixtures::workflow_path("a_success__prompt"), dir.path().join("probe.json")).expect("template");
     dir
 }
 
-/// Starts a bridge and waits until its MQTT side is online and it is connected to the simulator.
-async fn start_mqtt(broker: &Mosquitto, sim: &Simulator, s: Settings, state: tempfile::TempDir) -> Daemon {
-    let inst = s.bridge.instance.clone();
-    let mut availability = mqtt_subscribe(broker, &format!("comfyui/{inst}/bridge/availability")).await;
-    let daemon = Daemon::start(s, state);
-    availability.expect(|m| &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects to comfyui");
-    daemon
+/// Settings that take their templates from `dir`.
+fn from(dir: &tempfile::TempDir) -> impl FnOnce(&mut Settings) + '_ {
+    |s| s.commands.templates_dir = dir.path().to_path_buf()
 }
 
 /// A bridge on NATS only, with `/metrics` on a port of its own, answering requests.
@@ -59,12 +48,9 @@ struct NatsBridge {
 async fn start_nats(configure: impl FnOnce(&mut Settings)) -> NatsBridge {
     let nats = NatsServer::start();
     let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, None, Some(&nats));
     let port = free_port();
-    s.http.listen = format!("127.0.0.1:{port}");
-    configure(&mut s);
-    let daemon = Daemon::start(s, state);
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let metrics = |s: &mut Settings| s.http.listen = Some(format!("127.0.0.1:{port}"));
+    let daemon = Daemon::builder(&sim).nats(&nats).with(metrics).with(configure).start().await;
     let client = nats_client(&nats).await;
     nats_ready(&client, "comfyui.local").await;
     NatsBridge { _nats: nats, sim, daemon, client, port }
@@ -78,10 +64,14 @@ async fn replies_into_the_bridges_tree_or_home_assistants_are_refused_on_both_bu
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
     let sim = simulator(ALL, 0.0).await;
-    let (mut s, state) = settings(&sim, Some(&broker), Some(&nats));
-    s.homeassistant.enabled = true;
-    let _templates = templates(&mut s);
-    let daemon = start_mqtt(&broker, &sim, s, state).await;
+    let templates = templates();
+    let daemon = Daemon::builder(&sim)
+        .mqtt(&broker)
+        .nats(&nats)
+        .with(|s| s.homeassistant.enabled = true)
+        .with(from(&templates))
+        .start()
+        .await;
     let client = nats_client(&nats).await;
     nats_ready(&client, "comfyui.local").await;
 
@@ -170,15 +160,16 @@ async fn home_assistant_commands_obey_read_only_and_the_allow_list() {
     for (read_only, reason) in [(true, "read_only"), (false, "not_allowed")] {
         let broker = Mosquitto::start();
         let sim = simulator(ALL, 0.0).await;
-        let (mut s, state) = settings(&sim, Some(&broker), None);
-        let _templates = templates(&mut s);
+        let templates = templates();
         let port = free_port();
-        s.http.listen = format!("127.0.0.1:{port}");
-        s.homeassistant.enabled = true;
-        s.commands.enabled = !read_only;
-        s.commands.allow = vec!["status".into()];
+        let configure = |s: &mut Settings| {
+            s.http.listen = Some(format!("127.0.0.1:{port}"));
+            s.homeassistant.enabled = true;
+            s.commands.enabled = !read_only;
+            s.commands.allow = vec!["status".into()];
+        };
         let mut selected = mqtt_subscribe(&broker, "comfyui/local/ha/template").await;
-        let daemon = start_mqtt(&broker, &sim, s, state).await;
+        let daemon = Daemon::builder(&sim).mqtt(&broker).with(from(&templates)).with(configure).start().await;
         selected.expect(|m| &m.payload[..] == b"probe", WAIT).await;
 
         let series = format!(r#"comfy_bridge_requests_ignored_total{{bus="mqtt",reason="{reason}"}}"#);
@@ -256,14 +247,7 @@ async fn a_request_flood_is_answered_busy_and_a_later_request_still_gets_through
     assert!(busy >= FLOOD - 60, "the excess is answered busy: ok {ok}, busy {busy}, late {late}");
     assert!(ok >= 8 && late >= 1, "ok {ok}, busy {busy}, late {late}");
 
-    let workflow: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/tests/fixtures/workflows/a_success__prompt.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("workflow"),
-    )
-    .expect("json");
+    let workflow = workflow("a_success__prompt");
     let queued = nats_request(client, "comfyui.local.request.queue", json!({ "workflow": workflow }).to_string()).await;
     assert_eq!(queued["status"], "ok", "{queued}");
 
@@ -294,12 +278,12 @@ async fn a_request_over_the_limit_is_answered_payload_too_large_on_every_transpo
     let limit = Settings::default().commands.max_payload_bytes;
     let too_big = padded(limit + 1);
 
-    let (s, state) = settings(&sim, Some(&broker), Some(&nats));
-    let v5 = start_mqtt(&broker, &sim, s, state).await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    s.bridge.instance = "old".into();
-    s.mqtt.protocol = "v311".into();
-    let v311 = start_mqtt(&broker, &sim, s, state).await;
+    let v5 = Daemon::builder(&sim).mqtt(&broker).nats(&nats).start().await;
+    let old = |s: &mut Settings| {
+        s.bridge.instance = "old".into();
+        s.mqtt.protocol = comfy_bridge::config::MqttProtocol::V311;
+    };
+    let v311 = Daemon::builder(&sim).mqtt(&broker).with(old).start().await;
     let client = nats_client(&nats).await;
     nats_ready(&client, "comfyui.local").await;
 

@@ -5,8 +5,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use comfy_bridge::sim::Simulator;
-use common::daemon::{settings, simulator, Daemon, SUCCESS};
+use comfy_sim::Simulator;
+use common::daemon::{simulator, Daemon, SUCCESS};
 use common::*;
 use serde_json::Value;
 
@@ -27,13 +27,9 @@ async fn play_across_outage(sim: Simulator, broker: &mut impl Outage) -> (Simula
 
 /// The lifecycle event types of the recorded run, in order (progress ticks and status excluded).
 fn recorded_lifecycle() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts/a_success.jsonl");
-    std::fs::read_to_string(path)
-        .expect("fixture")
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["kind"] == "text" && l["dir"] == "in")
-        .filter_map(|l| l["data"]["type"].as_str().map(str::to_string))
+    fixtures::recorded_frames("a_success")
+        .into_iter()
+        .filter_map(|frame| frame["type"].as_str().map(str::to_string))
         .filter(|t| !matches!(t.as_str(), "progress" | "progress_state" | "status" | "feature_flags"))
         .collect()
 }
@@ -64,11 +60,7 @@ async fn mosquitto_restart_mid_prompt_loses_no_lifecycle_event() {
     let mut broker = Mosquitto::start();
     let sim = simulator(SUCCESS, 1.0).await;
     let mut sub = mqtt_subscribe_persistent(&broker, "comfyui/local/prompt/#").await;
-    let mut avail = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
-    avail.expect(|m| &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
 
     let (_sim, pid) = play_across_outage(sim, &mut broker).await;
 
@@ -94,11 +86,7 @@ async fn nats_restart_mid_prompt_loses_no_lifecycle_event() {
     .await
     .expect("create capture stream");
     let sim = simulator(SUCCESS, 1.0).await;
-    let mut avail = nats_subscribe(&nats, "comfyui.local.bridge.availability").await;
-    let (s, state) = settings(&sim, None, Some(&nats));
-    let daemon = Daemon::start(s, state);
-    avail.expect(|m| &m.payload[..] == b"online", WAIT).await;
-    sim.wait_for_client(WAIT).await.expect("bridge connects");
+    let daemon = Daemon::builder(&sim).nats(&nats).start().await;
 
     let (_sim, pid) = play_across_outage(sim, &mut nats).await;
 

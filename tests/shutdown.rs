@@ -5,7 +5,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use comfy_bridge::sim::Simulator;
+use comfy_sim::Simulator;
 use common::daemon::{simulator, SUCCESS};
 use common::*;
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use comfy_bridge::sim::{SimOptions, Simulator};
-use common::daemon::{settings, Daemon};
+use comfy_sim::{SimOptions, Simulator};
+use common::daemon::Daemon;
 use common::*;
 use serde_json::Value;
 
@@ -15,14 +15,12 @@ const WAIT: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn looped_prompts_end_success_not_cancelled() {
     let broker = Mosquitto::start();
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts");
-    let transcripts = ["a_success", "b_cached", "f_three_prompts"].map(|n| format!("{dir}/{n}.jsonl").into());
+    let transcripts = ["a_success", "b_cached", "f_three_prompts"].map(fixtures::transcript);
     // Fast, but slow enough that the bridge reads the queue while prompts run (the 16 ms of the report).
     let opts = SimOptions { transcripts: transcripts.to_vec(), speed: 8.0, autoplay: true };
     let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts");
     let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
-    let (s, state) = settings(&sim, Some(&broker), None);
-    let daemon = Daemon::start(s, state);
+    let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;
 
     // Two rounds of the three sessions: 1 + 1 + 3 prompts each.
     let mut statuses = Vec::new();

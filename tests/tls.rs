@@ -84,13 +84,13 @@ fn mosquitto_requiring_client_certificates(pki: &Pki) -> Mosquitto {
 }
 
 fn tls_settings(settings: &mut Settings, pki: &Pki, client_cert: bool) {
-    settings.mqtt.ca_file = pki.file("ca.pem");
-    settings.nats.ca_file = pki.file("ca.pem");
+    settings.mqtt.ca_file = Some(pki.file("ca.pem"));
+    settings.nats.ca_file = Some(pki.file("ca.pem"));
     if client_cert {
-        settings.mqtt.client_cert_file = pki.file("client.pem");
-        settings.mqtt.client_key_file = pki.file("client.key");
-        settings.nats.client_cert_file = pki.file("client.pem");
-        settings.nats.client_key_file = pki.file("client.key");
+        settings.mqtt.client_cert_file = Some(pki.file("client.pem"));
+        settings.mqtt.client_key_file = Some(pki.file("client.key"));
+        settings.nats.client_cert_file = Some(pki.file("client.pem"));
+        settings.nats.client_key_file = Some(pki.file("client.key"));
     }
 }
 
@@ -119,7 +119,7 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
     s.nats.url = format!("tls://127.0.0.1:{}", nats.port);
     tls_settings(&mut s, &pki, true);
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
 
     // Subscribers with TLS of their own would need more plumbing; readiness says both connections are up,
@@ -163,7 +163,7 @@ async fn a_broker_requiring_a_client_certificate_refuses_a_bridge_without_one() 
     s.mqtt.url = format!("mqtts://127.0.0.1:{}", broker.port);
     tls_settings(&mut s, &pki, false);
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    s.http.listen = format!("127.0.0.1:{port}");
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
     sim.wait_for_client(WAIT).await.expect("comfyui side still connects");
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -155,15 +155,16 @@ pub fn spawn(
     let (host, port, tls) = host_port(&cfg.url)?;
     let transport = match tls {
         true => {
-            let config = crate::tls::client_config(&cfg.ca_file, &cfg.client_cert_file, &cfg.client_key_file)?;
+            let config = crate::tls::client_config(
+                cfg.ca_file.as_deref(),
+                cfg.client_cert_file.as_deref(),
+                cfg.client_key_file.as_deref(),
+            )?;
             rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
         }
         false => rumqttc::Transport::tcp(),
     };
-    let client_id = match cfg.client_id.as_str() {
-        "" => format!("comfy-bridge-{}", settings.bridge.instance),
-        id => id.to_string(),
-    };
+    let client_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", settings.bridge.instance));
     let offline = Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
     let will_topic = offline.mqtt_topic(&cfg.base_topic);
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
@@ -180,15 +181,15 @@ pub fn spawn(
     let intake = requests.map(|tx| Intake { prefix, home_assistant, tx });
     let subscriptions = intake.as_ref().map(Intake::filters).unwrap_or_default();
     let span = tracing::info_span!("mqtt", url = %cfg.url);
-    let client = if cfg.protocol == "v311" {
+    let client = if cfg.protocol == crate::config::MqttProtocol::V311 {
         let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
         opts.set_keep_alive(keep_alive)
             .set_transport(transport)
             .set_clean_session(true)
             .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
             .set_last_will(rumqttc::LastWill::new(&will_topic, "offline", rumqttc::QoS::AtLeastOnce, true));
-        if !cfg.username.is_empty() {
-            opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
+        if let Some(user) = &cfg.username {
+            opts.set_credentials(user, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
         eventloop.set_network_options(network_options());
@@ -206,14 +207,14 @@ pub fn spawn(
             // rumqttc preallocates one slot per possible in-flight publish: at its default (65535) that is
             // ~13 MB of idle memory for a window the publisher never exceeds.
             .set_outgoing_inflight_upper_limit(WINDOW as u16);
-        if !cfg.username.is_empty() {
-            opts.set_credentials(&cfg.username, cfg.password.as_ref().map_or("", |p| p.expose()));
+        if let Some(user) = &cfg.username {
+            opts.set_credentials(user, cfg.password.as_ref().map_or("", |p| p.expose()));
         }
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
         tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
         Client::V5(client)
     };
-    let v5 = cfg.protocol != "v311";
+    let v5 = cfg.protocol == crate::config::MqttProtocol::V5;
     let expiry = v5.then(|| (keep_alive.as_secs() * ONLINE_EXPIRY_KEEP_ALIVES).clamp(60, u64::from(u32::MAX)) as u32);
     let publisher = Publisher::new(settings, client, subscriptions, health, expiry);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));

@@ -105,11 +105,11 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
                 let _ = event_tx.try_send(event);
             }
         });
-    if !cfg.credentials_file.is_empty() {
+    if let Some(file) = &cfg.credentials_file {
         options = options
-            .credentials_file(&cfg.credentials_file)
+            .credentials_file(file)
             .await
-            .map_err(|source| NatsError::Credentials { path: cfg.credentials_file.clone(), source })?;
+            .map_err(|source| NatsError::Credentials { path: file.clone(), source })?;
     }
     if let Some(token) = &cfg.token {
         options = options.token(token.expose().to_string());
@@ -117,21 +117,19 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
     if let Some(seed) = &cfg.nkey_seed {
         options = options.nkey(seed.expose().to_string());
     }
-    if !cfg.ca_file.is_empty() {
-        options = options.add_root_certificates(cfg.ca_file.clone().into());
+    if let Some(ca_file) = &cfg.ca_file {
+        options = options.add_root_certificates(ca_file.into());
     }
-    if !cfg.client_cert_file.is_empty() || !cfg.client_key_file.is_empty() {
-        options =
-            options.add_client_certificate(cfg.client_cert_file.clone().into(), cfg.client_key_file.clone().into());
+    if cfg.client_cert_file.is_some() || cfg.client_key_file.is_some() {
+        let (cert, key) = (cfg.client_cert_file.clone().unwrap_or_default(), cfg.client_key_file.clone());
+        options = options.add_client_certificate(cert.into(), key.unwrap_or_default().into());
     }
     if cfg.url.split(',').any(|u| u.trim().starts_with("tls://")) {
         options = options.require_tls(true);
     }
-    if !cfg.user.is_empty() {
-        options = options.user_and_password(
-            cfg.user.clone(),
-            cfg.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default(),
-        );
+    if let Some(user) = &cfg.user {
+        options = options
+            .user_and_password(user.clone(), cfg.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
     }
     Ok(options.connect(cfg.url.as_str()).await?)
 }

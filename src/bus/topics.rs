@@ -1,6 +1,6 @@
 //! Where each event goes: one list of levels, rendered as an MQTT topic (`/`) and a NATS subject (`.`).
 //!
-//! Pure functions only. Levels taken from ComfyUI data are escaped (INTERFACE.md §1): every byte outside
+//! Pure functions only. Levels taken from ComfyUI data are escaped (docs/INTERFACE.md §1): every byte outside
 //! `A-Z a-z 0-9 _ - :` becomes `=XX`, and an empty level is `=`. An escaped level longer than
 //! [`MAX_ESCAPED_LEVEL`] becomes `~` and 16 hex digits of a 64-bit FNV-1a hash of the raw level: escaping
 //! triples a byte, so without this a 22,000-byte prompt id would make a 66,000-byte topic, past what MQTT can
@@ -77,7 +77,7 @@ impl Route {
         route
     }
 
-    /// The route of a text event: by prompt and node when the data names them (INTERFACE.md §2).
+    /// The route of a text event: by prompt and node when the data names them (docs/INTERFACE.md §2).
     pub fn for_event(instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Self {
         // Room for the fixed levels and separators, and the ids when they need no escaping (the usual case).
         let ids = prompt_id.map_or(0, str::len) + node_id.map_or(0, str::len);

@@ -2,7 +2,7 @@
 //!
 //! A text frame is `{"type", "data"}`. The bridge republishes `data` exactly as ComfyUI sent it, so it is kept as
 //! a [`RawValue`] and only the few fields routing needs (prompt id, node ids) are read out of it. Binary frames
-//! are decoded per PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
+//! are decoded per docs/PROTOCOL.md §5: big-endian u32 type, then a type-specific layout.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -124,7 +124,7 @@ impl TextEvent {
         };
         let kind = Kind::from_name(kind_name);
         let node_id = match kind {
-            // Errors and interrupts name the failing node as `node_id` (PROTOCOL.md 4.10, 4.11).
+            // Errors and interrupts name the failing node as `node_id` (docs/PROTOCOL.md §4.10, §4.11).
             Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
             _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
         };

@@ -1,10 +1,10 @@
-//! ComfyUI's HTTP API (PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
+//! ComfyUI's HTTP API (docs/PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
 //!
 //! [`ComfyHttp`] is a cheap handle on one `reqwest::Client` (a connection pool), so every task that talks to
 //! ComfyUI clones it. Every call names its endpoint in its [`HttpError`]: `Unavailable` when ComfyUI cannot be
 //! reached in time, `Status` when it answers with an error status (the 400 of `POST /prompt` keeps its JSON),
 //! `BadResponse` when a 2xx answer is not what the endpoint promises. Endpoints that answer an empty 200
-//! (PROTOCOL.md §1) are never parsed. No `Origin` header is ever sent: ComfyUI answers 403 to one that does
+//! (docs/PROTOCOL.md §1) are never parsed. No `Origin` header is ever sent: ComfyUI answers 403 to one that does
 //! not match the host (§1).
 
 use std::time::Duration;
@@ -121,8 +121,8 @@ impl ComfyHttp {
         if base.scheme() == "http" {
             // Plain HTTP needs no root certificates (loading them costs about a megabyte).
             builder = builder.tls_built_in_root_certs(false);
-        } else if !settings.comfyui.ca_file.is_empty() {
-            let config = crate::tls::client_config(&settings.comfyui.ca_file, "", "")
+        } else if let Some(ca_file) = settings.comfyui.ca_file.as_deref() {
+            let config = crate::tls::client_config(Some(ca_file), None, None)
                 .map_err(|e| invalid(format!("comfyui.ca_file: {e}")))?;
             builder = builder.use_preconfigured_tls((*config).clone());
         }
@@ -364,7 +364,7 @@ mod tests {
 
     use super::*;
     use crate::config::Secret;
-    use crate::sim::{SimOptions, Simulator};
+    use comfy_sim::{SimOptions, Simulator};
 
     fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transcripts")

@@ -1,4 +1,4 @@
-//! ComfyUI's queue as `GET /queue` reports it (PROTOCOL.md §8): the running prompt and the pending ones.
+//! ComfyUI's queue as `GET /queue` reports it (docs/PROTOCOL.md §8): the running prompt and the pending ones.
 
 use serde_json::Value;
 

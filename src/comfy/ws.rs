@@ -12,7 +12,7 @@ use super::{backoff, Inbound};
 use crate::config::Settings;
 use crate::telemetry;
 
-/// Sent as the first message so previews arrive as type 4, with their prompt and node (PROTOCOL.md §2.3).
+/// Sent as the first message so previews arrive as type 4, with their prompt and node (docs/PROTOCOL.md §2.3).
 const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,7 +111,7 @@ impl WsClient {
         let url = ws_url(settings.comfy_base(), client_id);
         // Loading the root certificates costs about a megabyte: only for `wss://`.
         let tls = match url.starts_with("wss://") {
-            true => Some(crate::tls::client_config(&settings.comfyui.ca_file, "", "")?),
+            true => Some(crate::tls::client_config(settings.comfyui.ca_file.as_deref(), None, None)?),
             false => None,
         };
         Ok(Self {
@@ -196,7 +196,7 @@ impl WsClient {
         let result = self.read_loop(&mut socket, shutdown).await;
         self.send(Inbound::Disconnected).await;
         // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
-        // socket would later unregister the new one (PROTOCOL.md §2.1).
+        // socket would later unregister the new one (docs/PROTOCOL.md §2.1).
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
         drop(socket);
         result.map(|()| true)
@@ -259,9 +259,9 @@ pub fn now_ms() -> u64 {
 }
 
 /// The persisted client id under `state_dir`, created on first use. A configured id wins.
-pub fn client_id(configured: &str, state_dir: &std::path::Path) -> std::io::Result<String> {
-    if !configured.is_empty() {
-        return Ok(configured.to_string());
+pub fn client_id(configured: Option<&str>, state_dir: &std::path::Path) -> std::io::Result<String> {
+    if let Some(id) = configured {
+        return Ok(id.to_string());
     }
     let path = state_dir.join("client_id");
     if let Ok(id) = std::fs::read_to_string(&path) {
@@ -311,10 +311,10 @@ mod tests {
     #[test]
     fn client_id_is_generated_once_and_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = client_id("", dir.path()).expect("id");
-        assert_eq!(client_id("", dir.path()).expect("id"), first);
-        assert_ne!(client_id("", tempfile::tempdir().expect("dir").path()).expect("id"), first);
-        assert_eq!(client_id("fixed", dir.path()).expect("id"), "fixed");
+        let first = client_id(None, dir.path()).expect("id");
+        assert_eq!(client_id(None, dir.path()).expect("id"), first);
+        assert_ne!(client_id(None, tempfile::tempdir().expect("dir").path()).expect("id"), first);
+        assert_eq!(client_id(Some("fixed"), dir.path()).expect("id"), "fixed");
     }
 
     /// A server that records the first message of each connection, sends one frame, then closes.

@@ -3,8 +3,8 @@
 //!
 //! Pure: a function of the configuration and the command name.
 
-use super::request::COMMANDS;
 use super::response::{Code, Failure};
+use super::COMMANDS;
 use crate::config::CommandSettings;
 
 /// The label unknown command names are counted under, so that names from the outside world cannot grow

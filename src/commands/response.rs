@@ -1,13 +1,17 @@
-//! What every request gets back (INTERFACE.md §3): `{"id", "status": "ok", "data"}` or
+//! What every request gets back (docs/INTERFACE.md §3): `{"id", "status": "ok", "data"}` or
 //! `{"id", "status": "error", "error": {"code", "message", "details"}}`.
 //!
-//! Pure: rendering a response is a function of the request id and the outcome.
+//! Pure: rendering a response is a function of the request id and the outcome, and what an error of ComfyUI's
+//! API or of a template means for the requester is a function of that error.
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-/// A stable error code that users program against (INTERFACE.md §3).
+use crate::comfy::http::HttpError;
+use crate::workflow::template::{TemplateError, Templates};
+
+/// A stable error code that users program against (docs/INTERFACE.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Code {
     /// The payload is not JSON (or not UTF-8, or nested too deeply).
@@ -36,7 +40,7 @@ pub enum Code {
 }
 
 impl Code {
-    /// Every code, in the order INTERFACE.md lists them.
+    /// Every code, in the order docs/INTERFACE.md lists them.
     pub const ALL: [Code; 11] = [
         Code::InvalidJson,
         Code::InvalidRequest,
@@ -102,6 +106,32 @@ impl Failure {
 
 /// The result of carrying out a request: the response's `data`, or why it failed.
 pub type Outcome = Result<Value, Failure>;
+
+/// What a failed HTTP call to ComfyUI means for the requester.
+pub fn http_failure(error: HttpError) -> Failure {
+    match error {
+        HttpError::Unavailable { .. } | HttpError::Status { status: 502..=504, .. } => {
+            Failure::new(Code::ComfyuiUnavailable, error.to_string())
+        }
+        HttpError::Status { json: Some(body), .. } if body.get("error").is_some() => {
+            let message = body["error"]["message"].as_str().or(body["error"].as_str()).unwrap_or("rejected");
+            let details =
+                json!({ "error": body["error"], "node_errors": body.get("node_errors").cloned().unwrap_or(json!({})) });
+            Failure::new(Code::ComfyuiRejected, format!("ComfyUI rejected the request: {message}"))
+                .with_details(details)
+        }
+        other => Failure::new(Code::ComfyuiRejected, other.to_string()),
+    }
+}
+
+/// What a template that cannot be used or changed means for the requester.
+pub fn template_failure(error: TemplateError, templates: &Templates) -> Failure {
+    match error {
+        TemplateError::Unknown(name) => Failure::new(Code::UnknownTemplate, templates.unknown(&name)),
+        TemplateError::Patch(e) => Failure::new(Code::PatchFailed, e.to_string()).with_details(e.details()),
+        other => Failure::new(Code::PatchFailed, other.to_string()),
+    }
+}
 
 #[derive(Serialize)]
 struct Envelope<'a> {

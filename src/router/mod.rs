@@ -245,7 +245,7 @@ impl Router {
     fn route_text(&mut self, event: &TextEvent, ts: u64, now: Instant) -> Vec<Arc<Outbound>> {
         self.track_current(event);
         if event.kind == Kind::Status {
-            // Prompts queued by others show only as queue changes (PROTOCOL.md §3).
+            // Prompts queued by others show only as queue changes (docs/PROTOCOL.md §3).
             self.work.resync = true;
             if let Some(remaining) = queue_remaining(event.data.get()) {
                 telemetry::comfyui_queue(remaining);
@@ -274,7 +274,7 @@ impl Router {
     /// Remembers which prompt and node are executing, for frames that do not say.
     fn track_current(&mut self, event: &TextEvent) {
         let Some(pid) = &event.prompt_id else {
-            // The reconnect hint names only the node (PROTOCOL.md §2.2).
+            // The reconnect hint names only the node (docs/PROTOCOL.md §2.2).
             if let (Kind::Executing, Some((_, node))) = (event.kind, &mut self.current) {
                 *node = event.node_id.clone();
             }
@@ -299,7 +299,7 @@ impl Router {
         }
     }
 
-    /// The envelope (INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
+    /// The envelope (docs/INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
     /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
     fn envelope(&self, kind: &str, data: &str, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
         let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
@@ -416,7 +416,7 @@ fn queue_remaining(data: &str) -> Option<u64> {
     data.pointer("/status/exec_info/queue_remaining")?.as_u64()
 }
 
-/// "Execution Blocked" errors are not terminal (PROTOCOL.md §4.10).
+/// "Execution Blocked" errors are not terminal (docs/PROTOCOL.md §4.10).
 fn is_blocked(event: &TextEvent) -> bool {
     event.data.get().contains("\"ExecutionBlocked\"")
 }

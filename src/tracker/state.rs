@@ -1,5 +1,5 @@
 //! Per-prompt state and its transitions. No I/O, no async: events, queue snapshots and history entries go in,
-//! `state` and `result` objects (INTERFACE.md §2) and history lookups come out.
+//! `state` and `result` objects (docs/INTERFACE.md §2) and history lookups come out.
 //!
 //! A prompt is known from whichever comes first: the bridge submitting it ([`Tracker::expect`]), one of its
 //! execution events (prompts the bridge queued before a restart keep sending them: the client id is

@@ -7,7 +7,7 @@ pub mod template;
 
 use serde_json::Value;
 
-/// The edits a `queue` or `patch` request asks for (INTERFACE.md §3), applied in this order.
+/// The edits a `queue` or `patch` request asks for (docs/INTERFACE.md §3), applied in this order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Edits {
     /// RFC 7396 JSON merge patch on the whole workflow.

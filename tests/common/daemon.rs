@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::sim::{SimOptions, Simulator};
+use comfy_sim::{SimOptions, Simulator};
 use tokio_util::sync::CancellationToken;
 
 use super::{Mosquitto, NatsServer};
@@ -16,9 +16,9 @@ pub const SUCCESS: &str = "a_success.jsonl";
 /// A simulator on an ephemeral port replaying `transcript` (a file under `tests/fixtures/transcripts`, or [`ALL`])
 /// at `speed` (0 = no delays, 1 = recorded timing).
 pub async fn simulator(transcript: &str, speed: f64) -> Simulator {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/transcripts");
-    let path = if transcript.is_empty() { dir.to_string() } else { format!("{dir}/{transcript}") };
-    let opts = SimOptions { transcripts: vec![path.into()], speed, autoplay: false };
+    let dir = super::fixtures::transcripts();
+    let path = if transcript.is_empty() { dir } else { dir.join(transcript) };
+    let opts = SimOptions { transcripts: vec![path], speed, autoplay: false };
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
 }
 
@@ -32,7 +32,7 @@ pub fn settings(sim: &Simulator, mqtt: Option<&Mosquitto>, nats: Option<&NatsSer
     s.state.dir = state.path().to_path_buf();
     s.previews.max_per_second = 1_000.0;
     s.bridge.shutdown_grace_ms = 3_000;
-    s.http.listen = "127.0.0.1:0".into();
+    s.http.listen = Some("127.0.0.1:0".into());
     s.mqtt.enabled = mqtt.is_some();
     if let Some(m) = mqtt {
         s.mqtt.url = m.url();
@@ -44,6 +44,70 @@ pub fn settings(sim: &Simulator, mqtt: Option<&Mosquitto>, nats: Option<&NatsSer
     (s, state)
 }
 
+/// How long [`DaemonBuilder::start`] waits for each sign of readiness.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// The one way tests set a bridge up: [`settings`] for `sim`, the brokers it should use, any changes, then
+/// [`start`](DaemonBuilder::start), which returns once the bridge is ready.
+pub struct DaemonBuilder<'a> {
+    sim: &'a Simulator,
+    mqtt: Option<&'a Mosquitto>,
+    nats: Option<&'a NatsServer>,
+    settings: Settings,
+    state: tempfile::TempDir,
+}
+
+impl<'a> DaemonBuilder<'a> {
+    /// Publish to and take requests from `broker`.
+    pub fn mqtt(mut self, broker: &'a Mosquitto) -> Self {
+        self.mqtt = Some(broker);
+        self.settings.mqtt.enabled = true;
+        self.settings.mqtt.url = broker.url();
+        self
+    }
+
+    /// Publish to and take requests from `server`.
+    pub fn nats(mut self, server: &'a NatsServer) -> Self {
+        self.nats = Some(server);
+        self.settings.nats.enabled = true;
+        self.settings.nats.url = server.url();
+        self
+    }
+
+    /// Changes the settings.
+    pub fn with(mut self, configure: impl FnOnce(&mut Settings)) -> Self {
+        configure(&mut self.settings);
+        self
+    }
+
+    /// Starts the bridge and waits until it is ready: connected to the simulator, and `online` on the
+    /// `bridge/availability` of each broker given (subscribed before the start, so nothing is missed).
+    pub async fn start(self) -> Daemon {
+        let (s, inst) = (&self.settings, &self.settings.bridge.instance);
+        let mut mqtt_online = match self.mqtt.filter(|_| s.mqtt.enabled) {
+            Some(broker) => {
+                Some(super::mqtt_subscribe(broker, &format!("{}/{inst}/bridge/availability", s.mqtt.base_topic)).await)
+            }
+            None => None,
+        };
+        let mut nats_online = match self.nats.filter(|_| s.nats.enabled) {
+            Some(server) => Some(
+                super::nats_subscribe(server, &format!("{}.{inst}.bridge.availability", s.nats.subject_prefix)).await,
+            ),
+            None => None,
+        };
+        let daemon = Daemon::start(self.settings, self.state);
+        self.sim.wait_for_client(READY_WAIT).await.expect("the bridge connects to the simulator");
+        if let Some(sub) = &mut mqtt_online {
+            sub.expect(|m| &m.payload[..] == b"online", READY_WAIT).await;
+        }
+        if let Some(sub) = &mut nats_online {
+            sub.expect(|m| &m.payload[..] == b"online", READY_WAIT).await;
+        }
+        daemon
+    }
+}
+
 /// A bridge running in this process.
 pub struct Daemon {
     shutdown: CancellationToken,
@@ -52,6 +116,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A bridge against `sim` ([`settings`] with no broker yet), to be given brokers and started.
+    pub fn builder(sim: &Simulator) -> DaemonBuilder<'_> {
+        let (settings, state) = settings(sim, None, None);
+        DaemonBuilder { sim, mqtt: None, nats: None, settings, state }
+    }
+
     /// Starts the bridge with `settings`; `state` is kept alive as long as the daemon.
     pub fn start(settings: Settings, state: tempfile::TempDir) -> Self {
         let shutdown = CancellationToken::new();

@@ -147,7 +147,7 @@ pub(crate) fn frame_prompt_id(body: &FrameBody) -> Option<String> {
     id.filter(|s| !s.is_empty())
 }
 
-/// Routing for a prompt queued with or without `client_id` (PROTOCOL §3).
+/// Routing for a prompt queued with or without `client_id` (docs/PROTOCOL.md §3).
 pub(crate) fn route(body: &FrameBody, client_id: Option<&str>) -> Target {
     let kind = match body {
         FrameBody::Text(v) => v["type"].as_str().unwrap_or(""),

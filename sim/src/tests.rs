@@ -18,7 +18,7 @@ use super::{SimOptions, Simulator};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transcripts")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transcripts")
 }
 
 async fn start(speed: f64) -> Simulator {

@@ -3,7 +3,11 @@
 //! One TCP listener serves the ComfyUI HTTP API subset a bridge uses and `GET /ws`.
 //! Prompts posted to `/prompt` are answered from the recorded scenario whose prompt
 //! matches (else `a_success`, else the first), replayed with fresh prompt ids and routed
-//! like ComfyUI does (PROTOCOL §3). See [`Simulator`].
+//! like ComfyUI does (docs/PROTOCOL.md §3). See [`Simulator`].
+//!
+//! This crate imports nothing from the bridge. The bridge's binary ships it as `comfy-bridge simulate`
+//! ([`run_cli`]), and the bridge's tests use it as their ComfyUI. The built-in sessions are the workspace's
+//! `tests/fixtures/transcripts/*.jsonl`, embedded at compile time, so the binary replays them from any directory.
 
 mod frames;
 mod http;

@@ -11,6 +11,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
 use crate::commands::response::{Code, Failure};
+use crate::workflow::Edits;
 
 /// A JSON value whose outermost object, if it is one, keeps its keys in document order, duplicates included.
 /// Everything below is read with serde_json's own deserializer, so its recursion limit still applies.
@@ -114,7 +115,7 @@ pub(super) fn invalid(field: &str, message: String) -> Failure {
 }
 
 /// The fields of one request besides `id`, consumed as the command reads them.
-pub(super) struct Body {
+pub struct Body {
     command: &'static str,
     fields: Vec<(String, FieldValue)>,
 }
@@ -238,5 +239,30 @@ impl Body {
     /// The failure for a required field that is absent (or `null`).
     pub(super) fn missing(&self, name: &str) -> Failure {
         invalid(name, format!("`{}` needs `{name}`", self.command))
+    }
+}
+
+/// `merge`, `set` and `randomize`, whichever the command allowed (`queue` and `patch`).
+pub(super) fn edits(body: &mut Body) -> Result<Edits, Failure> {
+    let merge = body.object("merge")?.map(Value::Object);
+    let set = body.ordered_object("set")?.unwrap_or_default();
+    for (i, (key, _)) in set.iter().enumerate() {
+        check_target("set", key)?;
+        if set[..i].iter().any(|(earlier, _)| earlier == key) {
+            return Err(invalid("set", format!("`set` has the key `{key}` twice")));
+        }
+    }
+    let randomize = body.strings("randomize")?.unwrap_or_default();
+    for key in &randomize {
+        check_target("randomize", key)?;
+    }
+    Ok(Edits { merge, set, randomize })
+}
+
+/// A `"<node>.<input>"` key: split at the last `.`, neither side empty.
+fn check_target(field: &str, key: &str) -> Result<(), Failure> {
+    match key.rsplit_once('.') {
+        Some((node, input)) if !node.is_empty() && !input.is_empty() => Ok(()),
+        _ => Err(invalid(field, format!("`{field}` key `{key}` must be `<node>.<input>`"))),
     }
 }

@@ -40,7 +40,7 @@ pub(crate) fn server_features() -> Value {
     json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
 }
 
-/// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (PROTOCOL §11).
+/// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (docs/PROTOCOL.md §11).
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
     let delay = shared.http_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
     if delay > 0 {

@@ -1,5 +1,22 @@
-use super::*;
+//! Parsing every command from request bodies: the fixed order of checks, every malformed case's code and field,
+//! and properties over arbitrary input (the field names come from [`Command::FIELDS`], the one list in code).
+
+use base64::Engine as _;
+use bytes::Bytes;
 use proptest::prelude::*;
+use serde_json::Map;
+
+use super::cancel::Cancel;
+use super::clear::Clear;
+use super::free::Free;
+use super::interrupt::Interrupt;
+use super::patch::PatchTemplate;
+use super::queue::{QueuePrompt, Source};
+use super::status::Status;
+use super::templates::ListTemplates;
+use super::upload::{check_filename, parse_raw as parse_raw_upload, Upload, MAX_FILENAME_BYTES};
+use super::*;
+use crate::workflow::Edits;
 use proptest::{option, sample};
 
 const MAX: usize = 1 << 20;
@@ -25,17 +42,17 @@ fn object(value: Value) -> Map<String, Value> {
 #[test]
 fn every_command_parses_and_names_itself() {
     let cases: [(&str, &str, Command); 12] = [
-        ("templates", "", Command::Templates),
-        ("clear", " \r\n\t", Command::Clear),
-        ("status", r#"{"id": null}"#, Command::Status),
-        ("interrupt", "{}", Command::Interrupt { prompt_id: None }),
-        ("interrupt", r#"{"prompt_id": "p1"}"#, Command::Interrupt { prompt_id: Some("p1".into()) }),
-        ("cancel", r#"{"prompt_id": "p1"}"#, Command::Cancel { prompt_id: "p1".into() }),
-        ("free", "", Command::Free { unload_models: false, free_memory: false }),
+        ("templates", "", Command::Templates(ListTemplates)),
+        ("clear", " \r\n\t", Command::Clear(Clear)),
+        ("status", r#"{"id": null}"#, Command::Status(Status)),
+        ("interrupt", "{}", Command::Interrupt(Interrupt { prompt_id: None })),
+        ("interrupt", r#"{"prompt_id": "p1"}"#, Command::Interrupt(Interrupt { prompt_id: Some("p1".into()) })),
+        ("cancel", r#"{"prompt_id": "p1"}"#, Command::Cancel(Cancel { prompt_id: "p1".into() })),
+        ("free", "", Command::Free(Free { unload_models: false, free_memory: false })),
         (
             "free",
             r#"{"unload_models": true, "free_memory": null}"#,
-            Command::Free { unload_models: true, free_memory: false },
+            Command::Free(Free { unload_models: true, free_memory: false }),
         ),
         (
             "queue",
@@ -52,10 +69,10 @@ fn every_command_parses_and_names_itself() {
         (
             "patch",
             r#"{"template": "t", "merge": {"3": null}}"#,
-            Command::Patch {
+            Command::Patch(PatchTemplate {
                 template: "t".into(),
                 edits: Edits { merge: Some(json!({"3": null})), set: vec![], randomize: vec![] },
-            },
+            }),
         ),
         (
             "upload",
@@ -396,7 +413,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         "a patch needs an edit",
         |(template, set, merge)| {
             let edits = Edits { merge, set, randomize: Vec::new() };
-            (!edits.is_empty()).then_some(Command::Patch { template, edits })
+            (!edits.is_empty()).then_some(Command::Patch(PatchTemplate { template, edits }))
         },
     );
     let upload =
@@ -414,14 +431,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         arb_queue().prop_map(Command::Queue),
         patch,
-        Just(Command::Templates),
-        option::of(".{1,12}").prop_map(|prompt_id| Command::Interrupt { prompt_id }),
-        ".{1,12}".prop_map(|prompt_id| Command::Cancel { prompt_id }),
-        Just(Command::Clear),
-        Just(Command::Status),
+        Just(Command::Templates(ListTemplates)),
+        option::of(".{1,12}").prop_map(|prompt_id| Command::Interrupt(Interrupt { prompt_id })),
+        ".{1,12}".prop_map(|prompt_id| Command::Cancel(Cancel { prompt_id })),
+        Just(Command::Clear(Clear)),
+        Just(Command::Status(Status)),
         upload,
         (any::<bool>(), any::<bool>())
-            .prop_map(|(unload_models, free_memory)| Command::Free { unload_models, free_memory }),
+            .prop_map(|(unload_models, free_memory)| Command::Free(Free { unload_models, free_memory })),
     ]
 }
 
@@ -459,23 +476,25 @@ fn encode(request: &Request) -> String {
             fields.extend(q.partial_execution_targets.as_ref().map(|t| ("partial_execution_targets".into(), json!(t))));
             fields.extend(q.extra_data.as_ref().map(|e| ("extra_data".into(), Value::Object(e.clone()))));
         }
-        Command::Patch { template, edits } => {
+        Command::Patch(PatchTemplate { template, edits }) => {
             fields.push(("template".into(), json!(template)));
             edits_fields(edits, &mut fields);
         }
-        Command::Interrupt { prompt_id } => fields.extend(prompt_id.as_ref().map(|p| ("prompt_id".into(), json!(p)))),
-        Command::Cancel { prompt_id } => fields.push(("prompt_id".into(), json!(prompt_id))),
+        Command::Interrupt(Interrupt { prompt_id }) => {
+            fields.extend(prompt_id.as_ref().map(|p| ("prompt_id".into(), json!(p))))
+        }
+        Command::Cancel(Cancel { prompt_id }) => fields.push(("prompt_id".into(), json!(prompt_id))),
         Command::Upload(u) => {
             fields.push(("filename".into(), json!(u.filename)));
             fields.push(("data_base64".into(), json!(general_purpose_standard(&u.data))));
             fields.push(("subfolder".into(), json!(u.subfolder)));
             fields.push(("overwrite".into(), json!(u.overwrite)));
         }
-        Command::Free { unload_models, free_memory } => {
+        Command::Free(Free { unload_models, free_memory }) => {
             fields.push(("unload_models".into(), json!(unload_models)));
             fields.push(("free_memory".into(), json!(free_memory)));
         }
-        Command::Templates | Command::Clear | Command::Status => {}
+        Command::Templates(_) | Command::Clear(_) | Command::Status(_) => {}
     }
     let entries: Vec<_> = fields
         .iter()
@@ -491,27 +510,19 @@ fn general_purpose_standard(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// `id` and every field any command takes, from [`Command::FIELDS`]: a field added to a command is fuzzed too.
+fn known_fields() -> Vec<&'static str> {
+    let mut known = vec!["id"];
+    for field in Command::FIELDS.iter().flat_map(|(_, fields)| fields.iter()) {
+        if !known.contains(field) {
+            known.push(field);
+        }
+    }
+    known
+}
+
 fn field_name() -> impl Strategy<Value = String> {
-    const KNOWN: &[&str] = &[
-        "id",
-        "workflow",
-        "template",
-        "set",
-        "merge",
-        "randomize",
-        "front",
-        "number",
-        "partial_execution_targets",
-        "extra_data",
-        "prompt_id",
-        "filename",
-        "data_base64",
-        "subfolder",
-        "overwrite",
-        "unload_models",
-        "free_memory",
-    ];
-    prop_oneof![3 => sample::select(KNOWN).prop_map(String::from), 1 => ".{0,8}"]
+    prop_oneof![3 => sample::select(known_fields()).prop_map(String::from), 1 => ".{0,8}"]
 }
 
 fn command_name() -> impl Strategy<Value = String> {
@@ -570,7 +581,7 @@ fn paths_name_their_command_and_oversized_payloads_are_refused_by_their_size() {
     let raw = parse_path("upload/cat=2Epng", Bytes::from_static(b"png"), 3, MAX).expect("raw upload");
     assert!(matches!(raw.command, Command::Upload(Upload { ref filename, .. }) if filename == "cat.png"));
     let status = parse_path("status", Bytes::from_static(br#"{"id":"s"}"#), 10, MAX).expect("status");
-    assert_eq!((status.id.as_deref(), status.command), (Some("s"), Command::Status));
+    assert_eq!((status.id.as_deref(), status.command), (Some("s"), Command::Status(Status)));
     let dropped = parse_path("status", Bytes::new(), MAX + 1, MAX).expect_err("too large");
     assert_eq!(dropped.failure.code, Code::PayloadTooLarge);
     assert_eq!(dropped.failure.details.as_ref().map(|d| d["bytes"].clone()), Some(json!(MAX + 1)));
