@@ -134,6 +134,18 @@ impl WsClient {
         };
         let tx = &self.inbound_tx;
         let in_flight = || self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inbound = inbound;
+        // Room in the channel and in the byte budget is the usual case: one lock, no future.
+        {
+            let mut guard = in_flight();
+            if guard.admits(size, tx.max_capacity() - tx.capacity(), INBOUND_MAX_BYTES) {
+                match tx.try_send(inbound) {
+                    Ok(()) => return guard.sent(size),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(back)) => inbound = back,
+                }
+            }
+        }
         while !in_flight().admits(size, tx.max_capacity() - tx.capacity(), INBOUND_MAX_BYTES) && !tx.is_closed() {
             tokio::time::sleep(INBOUND_POLL).await;
         }
@@ -211,10 +223,13 @@ impl WsClient {
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = tokio::time::Instant::now();
+        // One waiter for the whole connection, not one per frame.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = &mut cancelled => return Ok(()),
                 _ = ping.tick() => {
                     if last_seen.elapsed() > self.ping_interval * 2 {
                         return Err(WsError::PongTimeout(self.ping_interval * 2));
