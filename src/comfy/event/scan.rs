@@ -45,56 +45,38 @@ const STRING_CLASS: [u8; 256] = {
 /// must decide.
 pub(super) fn frame(text: &str) -> Option<Frame<'_>> {
     let mut s = Scanner { text, bytes: text.as_bytes(), at: 0 };
-    let mut found = None;
+    let (mut kind, mut data, mut found) = (None, None, None);
     s.whitespace();
     if s.peek()? != b'{' {
         return None;
     }
-    s.at += 1;
-    let (mut kind, mut data) = (None, None);
-    s.whitespace();
-    if s.peek()? != b'}' {
-        loop {
-            let key = s.string()?;
-            if key.escaped {
-                return None;
-            }
-            s.whitespace();
-            s.expect(b':')?;
-            s.whitespace();
-            let start = s.at;
-            match &text[key.inner()] {
-                "type" => {
-                    let value = s.string()?;
-                    if kind.is_some() || value.escaped {
-                        return None;
-                    }
-                    kind = Some(value.inner());
-                }
-                "data" => {
-                    match s.peek()? {
-                        b'{' => found = Some(s.members()?),
-                        _ => s.value(0)?,
-                    }
-                    if data.is_some() {
-                        return None;
-                    }
-                    data = Some(start..s.at);
-                }
-                _ => s.value(0)?,
-            }
-            s.whitespace();
-            match s.peek()? {
-                b',' => {
-                    s.at += 1;
-                    s.whitespace();
-                }
-                b'}' => break,
-                _ => return None,
-            }
+    s.members(|s, key| {
+        if key.escaped {
+            return None;
         }
-    }
-    s.at += 1;
+        let start = s.at;
+        match &text[key.inner()] {
+            "type" => {
+                let value = s.string()?;
+                if kind.is_some() || value.escaped {
+                    return None;
+                }
+                kind = Some(value.inner());
+            }
+            "data" => {
+                match s.peek()? {
+                    b'{' => found = Some(s.fields()?),
+                    _ => s.value(0)?,
+                }
+                if data.is_some() {
+                    return None;
+                }
+                data = Some(start..s.at);
+            }
+            _ => s.value(0)?,
+        }
+        Some(())
+    })?;
     s.whitespace();
     if s.at != s.bytes.len() {
         return None;
@@ -125,35 +107,50 @@ struct Scanner<'a> {
 impl<'a> Scanner<'a> {
     /// `data`'s object, noting the routing fields among its members: `Some(None)` when a key has escapes (the
     /// caller then reads the fields the slow way); `None` when it is not valid.
-    fn members(&mut self) -> Option<Option<Found<'a>>> {
+    fn fields(&mut self) -> Option<Option<Found<'a>>> {
         let mut found = Some(Found::default());
+        self.members(|s, key| {
+            let start = s.at;
+            s.value(1)?;
+            match (&mut found, key.escaped) {
+                (Some(found), false) => found.member(s.text.get(key.inner())?, s.text.get(start..s.at)?),
+                _ => found = None,
+            }
+            Some(())
+        })?;
+        Some(found)
+    }
+
+    /// An object from its `{`: for each member, its key, and `value` reads the value.
+    fn members(&mut self, mut value: impl FnMut(&mut Self, Str) -> Option<()>) -> Option<()> {
+        self.sequence(b'}', |s| {
+            let key = s.string()?;
+            s.whitespace();
+            s.expect(b':')?;
+            s.whitespace();
+            value(s, key)
+        })
+    }
+
+    /// From an opening bracket: `item`s separated by commas, up to `close`.
+    fn sequence(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.at += 1;
         self.whitespace();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.at += 1;
-            return Some(found);
+            return Some(());
         }
         loop {
-            let key = self.string()?;
-            self.whitespace();
-            self.expect(b':')?;
-            self.whitespace();
-            let start = self.at;
-            self.value(1)?;
-            if key.escaped {
-                found = None;
-            } else if let Some(found) = &mut found {
-                found.member(self.text.get(key.inner())?, self.text.get(start..self.at)?);
-            }
+            item(self)?;
             self.whitespace();
             match self.peek()? {
                 b',' => {
                     self.at += 1;
                     self.whitespace();
                 }
-                b'}' => {
+                b if b == close => {
                     self.at += 1;
-                    return Some(found);
+                    return Some(());
                 }
                 _ => return None,
             }
@@ -260,57 +257,13 @@ impl<'a> Scanner<'a> {
         if depth > MAX_DEPTH {
             return None;
         }
-        self.at += 1;
-        self.whitespace();
-        if self.peek()? == b'}' {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            self.string()?;
-            self.whitespace();
-            self.expect(b':')?;
-            self.whitespace();
-            self.value(depth)?;
-            self.whitespace();
-            match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.whitespace();
-                }
-                b'}' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+        self.members(|s, _| s.value(depth))
     }
 
     fn array(&mut self, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }
-        self.at += 1;
-        self.whitespace();
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            self.value(depth)?;
-            self.whitespace();
-            match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.whitespace();
-                }
-                b']' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+        self.sequence(b']', |s| s.value(depth))
     }
 }
