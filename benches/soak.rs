@@ -168,9 +168,10 @@ async fn soak(length: Duration) {
         let url = nats_url.clone();
         let faults = faults.clone();
         tokio::spawn(async move {
-            let (mut answered, mut lost) = (HashSet::new(), 0u64);
+            let (mut answered, mut lost, mut retried) = (HashSet::new(), 0u64, 0u64);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut client = None;
+            let mut n = 0u64;
             while started.elapsed() < length {
                 tick.tick().await;
                 if client.is_none() {
@@ -178,19 +179,33 @@ async fn soak(length: Duration) {
                 }
                 let Some(c) = &client else { continue };
                 let sent = started.elapsed();
-                let ask = c.request("comfyui.soak.request.queue".to_string(), r#"{"template":"probe"}"#.into());
-                match tokio::time::timeout(Duration::from_secs(5), ask).await {
-                    Ok(Ok(reply)) => {
+                n += 1;
+                // As a careful client does: an id, and one retry with the same id when no answer comes (core NATS
+                // is at most once; the id makes the retry safe: it queues nothing twice).
+                let body = format!(r#"{{"id":"soak-{n}","template":"probe"}}"#);
+                let mut reply = None;
+                for attempt in 0..2 {
+                    let ask = c.request("comfyui.soak.request.queue".to_string(), body.clone().into());
+                    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), ask).await {
+                        reply = Some(r);
+                        break;
+                    }
+                    if attempt == 0 && !faults.near(sent) {
+                        retried += 1;
+                    }
+                }
+                match reply {
+                    Some(reply) => {
                         let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
                         if let Some(id) = v["data"]["prompt_id"].as_str() {
                             answered.insert(id.to_string());
                         }
                     }
-                    _ if faults.near(sent) => {}
-                    _ => lost += 1,
+                    None if faults.near(sent) => {}
+                    None => lost += 1,
                 }
             }
-            (answered, lost)
+            (answered, lost, retried)
         })
     };
 
@@ -325,7 +340,7 @@ async fn soak(length: Duration) {
             next_fault += Duration::from_secs(60);
         }
     }
-    let (answered, queue_lost) = queued.await.expect("queue task");
+    let (answered, queue_lost, queue_retried) = queued.await.expect("queue task");
     let _ = load.await;
     // Let the last prompts finish and their results (and responses) arrive.
     let drain = Instant::now();
@@ -348,7 +363,8 @@ async fn soak(length: Duration) {
     let last = samples.last().copied().unwrap_or(0);
     println!(
         "\nsoak {:.0} min: prompts answered {}, results missing {missing}; queue requests unanswered away from faults \
-         {queue_lost}; status requests unanswered away from faults {unanswered}; messages planted on victim topics \
+         {queue_lost} (answered only on the retry with the same id: {queue_retried}); status requests unanswered \
+         away from faults {unanswered}; messages planted on victim topics \
          {} (mqtt) + {planted_nats} (nats); bridge alive until the end: {alive}; RSS at 30 s {:.1} MB, peak {:.1} MB, \
          last {:.1} MB",
         length.as_secs_f64() / 60.0,
