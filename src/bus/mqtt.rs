@@ -236,7 +236,7 @@ impl Publisher {
         };
         Self {
             client,
-            base: settings.mqtt.base_topic.clone(),
+            topics: topics::Renderer::new(&settings.mqtt.base_topic, settings.mqtt.max_topic_bytes),
             max_packet_bytes: settings.mqtt.max_packet_bytes,
             max_topic_bytes: settings.mqtt.max_topic_bytes,
             delivery: Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits, &settings.bridge.instance),
@@ -424,7 +424,8 @@ async fn poll(
 /// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
 struct Publisher {
     client: Client,
-    base: String,
+    /// Routes under the base topic, checked against `max_topic_bytes`.
+    topics: topics::Renderer,
     max_packet_bytes: usize,
     max_topic_bytes: usize,
     delivery: Delivery,
@@ -502,14 +503,19 @@ impl Publisher {
     /// take is that message's failure (dropped and counted); only a full request channel is retried.
     fn pump(&mut self) {
         while let Some(msg) = self.delivery.next_to_send() {
-            let (topic, correlation) = match &msg.reply {
-                Some(reply) => (reply.to.clone(), reply.correlation.clone()),
-                None => (msg.route.mqtt_topic(&self.base), None),
+            let checked = match &msg.reply {
+                Some(reply) => topics::check_mqtt_topic(&reply.to, self.max_topic_bytes)
+                    .map(|()| (reply.to.clone(), reply.correlation.clone())),
+                // Written and checked once per route, however many messages share it.
+                None => self.topics.mqtt(&msg.route).map(|topic| (topic, None)),
             };
-            if let Err(refusal) = topics::check_mqtt_topic(&topic, self.max_topic_bytes) {
-                self.delivery.refused(msg, refusal.reason());
-                continue;
-            }
+            let (topic, correlation) = match checked {
+                Ok(checked) => checked,
+                Err(refusal) => {
+                    self.delivery.refused(msg, refusal.reason());
+                    continue;
+                }
+            };
             let extra = correlation.as_ref().map_or(0, Bytes::len);
             if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
                 self.delivery.refused(msg, "too_large");

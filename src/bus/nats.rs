@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{client::PublishErrorKind, ConnectOptions, Event, HeaderMap};
+use async_nats::{client::PublishErrorKind, ConnectOptions, Event, HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
@@ -78,7 +78,7 @@ pub async fn spawn(
         settings: settings.clone(),
         marker: None,
         delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
-        prefix: cfg.subject_prefix.clone(),
+        subjects: topics::Renderer::new(&cfg.subject_prefix, cfg.max_subject_bytes),
         max_subject_bytes: cfg.max_subject_bytes,
         timeout: Duration::from_millis(cfg.publish_timeout_ms.max(10)),
         grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
@@ -202,7 +202,8 @@ struct Publisher {
     settings: Settings,
     marker: Option<Marker>,
     delivery: Delivery,
-    prefix: String,
+    /// Routes under the subject prefix, checked against `max_subject_bytes`.
+    subjects: topics::Renderer,
     max_subject_bytes: usize,
     timeout: Duration,
     grace: Duration,
@@ -360,13 +361,18 @@ impl Publisher {
         let max_payload = self.client.server_info().max_payload;
         while let Some(msg) = self.delivery.next_to_send() {
             let subject = match &msg.reply {
-                Some(reply) => reply.to.clone(),
-                None => msg.route.nats_subject(&self.prefix),
+                Some(reply) => topics::check_nats_subject(&reply.to, 0, self.max_subject_bytes)
+                    .map(|()| Subject::from(reply.to.as_str())),
+                // Written and checked once per route, however many messages share it.
+                None => self.subjects.nats(&msg.route),
             };
-            if let Err(refusal) = topics::check_nats_subject(&subject, 0, self.max_subject_bytes) {
-                self.delivery.refused(msg, refusal.reason());
-                continue;
-            }
+            let subject = match subject {
+                Ok(subject) => subject,
+                Err(refusal) => {
+                    self.delivery.refused(msg, refusal.reason());
+                    continue;
+                }
+            };
             if max_payload > 0 && msg.payload.len() + header_bytes(&msg) > max_payload {
                 self.delivery.refused(msg, "too_large");
                 continue;

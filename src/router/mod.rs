@@ -41,6 +41,78 @@ pub struct Router {
     device: Option<Device>,
     /// ComfyUI's `queue_remaining`, from the latest `status`.
     queue_remaining: u64,
+    /// Routes of recent text events, so the many events of one node share one route (and each bus writes
+    /// its topic once).
+    routes: RouteCache,
+    /// `preview`, the latest preview of any node.
+    latest_preview: Route,
+}
+
+/// A small direct-mapped cache of event routes by (type, prompt id, node id): [`ROUTE_SLOTS`] entries, each
+/// holding its full key, so a collision only costs a fresh route. Ids longer than [`ROUTE_KEY_MAX`] are
+/// never kept.
+struct RouteCache {
+    slots: Vec<Option<CachedRoute>>,
+}
+
+struct CachedRoute {
+    kind: String,
+    prompt_id: Option<String>,
+    node_id: Option<String>,
+    route: Route,
+}
+
+/// Entries of the route cache: enough for many prompts interleaved, each with the few event types of its
+/// running node.
+const ROUTE_SLOTS: usize = 256;
+
+/// Longest type, prompt id or node id whose route is cached.
+const ROUTE_KEY_MAX: usize = 128;
+
+impl RouteCache {
+    fn new() -> Self {
+        Self { slots: (0..ROUTE_SLOTS).map(|_| None).collect() }
+    }
+
+    /// The route of a text event, from the cache when the same type, prompt and node came recently.
+    fn for_event(&mut self, instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Route {
+        let long = |s: Option<&str>| s.is_some_and(|s| s.len() > ROUTE_KEY_MAX);
+        if kind.len() > ROUTE_KEY_MAX || long(prompt_id) || long(node_id) {
+            return Route::for_event(instance, kind, prompt_id, node_id);
+        }
+        let slot = &mut self.slots[route_slot(kind, prompt_id, node_id)];
+        if let Some(hit) = slot
+            .as_ref()
+            .filter(|c| c.kind == kind && c.prompt_id.as_deref() == prompt_id && c.node_id.as_deref() == node_id)
+        {
+            return hit.route.clone();
+        }
+        let route = Route::for_event(instance, kind, prompt_id, node_id);
+        *slot = Some(CachedRoute {
+            kind: kind.to_string(),
+            prompt_id: prompt_id.map(str::to_string),
+            node_id: node_id.map(str::to_string),
+            route: route.clone(),
+        });
+        route
+    }
+}
+
+/// The cache slot of a key: a cheap mix of the lengths and the last (most varying) bytes of each part. Only
+/// speed depends on it; any key may land anywhere.
+fn route_slot(kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> usize {
+    let tail = |s: &str| {
+        let b = s.as_bytes();
+        let mut word = [0u8; 8];
+        let n = b.len().min(8);
+        word[..n].copy_from_slice(&b[b.len() - n..]);
+        u64::from_le_bytes(word) ^ ((b.len() as u64) << 56)
+    };
+    let mut h = tail(kind);
+    for part in [prompt_id, node_id] {
+        h = (h.rotate_left(23) ^ part.map_or(0x9e37, tail)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    (h >> 32) as usize % ROUTE_SLOTS
 }
 
 /// The Home Assistant device state: what the last result said, and what was last published, when.
@@ -77,6 +149,8 @@ impl Router {
             work: Work::default(),
             device: (settings.homeassistant.enabled && settings.mqtt.enabled).then(Device::default),
             queue_remaining: 0,
+            routes: RouteCache::new(),
+            latest_preview: Route::fixed(&settings.bridge.instance, &[topics::PREVIEW]),
         }
     }
 
@@ -255,7 +329,7 @@ impl Router {
         let effects = self.tracker.on_event(event, ts, now);
         let prompt_id = event.prompt_id.as_deref();
         let node_id = event.node_id.as_deref();
-        let route = Route::for_event(&self.instance, &event.kind_name, prompt_id, node_id);
+        let route = self.routes.for_event(&self.instance, &event.kind_name, prompt_id, node_id);
         let span = tracing::debug_span!("event", kind = %event.kind_name, prompt_id, node_id, seq = self.seq);
         let _entered = span.enter();
         let payload = self.envelope(&event.kind_name, &event.data, prompt_id, node_id, ts);
@@ -386,7 +460,7 @@ impl Router {
         if let (Some(pid), Some(nid)) = (&prompt_id, &node_id) {
             out.push(preview(Route::for_node(&self.instance, pid, nid, topics::PREVIEW)));
         }
-        out.push(preview(Route::fixed(&self.instance, &[topics::PREVIEW])));
+        out.push(preview(self.latest_preview.clone()));
         out
     }
 
