@@ -198,6 +198,12 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
                 };
                 let want = serde_json::to_vec(&envelope).expect("serialises");
                 assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+                // The same through the route cache: made on the first event of a key, reused on the next.
+                for _ in 0..2 {
+                    let (route, cached) = router.event_message(text, &data, pid, nid, ts);
+                    assert_eq!(String::from_utf8_lossy(&cached), String::from_utf8_lossy(&want));
+                    assert_eq!(route, Route::for_event(instance, text, pid, nid));
+                }
             }
         }
     }
