@@ -98,6 +98,9 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
+        // Every subject the bridge publishes to passed `topics::check_nats_subject` (no whitespace or control
+        // bytes, which is all the client checks), once per route: no second scan per message.
+        .skip_subject_validation(true)
         .name(format!("comfy-bridge-{}", settings.bridge.instance))
         .event_callback(move |event| {
             let event_tx = event_tx.clone();
