@@ -446,6 +446,7 @@ impl Publisher {
     ) {
         let period = Duration::from_secs(u64::from(self.online_expiry.unwrap_or(u32::MAX / 2) / 2).max(1));
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut incoming = Vec::with_capacity(super::INTAKE);
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -455,9 +456,11 @@ impl Publisher {
                     Some(event) => self.on_loop_event(event),
                     None => return,
                 },
-                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
-                    Some(msg) => self.delivery.push(msg),
-                    None => break,
+                // Everything waiting (up to the room there is) in one call, not one receive per message.
+                n = outbound_rx.recv_many(&mut incoming, self.delivery.room().min(super::INTAKE)),
+                    if self.delivery.accepting() => match n {
+                    0 => break,
+                    _ => incoming.drain(..).for_each(|msg| self.delivery.push(msg)),
                 },
                 _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => {}
                 _ = refresh.tick(), if self.online_expiry.is_some() => self.delivery.refresh_online(),

@@ -220,6 +220,7 @@ struct Publisher {
 
 impl Publisher {
     async fn run(mut self, mut event_rx: mpsc::Receiver<Event>, mut outbound_rx: mpsc::Receiver<Arc<Outbound>>) {
+        let mut incoming = Vec::with_capacity(super::INTAKE);
         let mut retry = tokio::time::interval(Duration::from_millis(250));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if self.client_connected() {
@@ -236,9 +237,11 @@ impl Publisher {
                         self.on_lost();
                     }
                 },
-                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
-                    Some(msg) => self.delivery.push(msg),
-                    None => break,
+                // Everything waiting (up to the room there is) in one call, not one receive per message.
+                n = outbound_rx.recv_many(&mut incoming, self.delivery.room().min(super::INTAKE)),
+                    if self.delivery.accepting() => match n {
+                    0 => break,
+                    _ => incoming.drain(..).for_each(|msg| self.delivery.push(msg)),
                 },
                 _ = retry.tick(), if self.dead || !self.delivery.is_idle() => {}
             }
