@@ -378,11 +378,14 @@ async fn poll(
     max_ms: u64,
 ) {
     let mut attempt = 0;
+    // One wait for the publisher to go, for the task's whole life (not a new one per packet).
+    let closed = tx.closed();
+    tokio::pin!(closed);
     loop {
         let polled = tokio::select! {
             polled = eventloop.next() => polled,
             // The publisher is gone (shutdown): no reconnecting to a broker nobody publishes to.
-            _ = tx.closed() => break,
+            _ = &mut closed => break,
         };
         let event = match polled {
             Polled::Event(event) => event,
@@ -401,7 +404,7 @@ async fn poll(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff::delay(attempt, max_ms)) => {}
-                    _ = tx.closed() => break,
+                    _ = &mut closed => break,
                 }
                 // Only now: the publisher has seen `Disconnected` and stopped handing over, so whatever it
                 // handed over before that (still in rumqttc's channel) is forgotten too and redelivered once,
