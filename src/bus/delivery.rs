@@ -107,6 +107,15 @@ impl Delivery {
         !self.connected || self.outbox.len() < HIGH_WATER
     }
 
+    /// How many more messages to take from the router now: up to [`HIGH_WATER`] waiting while connected,
+    /// any number while not (the outbox's own bounds apply). Nonzero exactly when [`Delivery::accepting`].
+    pub fn room(&self) -> usize {
+        match self.connected {
+            true => HIGH_WATER.saturating_sub(self.outbox.len()),
+            false => usize::MAX,
+        }
+    }
+
     /// Connected to the broker.
     pub fn is_connected(&self) -> bool {
         self.connected
@@ -496,8 +505,14 @@ mod tests {
             d.push(event(&i.to_string()));
         }
         assert!(d.accepting(), "while the broker is away the outbox takes everything");
+        assert!(d.room() > HIGH_WATER);
         d.on_connected();
         assert!(!d.accepting());
+        assert_eq!(d.room(), 0, "nothing more taken at the high-water mark");
+        let _ = d.next_to_send();
+        let _ = d.next_to_send();
+        assert!(d.accepting());
+        assert_eq!(d.room(), 1, "the room is what is left below the mark ({} wait)", d.waiting());
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub use outbox::Outbox;
 /// so a slow broker slows the reading of ComfyUI's WebSocket instead of losing events. While the broker is
 /// away the outbox takes everything and its drop rule applies.
 pub const HIGH_WATER: usize = 1024;
+/// Most messages a publisher takes from its channel at once.
+pub const INTAKE: usize = 256;
 pub use topics::Route;
 
 /// How a message may be treated under pressure.

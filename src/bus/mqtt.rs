@@ -237,7 +237,7 @@ impl Publisher {
         };
         Self {
             client,
-            base: settings.mqtt.base_topic.clone(),
+            topics: topics::Renderer::new(&settings.mqtt.base_topic, settings.mqtt.max_topic_bytes),
             max_packet_bytes: settings.mqtt.max_packet_bytes,
             max_topic_bytes: settings.mqtt.max_topic_bytes,
             delivery: Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits, &settings.bridge.instance),
@@ -379,11 +379,14 @@ async fn poll(
     max_ms: u64,
 ) {
     let mut attempt = 0;
+    // One wait for the publisher to go, for the task's whole life (not a new one per packet).
+    let closed = tx.closed();
+    tokio::pin!(closed);
     loop {
         let polled = tokio::select! {
             polled = eventloop.next() => polled,
             // The publisher is gone (shutdown): no reconnecting to a broker nobody publishes to.
-            _ = tx.closed() => break,
+            _ = &mut closed => break,
         };
         let event = match polled {
             Polled::Event(event) => event,
@@ -402,7 +405,7 @@ async fn poll(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff::delay(attempt, max_ms)) => {}
-                    _ = tx.closed() => break,
+                    _ = &mut closed => break,
                 }
                 // Only now: the publisher has seen `Disconnected` and stopped handing over, so whatever it
                 // handed over before that (still in rumqttc's channel) is forgotten too and redelivered once,
@@ -425,7 +428,8 @@ async fn poll(
 /// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
 struct Publisher {
     client: Client,
-    base: String,
+    /// Routes under the base topic, checked against `max_topic_bytes`.
+    topics: topics::Renderer,
     max_packet_bytes: usize,
     max_topic_bytes: usize,
     delivery: Delivery,
@@ -446,6 +450,7 @@ impl Publisher {
     ) {
         let period = Duration::from_secs(u64::from(self.online_expiry.unwrap_or(u32::MAX / 2) / 2).max(1));
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut incoming = Vec::with_capacity(super::INTAKE);
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -455,9 +460,11 @@ impl Publisher {
                     Some(event) => self.on_loop_event(event),
                     None => return,
                 },
-                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
-                    Some(msg) => self.delivery.push(msg),
-                    None => break,
+                // Everything waiting (up to the room there is) in one call, not one receive per message.
+                n = outbound_rx.recv_many(&mut incoming, self.delivery.room().min(super::INTAKE)),
+                    if self.delivery.accepting() => match n {
+                    0 => break,
+                    _ => incoming.drain(..).for_each(|msg| self.delivery.push(msg)),
                 },
                 _ = tokio::time::sleep(RETRY_FULL), if self.delivery.is_blocked() => {}
                 _ = refresh.tick(), if self.online_expiry.is_some() => self.delivery.refresh_online(),
@@ -503,14 +510,19 @@ impl Publisher {
     /// take is that message's failure (dropped and counted); only a full request channel is retried.
     fn pump(&mut self) {
         while let Some(msg) = self.delivery.next_to_send() {
-            let (topic, correlation) = match &msg.reply {
-                Some(reply) => (reply.to.clone(), reply.correlation.clone()),
-                None => (msg.route.mqtt_topic(&self.base), None),
+            let checked = match &msg.reply {
+                Some(reply) => topics::check_mqtt_topic(&reply.to, self.max_topic_bytes)
+                    .map(|()| (reply.to.clone(), reply.correlation.clone())),
+                // Written and checked once per route, however many messages share it.
+                None => self.topics.mqtt(&msg.route).map(|topic| (topic, None)),
             };
-            if let Err(refusal) = topics::check_mqtt_topic(&topic, self.max_topic_bytes) {
-                self.delivery.refused(msg, refusal.reason());
-                continue;
-            }
+            let (topic, correlation) = match checked {
+                Ok(checked) => checked,
+                Err(refusal) => {
+                    self.delivery.refused(msg, refusal.reason());
+                    continue;
+                }
+            };
             let extra = correlation.as_ref().map_or(0, Bytes::len);
             if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
                 self.delivery.refused(msg, "too_large");

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{client::PublishErrorKind, ConnectOptions, Event, HeaderMap};
+use async_nats::{client::PublishErrorKind, ConnectOptions, Event, HeaderMap, Subject};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
@@ -78,7 +78,7 @@ pub async fn spawn(
         settings: settings.clone(),
         marker: None,
         delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
-        prefix: cfg.subject_prefix.clone(),
+        subjects: topics::Renderer::new(&cfg.subject_prefix, cfg.max_subject_bytes),
         max_subject_bytes: cfg.max_subject_bytes,
         timeout: Duration::from_millis(cfg.publish_timeout_ms.max(10)),
         grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
@@ -98,6 +98,9 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
+        // Every subject the bridge publishes to passed `topics::check_nats_subject` (no whitespace or control
+        // bytes, which is all the client checks), once per route: no second scan per message.
+        .skip_subject_validation(true)
         .name(format!("comfy-bridge-{}", settings.bridge.instance))
         .event_callback(move |event| {
             let event_tx = event_tx.clone();
@@ -200,7 +203,8 @@ struct Publisher {
     settings: Settings,
     marker: Option<Marker>,
     delivery: Delivery,
-    prefix: String,
+    /// Routes under the subject prefix, checked against `max_subject_bytes`.
+    subjects: topics::Renderer,
     max_subject_bytes: usize,
     timeout: Duration,
     grace: Duration,
@@ -214,6 +218,7 @@ struct Publisher {
 
 impl Publisher {
     async fn run(mut self, mut event_rx: mpsc::Receiver<Event>, mut outbound_rx: mpsc::Receiver<Arc<Outbound>>) {
+        let mut incoming = Vec::with_capacity(super::INTAKE);
         let mut retry = tokio::time::interval(Duration::from_millis(250));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if self.client_connected() {
@@ -230,9 +235,11 @@ impl Publisher {
                         self.on_lost();
                     }
                 },
-                msg = outbound_rx.recv(), if self.delivery.accepting() => match msg {
-                    Some(msg) => self.delivery.push(msg),
-                    None => break,
+                // Everything waiting (up to the room there is) in one call, not one receive per message.
+                n = outbound_rx.recv_many(&mut incoming, self.delivery.room().min(super::INTAKE)),
+                    if self.delivery.accepting() => match n {
+                    0 => break,
+                    _ => incoming.drain(..).for_each(|msg| self.delivery.push(msg)),
                 },
                 _ = retry.tick(), if self.dead || !self.delivery.is_idle() => {}
             }
@@ -358,13 +365,18 @@ impl Publisher {
         let max_payload = self.client.server_info().max_payload;
         while let Some(msg) = self.delivery.next_to_send() {
             let subject = match &msg.reply {
-                Some(reply) => reply.to.clone(),
-                None => msg.route.nats_subject(&self.prefix),
+                Some(reply) => topics::check_nats_subject(&reply.to, 0, self.max_subject_bytes)
+                    .map(|()| Subject::from(reply.to.as_str())),
+                // Written and checked once per route, however many messages share it.
+                None => self.subjects.nats(&msg.route),
             };
-            if let Err(refusal) = topics::check_nats_subject(&subject, 0, self.max_subject_bytes) {
-                self.delivery.refused(msg, refusal.reason());
-                continue;
-            }
+            let subject = match subject {
+                Ok(subject) => subject,
+                Err(refusal) => {
+                    self.delivery.refused(msg, refusal.reason());
+                    continue;
+                }
+            };
             if max_payload > 0 && msg.payload.len() + header_bytes(&msg) > max_payload {
                 self.delivery.refused(msg, "too_large");
                 continue;

@@ -11,6 +11,10 @@
 //! dropped and counted, never handed to a client that would write a malformed packet.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use async_nats::Subject;
 
 /// Level for bridge availability.
 pub const BRIDGE: &str = "bridge";
@@ -56,120 +60,216 @@ pub const NATS_CONTROL_OVERHEAD: usize = 64;
 
 /// A destination below the base topic / subject prefix: escaped levels starting with the instance, kept
 /// joined by `/` (escaped levels never contain `/` or `.`, so either separator can be swapped in cheaply).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Route(String);
+///
+/// Cloning shares it (a reference count), and it remembers what the first MQTT and the first NATS
+/// [`Renderer`] made of it: a route the router reuses for many messages (every progress tick of one node)
+/// is written and checked once per bus, not once per message.
+#[derive(Clone)]
+pub struct Route(Arc<Levels>);
+
+struct Levels {
+    path: String,
+    mqtt: OnceLock<Rendered<String>>,
+    nats: OnceLock<Rendered<Subject>>,
+}
+
+/// A route as one renderer wrote it, valid or refused.
+struct Rendered<T> {
+    by: u64,
+    value: Result<T, Refusal>,
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Route").field(&self.as_str()).finish()
+    }
+}
+
+/// A route being built.
+struct Builder(String);
+
+impl Builder {
+    /// `instance` alone, with room for `more` bytes of levels.
+    fn new(instance: &str, more: usize) -> Self {
+        let mut path = String::with_capacity(instance.len() + more);
+        path.push_str(instance);
+        Self(path)
+    }
+
+    fn fixed(mut self, level: &str) -> Self {
+        self.0.push('/');
+        self.0.push_str(level);
+        self
+    }
+
+    fn escaped(mut self, level: &str) -> Self {
+        self.0.push('/');
+        escape_into(level, &mut self.0);
+        self
+    }
+
+    fn done(self) -> Route {
+        Route(Arc::new(Levels { path: self.0, mqtt: OnceLock::new(), nats: OnceLock::new() }))
+    }
+}
 
 impl Route {
     /// A route under `instance` made of fixed levels (never escaped: they are our own constants).
     pub fn fixed(instance: &str, levels: &[&str]) -> Self {
         let len = levels.iter().map(|l| l.len() + 1).sum::<usize>();
-        let mut route = Self::with_room(instance, len);
-        for level in levels {
-            route.push_fixed(level);
-        }
-        route
-    }
-
-    /// `instance` alone, with room for `more` bytes of levels.
-    fn with_room(instance: &str, more: usize) -> Self {
-        let mut route = Self(String::with_capacity(instance.len() + more));
-        route.0.push_str(instance);
-        route
+        levels.iter().fold(Builder::new(instance, len), |b, level| b.fixed(level)).done()
     }
 
     /// The route of a text event: by prompt and node when the data names them (docs/INTERFACE.md §2).
     pub fn for_event(instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Self {
         // Room for the fixed levels and separators, and the ids when they need no escaping (the usual case).
         let ids = prompt_id.map_or(0, str::len) + node_id.map_or(0, str::len);
-        let mut route = Self::with_room(instance, 16 + ids + kind.len());
+        let route = Builder::new(instance, 16 + ids + kind.len());
         match (kind, prompt_id) {
-            ("status", _) => route.push_fixed(STATUS),
+            ("status", _) => route.fixed(STATUS),
             (_, Some(pid)) => {
-                route.push_fixed(PROMPT);
-                route.push_escaped(pid);
-                if let Some(nid) = node_id {
-                    route.push_fixed(NODE);
-                    route.push_escaped(nid);
+                let route = route.fixed(PROMPT).escaped(pid);
+                match node_id {
+                    Some(nid) => route.fixed(NODE).escaped(nid),
+                    None => route,
                 }
-                route.push_escaped(kind);
+                .escaped(kind)
             }
-            (_, None) => {
-                route.push_fixed(EVENT);
-                route.push_escaped(kind);
-            }
+            (_, None) => route.fixed(EVENT).escaped(kind),
         }
-        route
+        .done()
     }
 
     /// `prompt/<pid>/node/<nid>/<last>` for binary frames.
     pub fn for_node(instance: &str, prompt_id: &str, node_id: &str, last: &str) -> Self {
-        let mut route = Self::with_room(instance, 16 + prompt_id.len() + node_id.len() + last.len());
-        route.push_fixed(PROMPT);
-        route.push_escaped(prompt_id);
-        route.push_fixed(NODE);
-        route.push_escaped(node_id);
-        route.push_fixed(last);
-        route
+        Builder::new(instance, 16 + prompt_id.len() + node_id.len() + last.len())
+            .fixed(PROMPT)
+            .escaped(prompt_id)
+            .fixed(NODE)
+            .escaped(node_id)
+            .fixed(last)
+            .done()
     }
 
     /// `prompt/<pid>/<last>` for derived messages (`state`, `result`).
     pub fn for_prompt(instance: &str, prompt_id: &str, last: &str) -> Self {
-        let mut route = Self::with_room(instance, 8 + prompt_id.len() + last.len());
-        route.push_fixed(PROMPT);
-        route.push_escaped(prompt_id);
-        route.push_fixed(last);
-        route
+        Builder::new(instance, 8 + prompt_id.len() + last.len()).fixed(PROMPT).escaped(prompt_id).fixed(last).done()
     }
 
     /// `response/<command>`: where responses go when the request named no reply topic.
     pub fn for_response(instance: &str, command: &str) -> Self {
-        let mut route = Self::fixed(instance, &[RESPONSE]);
-        route.push_escaped(command);
-        route
-    }
-
-    fn push_fixed(&mut self, level: &str) {
-        self.0.push('/');
-        self.0.push_str(level);
-    }
-
-    fn push_escaped(&mut self, level: &str) {
-        self.0.push('/');
-        escape_into(level, &mut self.0);
+        Builder::new(instance, 10 + command.len()).fixed(RESPONSE).escaped(command).done()
     }
 
     /// The escaped levels joined by `/`.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.0.path
     }
 
     /// The levels, escaped.
     pub fn levels(&self) -> Vec<&str> {
-        self.0.split('/').collect()
+        self.as_str().split('/').collect()
     }
 
     /// The last level.
     pub fn last(&self) -> &str {
-        self.0.rsplit('/').next().unwrap_or_default()
+        self.as_str().rsplit('/').next().unwrap_or_default()
     }
 
     /// `<base>/<levels…>`.
     pub fn mqtt_topic(&self, base: &str) -> String {
-        let mut out = String::with_capacity(base.len() + 1 + self.0.len());
+        let path = self.as_str();
+        let mut out = String::with_capacity(base.len() + 1 + path.len());
         out.push_str(base);
         out.push('/');
-        out.push_str(&self.0);
+        out.push_str(path);
         out
     }
 
     /// `<prefix>.<levels…>`.
     pub fn nats_subject(&self, prefix: &str) -> String {
-        let mut out = Vec::with_capacity(prefix.len() + 1 + self.0.len());
+        let mut out = Vec::with_capacity(prefix.len() + 1 + self.as_str().len());
         out.extend_from_slice(prefix.as_bytes());
         out.push(b'.');
+        let start = out.len();
+        out.extend_from_slice(self.as_str().as_bytes());
         // Swapping one ASCII byte for another keeps the text UTF-8, so this never takes the lossy path.
-        out.extend(self.0.bytes().map(|b| if b == b'/' { b'.' } else { b }));
+        for b in &mut out[start..] {
+            if *b == b'/' {
+                *b = b'.';
+            }
+        }
         String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+}
+
+/// How one publisher writes routes: its base topic (or subject prefix) and its configured length limit,
+/// with the protocol's checks ([`check_mqtt_topic`], [`check_nats_subject`] without a reply subject). A
+/// route keeps what the first renderer of each bus made of it; another renderer (a second bridge in one
+/// process, a test) gets its own answer, written afresh each time.
+#[derive(Debug)]
+pub struct Renderer {
+    id: u64,
+    base: String,
+    max: usize,
+}
+
+/// Tells renderers apart: a route's remembered rendering is only ever used by the renderer that made it.
+static NEXT_RENDERER: AtomicU64 = AtomicU64::new(1);
+
+impl Renderer {
+    /// Routes under `base`, at most `max` bytes long (before the protocol's own bound).
+    pub fn new(base: &str, max: usize) -> Self {
+        Self { id: NEXT_RENDERER.fetch_add(1, Relaxed), base: base.to_string(), max }
+    }
+
+    /// `route` as a checked MQTT topic under the base.
+    pub fn mqtt(&self, route: &Route) -> Result<String, Refusal> {
+        let render = || {
+            let topic = route.mqtt_topic(&self.base);
+            check_mqtt_topic(&topic, self.max).map(|()| topic)
+        };
+        self.remembered(&route.0.mqtt, render)
+    }
+
+    /// `route` as a checked NATS subject under the prefix (with no reply subject on the control line).
+    pub fn nats(&self, route: &Route) -> Result<Subject, Refusal> {
+        let render = || {
+            let subject = route.nats_subject(&self.base);
+            check_nats_subject(&subject, 0, self.max).map(|()| Subject::from(subject))
+        };
+        self.remembered(&route.0.nats, render)
+    }
+
+    fn remembered<T: Clone>(
+        &self,
+        cell: &OnceLock<Rendered<T>>,
+        render: impl FnOnce() -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        match cell.get() {
+            Some(done) if done.by == self.id => done.value.clone(),
+            Some(_) => render(),
+            None => {
+                let value = render();
+                // Another task may have been first; either way this renderer's answer is `value`.
+                let _ = cell.set(Rendered { by: self.id, value: value.clone() });
+                value
+            }
+        }
     }
 }
 
@@ -378,5 +478,33 @@ mod tests {
         assert_eq!(route.nats_subject("comfy"), "comfy.gpu1.prompt.p=2E1.node.12:5.preview");
         let route = Route::fixed("local", &[BRIDGE, AVAILABILITY]);
         assert_eq!(route.mqtt_topic("comfyui"), "comfyui/local/bridge/availability");
+    }
+
+    #[test]
+    fn renderers_write_and_check_each_route_once_and_only_for_themselves() {
+        let mqtt = Renderer::new("comfyui", 100);
+        let nats = Renderer::new("cb", 100);
+        let route = Route::for_event("local", "progress", Some("p1"), Some("5.0"));
+        let shared = route.clone();
+        assert_eq!(mqtt.mqtt(&route).as_deref(), Ok("comfyui/local/prompt/p1/node/5=2E0/progress"));
+        assert_eq!(mqtt.mqtt(&shared).as_deref(), Ok("comfyui/local/prompt/p1/node/5=2E0/progress"), "remembered");
+        assert_eq!(nats.nats(&shared).as_deref(), Ok("cb.local.prompt.p1.node.5=2E0.progress"));
+        // Another renderer of the same bus never gets the first one's answer.
+        let other = Renderer::new("home/comfy", 20);
+        assert_eq!(other.mqtt(&route), Err(Refusal::TooLong));
+        assert_eq!(Renderer::new("x", 100).mqtt(&route).as_deref(), Ok("x/local/prompt/p1/node/5=2E0/progress"));
+        assert_eq!(Renderer::new("x", 100).nats(&route).as_deref(), Ok("x.local.prompt.p1.node.5=2E0.progress"));
+        assert_eq!(mqtt.mqtt(&route).as_deref(), Ok("comfyui/local/prompt/p1/node/5=2E0/progress"));
+        // A refusal is remembered as one, and stays the renderer's own.
+        let short = Renderer::new("comfyui", 20);
+        let fresh = Route::for_prompt("local", "p2", RESULT);
+        assert_eq!(short.mqtt(&fresh), Err(Refusal::TooLong));
+        assert_eq!(short.mqtt(&fresh), Err(Refusal::TooLong));
+        assert_eq!(mqtt.mqtt(&fresh).as_deref(), Ok("comfyui/local/prompt/p2/result"));
+        let bad = Renderer::new("a..b", 100);
+        assert_eq!(bad.nats(&fresh), Err(Refusal::Invalid));
+        assert_eq!(bad.nats(&fresh), Err(Refusal::Invalid));
+        assert_eq!(Renderer::new("ok", 100).nats(&fresh).as_deref(), Ok("ok.local.prompt.p2.result"));
+        assert_eq!(route, Route::for_event("local", "progress", Some("p1"), Some("5.0")), "equal by levels");
     }
 }

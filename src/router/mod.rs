@@ -41,6 +41,103 @@ pub struct Router {
     device: Option<Device>,
     /// ComfyUI's `queue_remaining`, from the latest `status`.
     queue_remaining: u64,
+    /// Routes of recent text events, so the many events of one node share one route (and each bus writes
+    /// its topic once).
+    routes: RouteCache,
+    /// `preview`, the latest preview of any node.
+    latest_preview: Route,
+}
+
+/// A small direct-mapped cache of event routes by (type, prompt id, node id): [`ROUTE_SLOTS`] entries, each
+/// holding its full key, so a collision only costs a fresh route. Ids longer than [`ROUTE_KEY_MAX`] are
+/// never kept.
+struct RouteCache {
+    slots: Vec<Option<CachedRoute>>,
+}
+
+struct CachedRoute {
+    kind: String,
+    prompt_id: Option<String>,
+    node_id: Option<String>,
+    route: Route,
+    /// The envelope up to its `data`: `{"type":<kind>,"data":`.
+    head: Vec<u8>,
+    /// The envelope's fields after `data` that depend on the key: instance, prompt id, node id.
+    ids: Vec<u8>,
+}
+
+/// Entries of the route cache: enough for many prompts interleaved, each with the few event types of its
+/// running node.
+const ROUTE_SLOTS: usize = 256;
+
+/// Longest type, prompt id or node id whose route is cached.
+const ROUTE_KEY_MAX: usize = 128;
+
+impl RouteCache {
+    fn new() -> Self {
+        Self { slots: (0..ROUTE_SLOTS).map(|_| None).collect() }
+    }
+
+    /// The route of a text event, from the cache when the same type, prompt and node came recently.
+    #[cfg(test)]
+    fn for_event(&mut self, instance: &str, kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> Route {
+        match self.get(instance, b"", kind, prompt_id, node_id) {
+            Some(cached) => cached.route.clone(),
+            None => Route::for_event(instance, kind, prompt_id, node_id),
+        }
+    }
+
+    /// The cached route and envelope pieces of a text event (made now if the key is new); `None` for a key
+    /// too long to keep. `instance_field` is the envelope's constant `,"instance":…`.
+    fn get(
+        &mut self,
+        instance: &str,
+        instance_field: &[u8],
+        kind: &str,
+        prompt_id: Option<&str>,
+        node_id: Option<&str>,
+    ) -> Option<&CachedRoute> {
+        let long = |s: Option<&str>| s.is_some_and(|s| s.len() > ROUTE_KEY_MAX);
+        if kind.len() > ROUTE_KEY_MAX || long(prompt_id) || long(node_id) {
+            return None;
+        }
+        let slot = &mut self.slots[route_slot(kind, prompt_id, node_id)];
+        let hit = slot
+            .as_ref()
+            .is_some_and(|c| c.kind == kind && c.prompt_id.as_deref() == prompt_id && c.node_id.as_deref() == node_id);
+        if !hit {
+            let mut head = Vec::with_capacity(20 + kind.len());
+            write_head(&mut head, kind);
+            let mut ids = Vec::new();
+            write_ids(&mut ids, instance_field, prompt_id, node_id);
+            *slot = Some(CachedRoute {
+                kind: kind.to_string(),
+                prompt_id: prompt_id.map(str::to_string),
+                node_id: node_id.map(str::to_string),
+                route: Route::for_event(instance, kind, prompt_id, node_id),
+                head,
+                ids,
+            });
+        }
+        slot.as_ref()
+    }
+}
+
+/// The cache slot of a key: a cheap mix of the lengths and the last (most varying) bytes of each part. Only
+/// speed depends on it; any key may land anywhere.
+fn route_slot(kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> usize {
+    let tail = |s: &str| {
+        let b = s.as_bytes();
+        let mut word = [0u8; 8];
+        let n = b.len().min(8);
+        word[..n].copy_from_slice(&b[b.len() - n..]);
+        u64::from_le_bytes(word) ^ ((b.len() as u64) << 56)
+    };
+    let mut h = tail(kind);
+    for part in [prompt_id, node_id] {
+        h = (h.rotate_left(23) ^ part.map_or(0x9e37, tail)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    (h >> 32) as usize % ROUTE_SLOTS
 }
 
 /// The Home Assistant device state: what the last result said, and what was last published, when.
@@ -77,6 +174,8 @@ impl Router {
             work: Work::default(),
             device: (settings.homeassistant.enabled && settings.mqtt.enabled).then(Device::default),
             queue_remaining: 0,
+            routes: RouteCache::new(),
+            latest_preview: Route::fixed(&settings.bridge.instance, &[topics::PREVIEW]),
         }
     }
 
@@ -162,76 +261,82 @@ impl Router {
 
     /// Turns tracker effects into messages, and remembers the reads it asked for.
     fn apply(&mut self, effects: tracker::Effects) -> Vec<Arc<Outbound>> {
+        let mut out = Vec::new();
+        self.apply_into(effects, &mut out);
+        out
+    }
+
+    /// [`Router::apply`], onto the end of `out`.
+    fn apply_into(&mut self, effects: tracker::Effects, out: &mut Vec<Arc<Outbound>>) {
+        if effects.updates.is_empty() && effects.lookups.is_empty() {
+            // Most events: nothing to publish, nothing to read.
+            return;
+        }
         self.work.merge(Work { resync: false, lookups: effects.lookups });
         let mut device = Vec::new();
         for update in effects.updates.iter().filter(|u| u.topic == tracker::Topic::Result) {
             device.extend(self.device_result(&update.payload));
         }
-        let mut out: Vec<Arc<Outbound>> = effects
-            .updates
-            .into_iter()
-            .map(|update| {
-                let last = match update.topic {
-                    tracker::Topic::State => topics::STATE,
-                    tracker::Topic::Result => topics::RESULT,
-                };
-                let class = if update.lifecycle { Class::Lifecycle } else { Class::Droppable };
-                Arc::new(Outbound {
-                    route: Route::for_prompt(&self.instance, &update.prompt_id, last),
-                    payload: update.payload,
-                    qos: 1,
-                    retain: false,
-                    class,
-                    headers: Vec::new(),
-                    reply: None,
-                })
+        out.extend(effects.updates.into_iter().map(|update| {
+            let last = match update.topic {
+                tracker::Topic::State => topics::STATE,
+                tracker::Topic::Result => topics::RESULT,
+            };
+            let class = if update.lifecycle { Class::Lifecycle } else { Class::Droppable };
+            Arc::new(Outbound {
+                route: Route::for_prompt(&self.instance, &update.prompt_id, last),
+                payload: update.payload,
+                qos: 1,
+                retain: false,
+                class,
+                headers: Vec::new(),
+                reply: None,
             })
-            .collect();
+        }));
         out.extend(device);
-        out
     }
 
     /// The messages one inbound item becomes (none for a skipped frame).
     pub fn route(&mut self, inbound: Inbound, now: Instant) -> Vec<Arc<Outbound>> {
-        let mut out = self.route_inner(inbound, now);
-        if self.device.is_some() {
-            out.extend(self.device_state(now));
-        }
+        let mut out = Vec::new();
+        self.route_into(inbound, now, &mut out);
         out
     }
 
-    fn route_inner(&mut self, inbound: Inbound, now: Instant) -> Vec<Arc<Outbound>> {
+    /// [`Router::route`], onto the end of `out` (no list per frame).
+    pub fn route_into(&mut self, inbound: Inbound, now: Instant, out: &mut Vec<Arc<Outbound>>) {
+        self.route_inner(inbound, now, out);
+        if self.device.is_some() {
+            out.extend(self.device_state(now));
+        }
+    }
+
+    fn route_inner(&mut self, inbound: Inbound, now: Instant, out: &mut Vec<Arc<Outbound>>) {
         match inbound {
             Inbound::Connected => {
                 // Whatever ended while the bridge was away is found in the queue and history.
                 self.work.resync = true;
-                vec![self.availability(true)]
+                out.push(self.availability(true));
             }
             Inbound::Disconnected => {
                 self.current = None;
-                vec![self.availability(false)]
+                out.push(self.availability(false));
             }
             Inbound::Text(text, ts) => {
                 self.seq += 1;
                 match event::parse_text(&text) {
                     Ok(event) => {
                         telemetry::event_received(event.kind, &event.kind_name);
-                        self.route_text(&event, ts, now)
+                        self.route_text(&event, ts, now, out);
                     }
-                    Err(e) => {
-                        telemetry::frame_skipped(e.reason(), &e);
-                        Vec::new()
-                    }
+                    Err(e) => telemetry::frame_skipped(e.reason(), &e),
                 }
             }
             Inbound::Binary(frame, ts) => {
                 self.seq += 1;
                 match event::parse_binary(frame) {
-                    Ok(event) => self.route_binary(event, ts, now),
-                    Err(e) => {
-                        telemetry::frame_skipped(e.reason(), &e);
-                        Vec::new()
-                    }
+                    Ok(event) => out.extend(self.route_binary(event, ts, now)),
+                    Err(e) => telemetry::frame_skipped(e.reason(), &e),
                 }
             }
         }
@@ -242,7 +347,7 @@ impl Router {
         Outbound::lifecycle(route, if online { "online" } else { "offline" }, true)
     }
 
-    fn route_text(&mut self, event: &TextEvent, ts: u64, now: Instant) -> Vec<Arc<Outbound>> {
+    fn route_text(&mut self, event: &TextEvent, ts: u64, now: Instant, out: &mut Vec<Arc<Outbound>>) {
         self.track_current(event);
         if event.kind == Kind::Status {
             // Prompts queued by others show only as queue changes (docs/PROTOCOL.md §3).
@@ -255,10 +360,9 @@ impl Router {
         let effects = self.tracker.on_event(event, ts, now);
         let prompt_id = event.prompt_id.as_deref();
         let node_id = event.node_id.as_deref();
-        let route = Route::for_event(&self.instance, &event.kind_name, prompt_id, node_id);
         let span = tracing::debug_span!("event", kind = %event.kind_name, prompt_id, node_id, seq = self.seq);
         let _entered = span.enter();
-        let payload = self.envelope(&event.kind_name, event.data.get(), prompt_id, node_id, ts);
+        let (route, payload) = self.event_message(&event.kind_name, event.data.get(), prompt_id, node_id, ts);
         let (qos, class) = match event.kind {
             Kind::Progress => (0, Class::Droppable),
             Kind::ProgressState => (1, Class::Droppable),
@@ -266,9 +370,8 @@ impl Router {
         };
         tracing::debug!("routed");
         let retain = event.kind == Kind::Status;
-        let mut out = vec![Arc::new(Outbound { route, payload, qos, retain, class, headers: Vec::new(), reply: None })];
-        out.extend(self.apply(effects));
-        out
+        out.push(Arc::new(Outbound { route, payload, qos, retain, class, headers: Vec::new(), reply: None }));
+        self.apply_into(effects, out);
     }
 
     /// Remembers which prompt and node are executing, for frames that do not say.
@@ -299,31 +402,44 @@ impl Router {
         }
     }
 
+    /// The route and envelope of a text event; both from the route cache when the key came recently.
+    fn event_message(
+        &mut self,
+        kind: &str,
+        data: &str,
+        prompt_id: Option<&str>,
+        node_id: Option<&str>,
+        ts: u64,
+    ) -> (Route, Bytes) {
+        let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
+        match self.routes.get(&self.instance, &self.instance_field, kind, prompt_id, node_id) {
+            Some(cached) => {
+                let data = data.as_bytes();
+                let room = cached.head.len() + data.len() + cached.ids.len() + 56 + request_id.map_or(0, str::len);
+                let mut out = Vec::with_capacity(room);
+                out.extend_from_slice(&cached.head);
+                out.extend_from_slice(data);
+                out.extend_from_slice(&cached.ids);
+                write_tail(&mut out, self.seq, ts, request_id);
+                (cached.route.clone(), Bytes::from(out))
+            }
+            None => {
+                let route = Route::for_event(&self.instance, kind, prompt_id, node_id);
+                (route, self.envelope(kind, data, prompt_id, node_id, ts))
+            }
+        }
+    }
+
     /// The envelope (docs/INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
     /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
     fn envelope(&self, kind: &str, data: &str, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
         let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
         let ids = [prompt_id, node_id, request_id].iter().flatten().map(|s| s.len()).sum::<usize>();
         let mut out = Vec::with_capacity(128 + kind.len() + data.len() + self.instance_field.len() + ids);
-        out.extend_from_slice(b"{\"type\":");
-        json_str(&mut out, kind);
-        out.extend_from_slice(b",\"data\":");
+        write_head(&mut out, kind);
         out.extend_from_slice(data.as_bytes());
-        out.extend_from_slice(&self.instance_field);
-        let optional = |out: &mut Vec<u8>, name: &[u8], value: Option<&str>| {
-            if let Some(value) = value {
-                out.extend_from_slice(name);
-                json_str(out, value);
-            }
-        };
-        optional(&mut out, b",\"prompt_id\":", prompt_id);
-        optional(&mut out, b",\"node_id\":", node_id);
-        out.extend_from_slice(b",\"seq\":");
-        json_u64(&mut out, self.seq);
-        out.extend_from_slice(b",\"ts\":");
-        json_u64(&mut out, ts);
-        optional(&mut out, b",\"request_id\":", request_id);
-        out.push(b'}');
+        write_ids(&mut out, &self.instance_field, prompt_id, node_id);
+        write_tail(&mut out, self.seq, ts, request_id);
         Bytes::from(out)
     }
 
@@ -385,7 +501,7 @@ impl Router {
         if let (Some(pid), Some(nid)) = (&prompt_id, &node_id) {
             out.push(preview(Route::for_node(&self.instance, pid, nid, topics::PREVIEW)));
         }
-        out.push(preview(Route::fixed(&self.instance, &[topics::PREVIEW])));
+        out.push(preview(self.latest_preview.clone()));
         out
     }
 
@@ -407,6 +523,39 @@ impl Router {
             headers: Vec::new(),
             reply: None,
         })]
+    }
+}
+
+/// The envelope up to its data: `{"type":<kind>,"data":`.
+fn write_head(out: &mut Vec<u8>, kind: &str) {
+    out.extend_from_slice(b"{\"type\":");
+    json_str(out, kind);
+    out.extend_from_slice(b",\"data\":");
+}
+
+/// The envelope's fields after the data that depend only on the event's key: `instance_field`
+/// (`,"instance":…`), then the prompt and node ids when there are any.
+fn write_ids(out: &mut Vec<u8>, instance_field: &[u8], prompt_id: Option<&str>, node_id: Option<&str>) {
+    out.extend_from_slice(instance_field);
+    optional_str(out, b",\"prompt_id\":", prompt_id);
+    optional_str(out, b",\"node_id\":", node_id);
+}
+
+/// The rest of the envelope: sequence number, timestamp, request id, the closing brace.
+fn write_tail(out: &mut Vec<u8>, seq: u64, ts: u64, request_id: Option<&str>) {
+    out.extend_from_slice(b",\"seq\":");
+    json_u64(out, seq);
+    out.extend_from_slice(b",\"ts\":");
+    json_u64(out, ts);
+    optional_str(out, b",\"request_id\":", request_id);
+    out.push(b'}');
+}
+
+/// `name` and `value` as a JSON string, when there is a value.
+fn optional_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
+    if let Some(value) = value {
+        out.extend_from_slice(name);
+        json_str(out, value);
     }
 }
 
@@ -508,7 +657,7 @@ pub async fn run(
                         Inbound::Disconnected => health.set(Part::Comfyui, false),
                         _ => {}
                     }
-                    out.extend(router.route(inbound, Instant::now()));
+                    router.route_into(inbound, Instant::now(), &mut out);
                 }
             },
         }

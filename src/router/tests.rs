@@ -198,6 +198,12 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
                 };
                 let want = serde_json::to_vec(&envelope).expect("serialises");
                 assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+                // The same through the route cache: made on the first event of a key, reused on the next.
+                for _ in 0..2 {
+                    let (route, cached) = router.event_message(text, data.get(), pid, nid, ts);
+                    assert_eq!(String::from_utf8_lossy(&cached), String::from_utf8_lossy(&want));
+                    assert_eq!(route, Route::for_event(instance, text, pid, nid));
+                }
             }
         }
     }
@@ -212,4 +218,31 @@ fn numbers_are_written_as_serde_json_writes_them() {
         json_u64(&mut out, n);
         assert_eq!(out, serde_json::to_vec(&n).expect("a number serializes"), "{n}");
     }
+}
+
+#[test]
+fn cached_routes_are_the_routes_of_their_own_key() {
+    let mut cache = RouteCache::new();
+    let long = "p".repeat(ROUTE_KEY_MAX + 1);
+    let mut keys: Vec<(String, Option<String>, Option<String>)> = Vec::new();
+    for p in 0..40 {
+        for kind in ["progress", "executing", "status", "x.y"] {
+            keys.push((kind.into(), Some(format!("prompt-{p}")), Some(format!("{}", p % 7))));
+            keys.push((kind.into(), Some(format!("prompt-{p}")), None));
+            keys.push((kind.into(), None, None));
+        }
+    }
+    keys.push(("progress".into(), Some(long.clone()), Some("1".into())));
+    keys.push(("progress".into(), Some(String::new()), Some(String::new())));
+    // Twice over, so the second round is served from the cache where it can be.
+    for _ in 0..2 {
+        for (kind, pid, nid) in &keys {
+            let (pid, nid) = (pid.as_deref(), nid.as_deref());
+            let cached = cache.for_event("local", kind, pid, nid);
+            assert_eq!(cached, Route::for_event("local", kind, pid, nid), "{kind} {pid:?} {nid:?}");
+        }
+    }
+    let first = cache.for_event("local", "progress", Some("prompt-1"), Some("1"));
+    let again = cache.for_event("local", "progress", Some("prompt-1"), Some("1"));
+    assert!(std::ptr::eq(first.as_str(), again.as_str()), "one route shared by the events of one node");
 }

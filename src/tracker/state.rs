@@ -443,10 +443,12 @@ impl Tracker {
     /// free slots.
     fn pump_lookups(&mut self, now_ms: u64, effects: &mut Effects) {
         while let Some((since, id)) = self.pending_order.front() {
-            let current = self.pending.get(id) == Some(since);
-            if current && now_ms.saturating_sub(*since) < LOOKUP_TIMEOUT_MS {
+            // Oldest first: nothing behind a recent entry has timed out (no hashing per event for that). A
+            // recent entry answered since stays until it would have timed out, or the order is compacted.
+            if now_ms.saturating_sub(*since) < LOOKUP_TIMEOUT_MS {
                 break;
             }
+            let current = self.pending.get(id) == Some(since);
             let Some((_, id)) = self.pending_order.pop_front() else { break };
             if current {
                 self.pending.remove(&id);
@@ -546,105 +548,34 @@ impl Tracker {
         }
         let mut effects = Effects::default();
         self.pump_lookups(now_ms, &mut effects);
-        if !self.prompts.contains_key(pid) && (self.is_finished(pid) || !self.admit(pid, Phase::Running, now, false)) {
-            return effects;
-        }
         effects.extend(self.on_tracked_event(event, pid, now_ms, now));
         effects
     }
 
+    /// An execution event of `pid`, which is tracked from now on unless it has ended (or is a foreign id too
+    /// long to track). One map lookup for a prompt tracked already, the usual case.
     fn on_tracked_event(&mut self, event: &TextEvent, pid: &str, now_ms: u64, now: Instant) -> Effects {
-        // Progress is most of the traffic: its two numbers were found when the frame was parsed.
-        let data: Data = if event.kind == Kind::Progress {
-            let (value, max) = event.progress().unzip();
-            Data { value, max, ..Data::default() }
-        } else {
-            serde_json::from_str(event.data.get()).unwrap_or_default()
-        };
-        let at = data.timestamp.map_or(now_ms, |t| t as u64);
-        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
-        prompt.last_event_ms = Some(now_ms);
-        let was = prompt.phase;
-        if matches!(prompt.phase, Phase::Submitting | Phase::Queued) {
-            prompt.phase = Phase::Running;
-        }
-        let mut lifecycle = was != prompt.phase;
-        match event.kind {
-            Kind::ExecutionStart => {
-                prompt.started_at = Some(at);
-                lifecycle = true;
-            }
-            Kind::ExecutionCached => {
-                let cached = data.nodes.as_ref().and_then(Value::as_array).into_iter().flatten();
-                for node in cached.filter_map(Value::as_str) {
-                    let keep = match &prompt.nodes {
-                        Some(nodes) => nodes.contains(node),
-                        None => prompt.done.len() < MAX_UNKNOWN_DONE,
-                    };
-                    if keep {
-                        prompt.done.insert(node.to_string());
-                    }
-                }
-                lifecycle = true;
-            }
-            Kind::Executing => match as_text(&data.node) {
-                Some(node) => {
-                    let display = event.node_id.clone().unwrap_or_else(|| node.clone());
-                    let workflow_node = prompt.workflow_node(&node, Some(&display));
-                    let previous = prompt.current.take().and_then(|(_, w)| w);
-                    if let Some(previous) = previous.filter(|p| Some(p) != workflow_node.as_ref()) {
-                        prompt.done.insert(previous);
-                    }
-                    lifecycle |= prompt.current.as_ref().map(|(d, _)| d) != Some(&display);
-                    prompt.current = Some((display, workflow_node));
-                    prompt.progress = None;
-                }
-                // `node: null`: the prompt is over. Without a terminal event before it, history says how.
-                None => {
-                    prompt.last_event_ms = None;
-                    let mut effects = Effects::default();
-                    self.request_lookup(pid, now_ms, &mut effects);
-                    return effects;
-                }
-            },
-            Kind::Progress => {
-                if let (Some(value), Some(max)) = (data.value, data.max) {
-                    prompt.progress = Some((value, max));
-                }
-            }
-            Kind::Executed => {
-                let node = event.node_id.clone().or_else(|| as_text(&data.node));
-                if let (Some(node), Some(output)) = (node, data.output.filter(|o| !o.is_null())) {
-                    let size = event.data.get().len();
-                    if self.output_bytes + size <= MAX_OUTPUT_BYTES {
-                        self.output_bytes += size;
-                        prompt.output_bytes += size;
-                        merge_output(prompt.outputs.entry(node).or_insert(Value::Null), output);
-                    } else if crate::telemetry::warn_allowed("tracker", "outputs_full") {
-                        tracing::warn!(prompt_id = pid, size, "node outputs not kept: too many held for live prompts");
-                    }
-                }
-                if let Some(workflow_node) =
-                    as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id.as_deref()))
-                {
-                    prompt.done.insert(workflow_node);
-                }
-            }
-            Kind::ExecutionSuccess => return self.finish(pid, Phase::Success, at, None),
-            Kind::ExecutionError => {
-                if as_text(&data.exception_type).as_deref() == Some("ExecutionBlocked") {
+        let after = match self.prompts.get_mut(pid) {
+            Some(prompt) => on_prompt_event(prompt, &mut self.output_bytes, event, pid, now_ms, now),
+            None => {
+                if self.is_finished(pid) || !self.admit(pid, Phase::Running, now, false) {
                     return Effects::default();
                 }
-                let error = json!({
-                    "node_id": data.node_id, "node_type": data.node_type,
-                    "exception_type": data.exception_type, "exception_message": data.exception_message,
-                });
-                return self.finish(pid, Phase::Error, at, Some(error));
+                match self.prompts.get_mut(pid) {
+                    Some(prompt) => on_prompt_event(prompt, &mut self.output_bytes, event, pid, now_ms, now),
+                    None => return Effects::default(),
+                }
             }
-            Kind::ExecutionInterrupted => return self.finish(pid, Phase::Interrupted, at, None),
-            _ => {}
+        };
+        match after {
+            After::Done(effects) => effects,
+            After::Lookup => {
+                let mut effects = Effects::default();
+                self.request_lookup(pid, now_ms, &mut effects);
+                effects
+            }
+            After::Finish(phase, at, error) => self.finish(pid, phase, at, error),
         }
-        state_update(prompt, pid, lifecycle, now)
     }
 
     /// A `GET /queue` snapshot, requested at `requested`. Adds prompts queued by others, updates positions,
@@ -832,6 +763,114 @@ impl Tracker {
             None => Effects::default(),
         }
     }
+}
+
+/// What is left to do after an event changed a tracked prompt (what needs the whole tracker).
+enum After {
+    Done(Effects),
+    /// `executing: null` without a terminal event: history says how it ended.
+    Lookup,
+    /// A terminal event: the prompt ends.
+    Finish(Phase, u64, Option<Value>),
+}
+
+/// Applies an execution event to its (tracked) prompt; `output_bytes` is the tracker's total.
+fn on_prompt_event(
+    prompt: &mut Prompt,
+    output_bytes: &mut usize,
+    event: &TextEvent,
+    pid: &str,
+    now_ms: u64,
+    now: Instant,
+) -> After {
+    // Progress is most of the traffic: its two numbers were found when the frame was parsed.
+    let data: Data = if event.kind == Kind::Progress {
+        let (value, max) = event.progress().unzip();
+        Data { value, max, ..Data::default() }
+    } else {
+        serde_json::from_str(event.data.get()).unwrap_or_default()
+    };
+    let at = data.timestamp.map_or(now_ms, |t| t as u64);
+    prompt.last_event_ms = Some(now_ms);
+    let was = prompt.phase;
+    if matches!(prompt.phase, Phase::Submitting | Phase::Queued) {
+        prompt.phase = Phase::Running;
+    }
+    let mut lifecycle = was != prompt.phase;
+    match event.kind {
+        Kind::ExecutionStart => {
+            prompt.started_at = Some(at);
+            lifecycle = true;
+        }
+        Kind::ExecutionCached => {
+            let cached = data.nodes.as_ref().and_then(Value::as_array).into_iter().flatten();
+            for node in cached.filter_map(Value::as_str) {
+                let keep = match &prompt.nodes {
+                    Some(nodes) => nodes.contains(node),
+                    None => prompt.done.len() < MAX_UNKNOWN_DONE,
+                };
+                if keep {
+                    prompt.done.insert(node.to_string());
+                }
+            }
+            lifecycle = true;
+        }
+        Kind::Executing => match as_text(&data.node) {
+            Some(node) => {
+                let display = event.node_id.clone().unwrap_or_else(|| node.clone());
+                let workflow_node = prompt.workflow_node(&node, Some(&display));
+                let previous = prompt.current.take().and_then(|(_, w)| w);
+                if let Some(previous) = previous.filter(|p| Some(p) != workflow_node.as_ref()) {
+                    prompt.done.insert(previous);
+                }
+                lifecycle |= prompt.current.as_ref().map(|(d, _)| d) != Some(&display);
+                prompt.current = Some((display, workflow_node));
+                prompt.progress = None;
+            }
+            // `node: null`: the prompt is over. Without a terminal event before it, history says how.
+            None => {
+                prompt.last_event_ms = None;
+                return After::Lookup;
+            }
+        },
+        Kind::Progress => {
+            if let (Some(value), Some(max)) = (data.value, data.max) {
+                prompt.progress = Some((value, max));
+            }
+        }
+        Kind::Executed => {
+            let node = event.node_id.clone().or_else(|| as_text(&data.node));
+            if let (Some(node), Some(output)) = (node, data.output.filter(|o| !o.is_null())) {
+                let size = event.data.get().len();
+                if *output_bytes + size <= MAX_OUTPUT_BYTES {
+                    *output_bytes += size;
+                    prompt.output_bytes += size;
+                    merge_output(prompt.outputs.entry(node).or_insert(Value::Null), output);
+                } else if crate::telemetry::warn_allowed("tracker", "outputs_full") {
+                    tracing::warn!(prompt_id = pid, size, "node outputs not kept: too many held for live prompts");
+                }
+            }
+            if let Some(workflow_node) =
+                as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id.as_deref()))
+            {
+                prompt.done.insert(workflow_node);
+            }
+        }
+        Kind::ExecutionSuccess => return After::Finish(Phase::Success, at, None),
+        Kind::ExecutionError => {
+            if as_text(&data.exception_type).as_deref() == Some("ExecutionBlocked") {
+                return After::Done(Effects::default());
+            }
+            let error = json!({
+                "node_id": data.node_id, "node_type": data.node_type,
+                "exception_type": data.exception_type, "exception_message": data.exception_message,
+            });
+            return After::Finish(Phase::Error, at, Some(error));
+        }
+        Kind::ExecutionInterrupted => return After::Finish(Phase::Interrupted, at, None),
+        _ => {}
+    }
+    After::Done(state_update(prompt, pid, lifecycle, now))
 }
 
 /// The `state` of `prompt` when it is due: always on a lifecycle change, else at most every [`STATE_INTERVAL`].
