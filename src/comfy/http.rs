@@ -84,6 +84,8 @@ pub struct ComfyHttp {
     upload_timeout: Duration,
     /// Longest body read from any answer (`comfyui.max_body_bytes`).
     max_body: usize,
+    /// What the tap extension said on the WebSocket (its version, the secret of its answer route).
+    tap: super::tap::TapWatch,
 }
 
 impl ComfyHttp {
@@ -138,7 +140,19 @@ impl ComfyHttp {
             base,
             upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR),
             max_body: usize::try_from(settings.comfyui.max_body_bytes).unwrap_or(usize::MAX),
+            tap: super::tap::TapWatch::absent(),
         })
+    }
+
+    /// This client with what the WebSocket task learns of the tap extension.
+    pub fn with_tap(mut self, tap: super::tap::TapWatch) -> Self {
+        self.tap = tap;
+        self
+    }
+
+    /// What the tap extension said on the current WebSocket connection.
+    pub fn tap(&self) -> &super::tap::TapWatch {
+        &self.tap
     }
 
     /// `POST /prompt`: queues `body` (`{"prompt", "client_id", "prompt_id", ...}`); returns the 200 JSON
