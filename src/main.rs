@@ -40,6 +40,10 @@ enum Command {
         /// Replay every scenario to every connected client, forever.
         #[arg(long = "loop")]
         autoplay: bool,
+        /// Play the tap extension too: every prompt's events reach the bridge, and Bus Publish / Bus Ask
+        /// nodes in a queued workflow send their messages and wait for answers.
+        #[arg(long)]
+        tap: bool,
     },
     /// The tap: the ComfyUI extension that lets the bridge see every prompt (and runs Bus Publish / Bus Ask).
     Tap {
@@ -118,9 +122,9 @@ fn main() -> anyhow::Result<()> {
             print!("{}", checked.report);
             anyhow::ensure!(checked.problems == 0, "{} problem(s) found", checked.problems);
         }
-        Command::Simulate { listen, transcript, speed, autoplay } => {
+        Command::Simulate { listen, transcript, speed, autoplay, tap } => {
             comfy_bridge::telemetry::init("info", false);
-            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay };
+            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay, tap };
             runtime
                 .block_on(async {
                     let shutdown = CancellationToken::new();

@@ -393,7 +393,7 @@ mod tests {
 
     /// A simulator and a client for it. At speed 1.0 a prompt runs for ~1.9 s unless interrupted.
     async fn sim(speed: f64) -> (Simulator, ComfyHttp) {
-        let opts = SimOptions { transcripts: vec![fixtures()], speed, autoplay: false };
+        let opts = SimOptions { transcripts: vec![fixtures()], speed, ..SimOptions::default() };
         let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
         let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client");
         (sim, http)
