@@ -135,23 +135,27 @@ pub enum Frame {
     Other,
 }
 
-/// Tells the frames the tap cares about from the rest by their type, read from the first [`HEAD`] bytes (a
-/// frame whose type is not among them is `Other`; its full parse is the router's).
+/// Tells the frames the tap cares about from the rest by their type, read from the first [`HEAD`] bytes
+/// (ComfyUI writes `type` first), else the last (a writer that sorts keys puts `type` after `data`). Only
+/// the type is read; a frame's full parse is the router's.
 pub fn classify(text: &str) -> Frame {
-    let head = &text.as_bytes()[..text.len().min(HEAD)];
-    let Some(at) = head.windows(6).position(|w| w == b"\"type\"") else { return Frame::Other };
-    let rest = &head[at + 6..];
-    let skip = |b: &[u8]| b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let rest = &rest[skip(rest)..];
-    let Some(rest) = rest.strip_prefix(b":") else { return Frame::Other };
-    let value = &rest[skip(rest)..];
-    if value.starts_with(b"\"comfy_bridge.") {
-        Frame::Extension
-    } else if value.starts_with(b"\"feature_flags\"") {
-        Frame::FeatureFlags
-    } else {
-        Frame::Other
+    let bytes = text.as_bytes();
+    let head = &bytes[..bytes.len().min(HEAD)];
+    let tail = &bytes[bytes.len().saturating_sub(HEAD)..];
+    match type_in(head).or_else(|| type_in(tail)) {
+        Some(value) if value.starts_with(b"\"comfy_bridge.") => Frame::Extension,
+        Some(value) if value.starts_with(b"\"feature_flags\"") => Frame::FeatureFlags,
+        _ => Frame::Other,
     }
+}
+
+/// What follows the first `"type":` in `bytes` (whitespace skipped), if it is there.
+fn type_in(bytes: &[u8]) -> Option<&[u8]> {
+    let at = bytes.windows(6).position(|w| w == b"\"type\"")?;
+    let skip = |b: &[u8]| b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let rest = &bytes[at + 6..];
+    let rest = rest[skip(rest)..].strip_prefix(b":")?;
+    Some(&rest[skip(rest)..])
 }
 
 /// The tap's version in the server's feature flags (`data.comfy_bridge_tap`, a short string), if any.
@@ -218,6 +222,12 @@ mod tests {
         assert_eq!(classify(r#"{"type": "progress", "data": {"value": 1, "max": 2}}"#), Frame::Other);
         assert_eq!(classify(r#"{"type": "executed", "data": {"output": {"comfy_bridge.x": 1}}}"#), Frame::Other);
         assert_eq!(classify(""), Frame::Other);
+        let sorted =
+            format!(r#"{{"data":{{"ask_id":"a","payload":"{}"}},"type":"comfy_bridge.ask"}}"#, "x".repeat(100));
+        assert_eq!(classify(&sorted), Frame::Extension, "keys sorted: type last");
+        let long =
+            format!(r#"{{"type": "executed", "data": {{"x": "{}", "type": "comfy_bridge.x"}}}}"#, "x".repeat(100));
+        assert_eq!(classify(&long), Frame::Other, "the type at the start decides");
         assert_eq!(classify("é".repeat(40).as_str()), Frame::Other, "no char boundary is needed");
     }
 

@@ -303,7 +303,8 @@ impl Router {
     /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
     fn envelope(&self, kind: &str, data: &str, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
         let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
-        let ids = [prompt_id, node_id, request_id].iter().flatten().map(|s| s.len()).sum::<usize>();
+        let client_id = prompt_id.and_then(|p| self.tracker.client_id(p));
+        let ids = [prompt_id, node_id, request_id, client_id].iter().flatten().map(|s| s.len()).sum::<usize>();
         let mut out = Vec::with_capacity(128 + kind.len() + data.len() + self.instance_field.len() + ids);
         out.extend_from_slice(b"{\"type\":");
         json_str(&mut out, kind);
@@ -323,6 +324,7 @@ impl Router {
         out.extend_from_slice(b",\"ts\":");
         json_u64(&mut out, ts);
         optional(&mut out, b",\"request_id\":", request_id);
+        optional(&mut out, b",\"client_id\":", client_id);
         out.push(b'}');
         Bytes::from(out)
     }

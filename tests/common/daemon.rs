@@ -22,6 +22,14 @@ pub async fn simulator(transcript: &str, speed: f64) -> Simulator {
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
 }
 
+/// A simulator like [`simulator`] with the tap extension installed (`SimOptions::tap`).
+pub async fn tap_simulator(transcript: &str, speed: f64) -> Simulator {
+    let dir = super::fixtures::transcripts();
+    let path = if transcript.is_empty() { dir } else { dir.join(transcript) };
+    let opts = SimOptions { transcripts: vec![path], speed, tap: true, ..SimOptions::default() };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
+}
+
 /// Settings pointing at the given simulator and brokers, with fast reconnects and a private state dir.
 pub fn settings(sim: &Simulator, mqtt: Option<&Mosquitto>, nats: Option<&NatsServer>) -> (Settings, tempfile::TempDir) {
     let state = tempfile::tempdir().expect("state dir");
