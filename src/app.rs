@@ -58,10 +58,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let client_id = comfy::ws::client_id(settings.comfyui.client_id.as_deref(), &settings.state.dir)?;
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
-    let http = ComfyHttp::new(&settings)?;
     let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let ws = WsClient::new(&settings, &client_id, inbound_tx)?;
-    let health = Health::new(&settings);
+    let http = ComfyHttp::new(&settings)?.with_tap(ws.tap());
+    let health = Health::new(&settings, ws.tap());
     if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
     }

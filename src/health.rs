@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::comfy::tap::TapWatch;
 use crate::config::Settings;
 use crate::telemetry;
 
@@ -39,15 +40,18 @@ pub struct Health {
     comfyui: AtomicBool,
     mqtt: Option<AtomicBool>,
     nats: Option<AtomicBool>,
+    /// Whether ComfyUI's tap extension is active (reported, never required).
+    tap: TapWatch,
 }
 
 impl Health {
-    /// Everything down, for the buses `settings` enables.
-    pub fn new(settings: &Settings) -> Arc<Self> {
+    /// Everything down, for the buses `settings` enables; the tap as `tap` says.
+    pub fn new(settings: &Settings, tap: TapWatch) -> Arc<Self> {
         Arc::new(Self {
             comfyui: AtomicBool::new(false),
             mqtt: settings.mqtt.enabled.then(|| AtomicBool::new(false)),
             nats: settings.nats.enabled.then(|| AtomicBool::new(false)),
+            tap,
         })
     }
 
@@ -63,7 +67,8 @@ impl Health {
         }
     }
 
-    /// Ready when ComfyUI and every enabled bus are connected; the body says which are not.
+    /// Ready when ComfyUI and every enabled bus are connected; the body says which are not, and whether the tap
+    /// is `active` or `absent` (it does not count towards readiness).
     pub fn readiness(&self) -> (bool, Value) {
         let state = |flag: Option<&AtomicBool>| match flag {
             Some(f) if f.load(Relaxed) => "connected",
@@ -80,6 +85,7 @@ impl Health {
         for (name, s) in parts {
             body[name] = json!(s);
         }
+        body["tap"] = json!(if self.tap.version().is_some() { "active" } else { "absent" });
         (ready, body)
     }
 }
@@ -138,7 +144,9 @@ async fn answer(mut stream: TcpStream, health: &Health) {
             let status = if ready { "200 OK" } else { "503 Service Unavailable" };
             (status, "application/json", body.to_string())
         }
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", telemetry::render_metrics()),
+        ("GET", "/metrics") => {
+            ("200 OK", "text/plain; version=0.0.4", telemetry::render_metrics() + &crate::comfy::tap::render_metrics())
+        }
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
     };
@@ -158,11 +166,16 @@ mod tests {
     fn ready_only_when_comfyui_and_every_enabled_bus_are_connected() {
         let mut settings = Settings::default();
         settings.nats.enabled = false;
-        let health = Health::new(&settings);
+        let (tap_tx, tap) = crate::comfy::tap::channel();
+        let health = Health::new(&settings, tap);
         assert_eq!(
             health.readiness().1,
-            json!({"ready": false, "comfyui": "disconnected", "mqtt": "disconnected", "nats": "disabled"})
+            json!({"ready": false, "comfyui": "disconnected", "mqtt": "disconnected", "nats": "disabled", "tap": "absent"})
         );
+        tap_tx.feature_flags(Some("0.1.0".into()));
+        assert_eq!(health.readiness().1["tap"], "active");
+        tap_tx.disconnected();
+        assert_eq!(health.readiness().1["tap"], "absent");
         health.set(Part::Comfyui, true);
         health.set(Part::Nats, true);
         assert!(!health.readiness().0, "mqtt still down");

@@ -40,7 +40,61 @@ enum Command {
         /// Replay every scenario to every connected client, forever.
         #[arg(long = "loop")]
         autoplay: bool,
+        /// Play the tap extension too: every prompt's events reach the bridge, and Bus Publish / Bus Ask
+        /// nodes in a queued workflow send their messages and wait for answers.
+        #[arg(long)]
+        tap: bool,
     },
+    /// The tap: the ComfyUI extension that lets the bridge see every prompt (and runs Bus Publish / Bus Ask).
+    Tap {
+        #[command(subcommand)]
+        command: TapCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TapCommand {
+    /// Write the extension into `<COMFYUI_DIR>/custom_nodes/comfy_bridge_tap/` (then restart ComfyUI).
+    Install {
+        /// ComfyUI's directory: the one holding `custom_nodes/`.
+        comfyui_dir: PathBuf,
+    },
+}
+
+/// The extension's files, carried by the binary: `extension/comfy_bridge_tap/<name>`.
+const TAP_FILES: &[(&str, &str)] = &[
+    ("__init__.py", include_str!("../extension/comfy_bridge_tap/__init__.py")),
+    ("asks.py", include_str!("../extension/comfy_bridge_tap/asks.py")),
+    ("bus_nodes.py", include_str!("../extension/comfy_bridge_tap/bus_nodes.py")),
+    ("tap.py", include_str!("../extension/comfy_bridge_tap/tap.py")),
+    ("version.py", include_str!("../extension/comfy_bridge_tap/version.py")),
+];
+
+/// Writes the extension into `comfyui_dir/custom_nodes/comfy_bridge_tap/`, each file through a temporary
+/// name and a rename; refuses a directory without `custom_nodes/` (most likely not ComfyUI's).
+fn tap_install(comfyui_dir: &std::path::Path) -> anyhow::Result<()> {
+    let custom_nodes = comfyui_dir.join("custom_nodes");
+    anyhow::ensure!(
+        custom_nodes.is_dir(),
+        "{} has no custom_nodes/ directory: give ComfyUI's own directory (the one with main.py and custom_nodes/)",
+        comfyui_dir.display()
+    );
+    let target = custom_nodes.join("comfy_bridge_tap");
+    std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
+    for (name, text) in TAP_FILES {
+        let path = target.join(name);
+        let tmp = target.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {} ({} bytes)", path.display(), text.len());
+    }
+    println!(
+        "installed the comfy_bridge_tap extension into {}; restart ComfyUI to load it (its log then says \
+         \"comfy_bridge_tap ...: installed\", and the bridge logs \"comfyui tap active\")",
+        target.display()
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,9 +122,9 @@ fn main() -> anyhow::Result<()> {
             print!("{}", checked.report);
             anyhow::ensure!(checked.problems == 0, "{} problem(s) found", checked.problems);
         }
-        Command::Simulate { listen, transcript, speed, autoplay } => {
+        Command::Simulate { listen, transcript, speed, autoplay, tap } => {
             comfy_bridge::telemetry::init("info", false);
-            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay };
+            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay, tap };
             runtime
                 .block_on(async {
                     let shutdown = CancellationToken::new();
@@ -79,6 +133,7 @@ fn main() -> anyhow::Result<()> {
                 })
                 .with_context(|| format!("cannot listen on {listen} (choose another address with --listen)"))?;
         }
+        Command::Tap { command: TapCommand::Install { comfyui_dir } } => tap_install(&comfyui_dir)?,
     }
     Ok(())
 }

@@ -105,3 +105,43 @@ fn simulate_serves_its_built_in_sessions_from_any_directory_and_names_a_taken_ad
     assert!(listening.contains("ComfyUI simulator listening"), "{listening}");
     assert!(listening.contains("a_success") && listening.contains("f_three_prompts"), "{listening}");
 }
+
+#[test]
+fn tap_install_writes_the_extension_into_custom_nodes_and_refuses_a_directory_that_is_not_comfyuis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bridge(dir.path()).args(["tap", "install", "."]).output().expect("tap install runs");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("has no custom_nodes/ directory"), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "nothing written");
+
+    let comfyui = dir.path().join("ComfyUI");
+    std::fs::create_dir_all(comfyui.join("custom_nodes")).expect("mkdir");
+    let out = bridge(dir.path()).args(["tap", "install"]).arg(&comfyui).output().expect("tap install runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let installed = comfyui.join("custom_nodes").join("comfy_bridge_tap");
+    // Every file of the extension in this repository, byte for byte, and nothing else.
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("extension").join("comfy_bridge_tap");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&source).expect("extension dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "py") {
+            let name = path.file_name().expect("name").to_string_lossy().into_owned();
+            let written = std::fs::read(installed.join(&name)).unwrap_or_else(|e| panic!("{name} not written: {e}"));
+            assert_eq!(written, std::fs::read(&path).expect("source"), "{name}");
+            assert!(text(&out).contains(&format!("wrote {}", installed.join(&name).display())), "{}", text(&out));
+            names.push(name);
+        }
+    }
+    assert!(names.contains(&"__init__.py".to_string()), "{names:?}");
+    assert_eq!(std::fs::read_dir(&installed).expect("installed").count(), names.len(), "no stray files");
+    assert!(text(&out).contains("restart ComfyUI"), "{}", text(&out));
+
+    // Installing again (an upgrade) overwrites in place.
+    std::fs::write(installed.join("version.py"), "stale").expect("write");
+    let again = bridge(dir.path()).args(["tap", "install"]).arg(&comfyui).output().expect("tap install runs");
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(
+        std::fs::read(installed.join("version.py")).expect("read"),
+        std::fs::read(source.join("version.py")).expect("read")
+    );
+}

@@ -53,7 +53,9 @@ async fn readiness_follows_the_connections_and_metrics_count_events_and_requests
     let ready: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(
         ready,
-        serde_json::json!({"ready": true, "comfyui": "connected", "mqtt": "connected", "nats": "connected"})
+        serde_json::json!({
+            "ready": true, "comfyui": "connected", "mqtt": "connected", "nats": "connected", "tap": "absent",
+        })
     );
     assert_eq!(get(&format!("{base}/nope")).await.0, 404);
 

@@ -35,9 +35,13 @@ impl Response {
     }
 }
 
-/// Server feature flags (`GET /features` and the WebSocket answer).
-pub(crate) fn server_features() -> Value {
-    json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
+/// Server feature flags (`GET /features` and the WebSocket answer); with the tap, its version.
+pub(crate) fn server_features(shared: &Shared) -> Value {
+    let mut flags = json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600});
+    if shared.tap {
+        flags[super::tap::FLAG] = json!(super::tap::VERSION);
+    }
+    flags
 }
 
 /// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (docs/PROTOCOL.md §11).
@@ -67,7 +71,13 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
         }
         ("POST", "/free") => Response::empty(),
         ("GET", "/system_stats") => Response::json(200, &system_stats()),
-        ("GET", "/features") => Response::json(200, &server_features()),
+        ("GET", "/features") => Response::json(200, &server_features(shared)),
+        ("POST", "/comfy_bridge/answer") if shared.tap => super::tap::answer(shared, &req),
+        ("GET", "/view")
+            if shared.tap && req.query_param("filename").is_some_and(|f| f.starts_with("comfy_bridge_")) =>
+        {
+            Response { status: 200, content_type: "image/png", body: super::tap::PNG.to_vec() }
+        }
         ("GET", "/embeddings" | "/extensions" | "/models") => Response::json(200, &json!([])),
         ("POST", "/upload/image" | "/upload/mask") => upload::upload(shared, &req),
         ("GET", p) if p.starts_with("/history/") => history_one(shared, &percent_decode(&p["/history/".len()..])),
@@ -104,7 +114,7 @@ fn validate(shared: &Shared, prompt: &Value) -> Option<Response> {
     })
 }
 
-fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
+pub(crate) fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(raw) else {
         return internal_error();
     };

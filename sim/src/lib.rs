@@ -14,6 +14,7 @@ mod http;
 mod queue;
 mod server;
 mod synth;
+mod tap;
 #[cfg(test)]
 mod tests;
 mod transcript;
@@ -34,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use frames::{Payload, Target};
 use transcript::Scenario;
 
+pub use tap::VERSION as TAP_VERSION;
+
 /// Options for [`Simulator::start`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SimOptions {
     /// Transcript files, or directories containing `.jsonl` transcripts; empty plays the sessions built into
     /// the binary (success, cached, node error, validation errors, interrupt, three queued prompts).
@@ -44,6 +47,10 @@ pub struct SimOptions {
     pub speed: f64,
     /// Replay all scenarios continuously to every socket, with fresh prompt ids each round.
     pub autoplay: bool,
+    /// Play the tap extension (extension/README.md): the server's feature flags carry its version, sockets
+    /// whose first message asks for `comfy_bridge_tap` get its hello and a copy of what is sent to other
+    /// sockets, `Bus Publish` / `Bus Ask` nodes send its messages, and `POST /comfy_bridge/answer` answers.
+    pub tap: bool,
 }
 
 /// Errors of [`Simulator::play`].
@@ -75,6 +82,8 @@ pub(crate) struct Client {
     pub tx: mpsc::UnboundedSender<Out>,
     /// Whether the socket negotiated `supports_preview_metadata`.
     pub preview_metadata: bool,
+    /// Whether the socket is a tap (its first message asked for `comfy_bridge_tap`, and the tap is on).
+    pub tap: bool,
 }
 
 /// Mutable simulator state.
@@ -96,6 +105,8 @@ pub(crate) struct State {
     pub requests: Vec<(String, String, Value)>,
     /// Uploaded files by `type/subfolder/name` (`/upload/image`).
     pub uploads: HashMap<String, Vec<u8>>,
+    /// The tap extension's asks.
+    pub asks: tap::Asks,
 }
 
 impl State {
@@ -120,6 +131,10 @@ pub(crate) struct Shared {
     pub refuse_websockets: std::sync::atomic::AtomicBool,
     /// Milliseconds every HTTP request waits before it is handled (a slow ComfyUI).
     pub http_delay_ms: AtomicU64,
+    /// Whether the tap extension is installed.
+    pub tap: bool,
+    /// The extension's per-start secret (sent to tap sockets only).
+    pub secret: String,
 }
 
 impl Shared {
@@ -128,22 +143,45 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Send a payload to the targeted sockets.
+    /// Send a payload to the targeted sockets. With the tap, a message for one socket that is not a tap (or
+    /// for a client id with no socket) is copied to every tap, and what ComfyUI sends nobody (lifecycle events
+    /// of a prompt without a client id) goes to the taps.
     pub fn send(&self, target: &Target, payload: &Payload) {
         let st = self.lock();
-        let send_one = |c: &Client| {
+        let send_as = |c: &Client, metadata: bool| {
             let msg = match payload {
                 Payload::Text(t) => Message::text(t.clone()),
                 Payload::Binary(b) => Message::binary(b.clone()),
-                Payload::Preview { type4, .. } if c.preview_metadata => Message::binary(type4.clone()),
+                Payload::Preview { type4, .. } if metadata => Message::binary(type4.clone()),
                 Payload::Preview { type1, .. } => Message::binary(type1.clone()),
             };
             let _ = c.tx.send(Out::Msg(msg));
         };
+        let send_one = |c: &Client| send_as(c, c.preview_metadata);
+        let taps = || st.clients.values().filter(|c| self.tap && c.tap);
         match target {
             Target::All => st.clients.values().for_each(send_one),
-            Target::Only(id) => st.clients.get(id).into_iter().for_each(send_one),
-            Target::Nobody => {}
+            Target::Only(id) => {
+                let target = st.clients.get(id);
+                target.into_iter().for_each(send_one);
+                if !target.is_some_and(|c| c.tap) {
+                    // The bytes the target gets (type-4 previews when it negotiated them), unchanged.
+                    taps().for_each(|c| send_as(c, target.map_or(c.preview_metadata, |t| t.preview_metadata)));
+                }
+            }
+            Target::Nobody => taps().for_each(send_one),
+        }
+    }
+
+    /// Sends the extension's message `{"type": kind, "data": data}` to the tap sockets only.
+    pub fn send_to_taps(&self, kind: &str, data: &Value) {
+        if !self.tap {
+            return;
+        }
+        let text = json!({"type": kind, "data": data}).to_string();
+        let st = self.lock();
+        for c in st.clients.values().filter(|c| c.tap) {
+            let _ = c.tx.send(Out::Msg(Message::text(text.clone())));
         }
     }
 
@@ -197,6 +235,8 @@ impl Simulator {
             next_conn: AtomicU64::new(1),
             refuse_websockets: std::sync::atomic::AtomicBool::new(false),
             http_delay_ms: AtomicU64::new(0),
+            tap: opts.tap,
+            secret: tap::token(32),
         });
         spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
         spawn_guarded(&shared, queue::worker(shared.clone()));
@@ -229,6 +269,32 @@ impl Simulator {
             id = queue::play_all(&self.shared, &sc) => Ok(id),
             _ = self.shared.shutdown.cancelled() => Err(SimError::Stopped),
         }
+    }
+
+    /// Queues `prompt` as another client would (`client_id` of a browser tab, or `None`, as a script that sends
+    /// none): the bridge's socket gets its events only through the tap. Returns the prompt id, or ComfyUI's
+    /// 400/500 answer.
+    pub fn queue_as(&self, prompt: &Value, client_id: Option<&str>) -> Result<String, Value> {
+        let mut body = json!({"prompt": prompt});
+        if let Some(id) = client_id {
+            body["client_id"] = json!(id);
+        }
+        let resp = http::post_prompt(&self.shared, body.to_string().as_bytes());
+        let answer: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+        match (resp.status, answer["prompt_id"].as_str()) {
+            (200, Some(id)) => Ok(id.to_string()),
+            _ => Err(answer),
+        }
+    }
+
+    /// Answers the tap's answer route accepted so far: (ask id, answer), in order.
+    pub fn accepted_answers(&self) -> Vec<(String, String)> {
+        self.shared.lock().asks.accepted.clone()
+    }
+
+    /// The `comfy_bridge.ask` data of the asks waiting for an answer now.
+    pub fn waiting_asks(&self) -> Vec<Value> {
+        self.shared.lock().asks.waiting()
     }
 
     /// Prompts running or pending.

@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::frames::{self, Payload, Target};
+use super::tap;
 use super::transcript::{Frame, FrameBody, Scenario};
 use super::Shared;
 
@@ -89,9 +90,44 @@ impl<'a> Replay<'a> {
             if cancel.is_cancelled() {
                 return true;
             }
-            self.emit(f);
+            match Self::extension(f) {
+                Some(("comfy_bridge.ask", spec)) => match self.ask(spec, cancel).await {
+                    tap::AskEnd::Continue => {}
+                    tap::AskEnd::Interrupted => return true,
+                    tap::AskEnd::Failed(_) => return false,
+                },
+                Some((kind, data)) => {
+                    let data = frames::rewrite_text(&json!({"data": data}), &self.map);
+                    self.shared.send_to_taps(kind, &data["data"]);
+                }
+                None => self.emit(f),
+            }
         }
         false
+    }
+
+    /// A `comfy_bridge.*` frame of a synthetic session (a `Bus Publish` or `Bus Ask` node): its type and data.
+    fn extension(f: &Frame) -> Option<(&str, &Value)> {
+        let FrameBody::Text(v) = &f.body else { return None };
+        let kind = v["type"].as_str().filter(|k| k.starts_with("comfy_bridge."))?;
+        Some((kind, &v["data"]))
+    }
+
+    /// Runs a `Bus Ask`; on a timeout with `on_timeout: error` the node fails as ComfyUI reports it.
+    async fn ask(&mut self, spec: &Value, cancel: &CancellationToken) -> tap::AskEnd {
+        let spec = frames::rewrite_text(&json!({"data": spec}), &self.map)["data"].clone();
+        let pid = spec["prompt_id"].as_str().unwrap_or_default().to_string();
+        let end = tap::ask(self.shared, &pid, &spec, cancel).await;
+        if let tap::AskEnd::Failed(message) = &end {
+            let error = json!({
+                "prompt_id": pid, "node_id": spec["node_id"], "node_type": "Bus Ask", "executed": [],
+                "exception_message": message, "exception_type": "TimeoutError", "traceback": [],
+                "current_inputs": {}, "current_outputs": {}, "timestamp": frames::now_ms(),
+            });
+            self.emit_text(FrameBody::Text(json!({"type": "execution_error", "data": error})));
+            self.emit_text(FrameBody::Text(json!({"type": "executing", "data": {"node": null, "prompt_id": pid}})));
+        }
+        end
     }
 
     fn target(&self, body: &FrameBody) -> Target {

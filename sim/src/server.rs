@@ -191,7 +191,7 @@ fn register(shared: &Shared, id: &str) -> (u64, mpsc::UnboundedReceiver<Out>) {
     let mut st = shared.lock();
     let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": st.queue_remaining()}}, "sid": id}});
     let _ = tx.send(Out::Msg(Message::text(hello.to_string())));
-    let client = Client { conn, tx, preview_metadata: false };
+    let client = Client { conn, tx, preview_metadata: false, tap: false };
     st.clients.insert(id.to_string(), client);
     (conn, rx)
 }
@@ -209,9 +209,11 @@ async fn serve_socket(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, id: S
             },
             incoming = source.next() => match incoming {
                 Some(Ok(Message::Text(t))) => {
-                    if let Some(answer) = client_text(&shared, &id, conn, t.as_str(), &mut negotiated) {
-                        if sink.send(answer).await.is_err() { break }
+                    let mut failed = false;
+                    for answer in client_text(&shared, &id, conn, t.as_str(), &mut negotiated) {
+                        failed = failed || sink.send(answer).await.is_err();
                     }
+                    if failed { break }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
@@ -225,20 +227,37 @@ async fn serve_socket(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, id: S
     tracing::debug!(client_id = %id, "websocket closed");
 }
 
-/// Handle a client text frame; only the first JSON message may negotiate feature flags.
-fn client_text(shared: &Shared, id: &str, conn: u64, text: &str, done: &mut bool) -> Option<Message> {
+/// Handle a client text frame; only the first JSON message may negotiate feature flags. With the tap on, a
+/// first message asking for `comfy_bridge_tap` makes the socket a tap: after the flags it gets the extension's
+/// hello and the asks waiting now.
+fn client_text(shared: &Shared, id: &str, conn: u64, text: &str, done: &mut bool) -> Vec<Message> {
     if *done {
-        return None;
+        return Vec::new();
     }
-    let v: Value = serde_json::from_str(text).ok()?;
+    let Ok(v) = serde_json::from_str::<Value>(text) else { return Vec::new() };
     *done = true;
     if v["type"] != "feature_flags" {
-        return None;
+        return Vec::new();
     }
     let metadata = v["data"]["supports_preview_metadata"] == Value::Bool(true);
-    if let Some(c) = shared.lock().clients.get_mut(id).filter(|c| c.conn == conn) {
-        c.preview_metadata = metadata;
+    let tap = shared.tap && v["data"][super::tap::FLAG] == Value::Bool(true);
+    let waiting = {
+        let mut st = shared.lock();
+        if let Some(c) = st.clients.get_mut(id).filter(|c| c.conn == conn) {
+            c.preview_metadata = metadata;
+            c.tap = tap;
+        }
+        st.asks.waiting()
+    };
+    let answer = json!({"type": "feature_flags", "data": http::server_features(shared)});
+    let mut out = vec![Message::text(answer.to_string())];
+    if tap {
+        let hello =
+            json!({"type": "comfy_bridge.hello", "data": {"version": super::tap::VERSION, "secret": shared.secret}});
+        out.push(Message::text(hello.to_string()));
+        out.extend(
+            waiting.into_iter().map(|a| Message::text(json!({"type": "comfy_bridge.ask", "data": a}).to_string())),
+        );
     }
-    let answer = json!({"type": "feature_flags", "data": http::server_features()});
-    Some(Message::text(answer.to_string()))
+    out
 }

@@ -26,7 +26,7 @@ pub(crate) fn same_shape(a: &Value, b: &Value) -> bool {
 /// when it has no output node (ComfyUI would refuse it: the recording is replayed instead).
 pub(crate) fn session(prompt: &Value, like: &Scenario) -> Option<Scenario> {
     let nodes = prompt.as_object().cloned().unwrap_or_default();
-    if !nodes.values().any(|n| output(n).is_some()) {
+    if !nodes.values().any(|n| output(n).is_some() || n["class_type"] == "Bus Publish") {
         return None;
     }
     let mut frames = Vec::new();
@@ -49,6 +49,9 @@ pub(crate) fn session(prompt: &Value, like: &Scenario) -> Option<Scenario> {
             }
         }
         t += NODE_SECS;
+        if let Some(frame) = bus_node(t, &id, node) {
+            frames.push(frame);
+        }
         if let Some(output) = output(node) {
             frames.push(text(
                 t,
@@ -90,6 +93,35 @@ fn order(nodes: &Map<String, Value>) -> Vec<String> {
         }
     }
     done
+}
+
+/// What the extension sends for a `Bus Publish` or `Bus Ask` node (extension/README.md); the replay sends
+/// the first to the taps and runs the second (waits for its answer).
+fn bus_node(t: f64, id: &str, node: &Value) -> Option<Frame> {
+    let inputs = &node["inputs"];
+    let subject = inputs["subject"].as_str().unwrap_or("status").trim_matches('/').to_string();
+    let text = inputs["payload"].as_str().unwrap_or("{}");
+    // JSON when it parses as JSON, else the text.
+    let payload = serde_json::from_str::<Value>(text).unwrap_or_else(|_| json!(text));
+    match node["class_type"].as_str()? {
+        "Bus Publish" => {
+            let mut data = json!({"prompt_id": ID, "node_id": id, "subject": subject, "payload": payload});
+            if inputs["image"].is_array() {
+                data["image"] = json!({"filename": format!("comfy_bridge_{id}.png"), "subfolder": "", "type": "temp"});
+            }
+            Some(Frame { t, body: FrameBody::Text(json!({"type": "comfy_bridge.publish", "data": data})) })
+        }
+        "Bus Ask" => {
+            let data = json!({
+                "prompt_id": ID, "node_id": id, "subject": subject, "payload": payload,
+                "timeout_seconds": inputs["timeout_seconds"].as_f64().unwrap_or(60.0),
+                "on_timeout": inputs["on_timeout"].as_str().unwrap_or("error"),
+                "default": inputs["default"].as_str().unwrap_or(""),
+            });
+            Some(Frame { t, body: FrameBody::Text(json!({"type": "comfy_bridge.ask", "data": data})) })
+        }
+        _ => None,
+    }
 }
 
 /// What an output node reports: images named like ComfyUI names them.

@@ -22,7 +22,7 @@ fn fixtures() -> PathBuf {
 }
 
 async fn start(speed: f64) -> Simulator {
-    let opts = SimOptions { transcripts: vec![fixtures()], speed, autoplay: false };
+    let opts = SimOptions { transcripts: vec![fixtures()], speed, ..SimOptions::default() };
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("start")
 }
 
@@ -233,7 +233,8 @@ async fn disconnect_and_raw_frames() {
 
 #[tokio::test]
 async fn autoplay_streams_to_connected_socket() {
-    let opts = SimOptions { transcripts: vec![fixtures().join("a_success.jsonl")], speed: 0.0, autoplay: true };
+    let opts =
+        SimOptions { transcripts: vec![fixtures().join("a_success.jsonl")], speed: 0.0, autoplay: true, tap: false };
     let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("start");
     let url = format!("ws://{}/ws?clientId=auto", sim.addr());
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
@@ -246,4 +247,172 @@ async fn autoplay_streams_to_connected_socket() {
             }
         }
     }
+}
+
+async fn start_tap() -> Simulator {
+    let opts = SimOptions { transcripts: vec![fixtures()], speed: 0.0, tap: true, ..SimOptions::default() };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("start")
+}
+
+/// Connects asking to be a tap; returns the socket, the server's flags and (with the tap on) the hello.
+async fn connect_tap(sim: &Simulator, id: &str) -> (Ws, Value, Option<Value>) {
+    let url = format!("ws://{}/ws?clientId={id}", sim.addr());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    assert_eq!(recv_json(&mut ws).await["type"], "status");
+    let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "comfy_bridge_tap": true}});
+    ws.send(Message::text(flags.to_string())).await.expect("send");
+    let answer = recv_json(&mut ws).await;
+    assert_eq!(answer["type"], "feature_flags");
+    let hello = match answer["data"]["comfy_bridge_tap"].is_string() {
+        true => Some(recv_json(&mut ws).await),
+        false => None,
+    };
+    (ws, answer["data"].clone(), hello)
+}
+
+fn txt2img() -> Value {
+    serde_json::from_str(include_str!("../../examples/templates/txt2img.json")).expect("template")
+}
+
+/// `POST /comfy_bridge/answer` with `secret`: (status, body).
+async fn answer(addr: SocketAddr, secret: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.expect("tcp");
+    let req = format!(
+        "POST /api/comfy_bridge/answer HTTP/1.1\r\nHost: x\r\nX-Comfy-Bridge-Secret: {secret}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (_, json) = text.split_once("\r\n\r\n").expect("head");
+    (text[9..12].parse().expect("status"), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_tap_gets_what_another_client_gets_and_the_events_of_prompts_without_a_client_id() {
+    let sim = start_tap().await;
+    let (mut tap, flags, hello) = connect_tap(&sim, "bridge").await;
+    assert_eq!(flags["comfy_bridge_tap"], super::TAP_VERSION);
+    let hello = hello.expect("hello");
+    assert_eq!(
+        (hello["type"].as_str(), hello["data"]["secret"].as_str().map(str::len)),
+        (Some("comfy_bridge.hello"), Some(43))
+    );
+    let mut browser = connect(&sim, "browser").await;
+    assert_eq!(http(sim.addr(), "GET", "/features", None).await.1["comfy_bridge_tap"], super::TAP_VERSION);
+
+    let id = sim.queue_as(&txt2img(), Some("browser")).expect("queued");
+    let seen_by_browser = frame_types(&until_done(&mut browser, &id).await);
+    let seen_by_tap = frame_types(&until_done(&mut tap, &id).await);
+    assert_eq!(seen_by_tap, seen_by_browser, "the same frames, previews included");
+    assert!(seen_by_tap.contains(&"binary4".to_string()) && seen_by_tap.contains(&"executed".to_string()));
+
+    let id = sim.queue_as(&txt2img(), None).expect("queued");
+    let seen = frame_types(&until_done(&mut tap, &id).await);
+    for kind in ["execution_start", "executing", "progress", "executed", "execution_success", "binary1"] {
+        assert!(seen.contains(&kind.to_string()), "{kind}: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn without_the_tap_nothing_is_mirrored_and_no_hello_is_sent() {
+    let sim = start(0.0).await;
+    let (mut tap, flags, hello) = connect_tap(&sim, "bridge").await;
+    assert!(flags.get("comfy_bridge_tap").is_none() && hello.is_none());
+    let mut browser = connect(&sim, "browser").await;
+    let id = sim.queue_as(&txt2img(), Some("browser")).expect("queued");
+    until_done(&mut browser, &id).await;
+    // Only broadcasts reached the would-be tap: the next frame it sees is a status, never an execution event.
+    let types = frame_types(&[recv(&mut tap).await, recv(&mut tap).await]);
+    assert!(types.iter().all(|t| t == "status" || t == "progress" || t == "binary1"), "{types:?}");
+    assert_eq!(http(sim.addr(), "POST", "/comfy_bridge/answer", Some("{}")).await.0, 404);
+}
+
+/// A workflow that asks, then publishes.
+fn ask_workflow(timeout: f64, on_timeout: &str) -> Value {
+    json!({
+        "1": {"class_type": "Bus Ask", "inputs": {"subject": "prompt/llm", "payload": "{\"q\": 1}", "timeout_seconds": timeout,
+              "on_timeout": on_timeout, "default": "fallback"}},
+        "2": {"class_type": "Bus Publish", "inputs": {"subject": "done", "payload": ["1", 0]}},
+    })
+}
+
+/// The next `comfy_bridge.*` message on `ws`.
+async fn next_extension(ws: &mut Ws) -> Value {
+    loop {
+        if let Message::Text(t) = recv(ws).await {
+            let v: Value = serde_json::from_str(t.as_str()).expect("json");
+            if v["type"].as_str().is_some_and(|k| k.starts_with("comfy_bridge.")) {
+                return v;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn bus_ask_waits_for_the_first_answer_on_the_route_and_bus_publish_goes_to_the_taps() {
+    let sim = start_tap().await;
+    let (mut tap, _, hello) = connect_tap(&sim, "bridge").await;
+    let secret = hello.expect("hello")["data"]["secret"].as_str().expect("secret").to_string();
+    let id = sim.queue_as(&ask_workflow(30.0, "error"), Some("browser")).expect("queued");
+    let ask = next_extension(&mut tap).await;
+    assert_eq!(ask["type"], "comfy_bridge.ask");
+    let data = &ask["data"];
+    assert_eq!((data["prompt_id"].as_str(), data["node_id"].as_str()), (Some(id.as_str()), Some("1")));
+    assert_eq!((data["subject"].as_str(), &data["payload"]), (Some("prompt/llm"), &json!({"q": 1})));
+    let ask_id = data["ask_id"].as_str().expect("ask id").to_string();
+    assert_eq!(sim.waiting_asks().len(), 1);
+
+    // A tap that connects while the ask waits is told about it after its hello.
+    let (mut late, _, _) = connect_tap(&sim, "late").await;
+    assert_eq!(recv_json(&mut late).await["data"]["ask_id"], ask_id);
+
+    let body = |a: &str| json!({"ask_id": a, "answer": "a cat"}).to_string();
+    assert_eq!(answer(sim.addr(), "wrong", &body(&ask_id)).await.0, 403);
+    assert_eq!(
+        answer(sim.addr(), &secret, "nope").await,
+        (400, json!({"accepted": false, "reason": "bad_request", "error": "body is not JSON"}))
+    );
+    assert_eq!(answer(sim.addr(), &secret, &body("other")).await.1["reason"], "unknown");
+    assert_eq!(answer(sim.addr(), &secret, &body(&ask_id)).await, (200, json!({"accepted": true})));
+    assert_eq!(answer(sim.addr(), &secret, &body(&ask_id)).await, (409, json!({"accepted": false, "reason": "late"})));
+    let done = next_extension(&mut tap).await;
+    assert_eq!(
+        (done["type"].as_str(), done["data"]["outcome"].as_str()),
+        (Some("comfy_bridge.ask_done"), Some("answered"))
+    );
+    let published = next_extension(&mut tap).await;
+    assert_eq!(
+        (published["type"].as_str(), published["data"]["subject"].as_str()),
+        (Some("comfy_bridge.publish"), Some("done"))
+    );
+    assert!(frame_types(&until_done(&mut tap, &id).await).contains(&"execution_success".to_string()));
+    assert_eq!(sim.accepted_answers(), vec![(ask_id, "a cat".to_string())]);
+}
+
+#[tokio::test]
+async fn bus_ask_times_out_into_an_error_or_its_default_and_an_interrupt_ends_the_wait() {
+    let sim = start_tap().await;
+    let (mut tap, _, _) = connect_tap(&sim, "bridge").await;
+    let id = sim.queue_as(&ask_workflow(0.2, "error"), Some("browser")).expect("queued");
+    let types = frame_types(&until_done(&mut tap, &id).await);
+    assert!(
+        types.contains(&"comfy_bridge.ask_done".to_string()) && types.contains(&"execution_error".to_string()),
+        "{types:?}"
+    );
+    let id = sim.queue_as(&ask_workflow(0.2, "default"), Some("browser")).expect("queued");
+    let types = frame_types(&until_done(&mut tap, &id).await);
+    assert!(
+        types.contains(&"execution_success".to_string()) && types.contains(&"comfy_bridge.publish".to_string()),
+        "{types:?}"
+    );
+
+    let id = sim.queue_as(&ask_workflow(30.0, "error"), Some("browser")).expect("queued");
+    assert_eq!(next_extension(&mut tap).await["type"], "comfy_bridge.ask");
+    http(sim.addr(), "POST", "/interrupt", Some("{}")).await;
+    let done = next_extension(&mut tap).await;
+    assert_eq!(done["data"]["outcome"], "interrupted");
+    assert!(frame_types(&until_done(&mut tap, &id).await).contains(&"execution_interrupted".to_string()));
+    assert!(sim.waiting_asks().is_empty());
 }

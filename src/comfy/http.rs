@@ -84,6 +84,8 @@ pub struct ComfyHttp {
     upload_timeout: Duration,
     /// Longest body read from any answer (`comfyui.max_body_bytes`).
     max_body: usize,
+    /// What the tap extension said on the WebSocket (its version, the secret of its answer route).
+    tap: super::tap::TapWatch,
 }
 
 impl ComfyHttp {
@@ -138,7 +140,19 @@ impl ComfyHttp {
             base,
             upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR),
             max_body: usize::try_from(settings.comfyui.max_body_bytes).unwrap_or(usize::MAX),
+            tap: super::tap::TapWatch::absent(),
         })
+    }
+
+    /// This client with what the WebSocket task learns of the tap extension.
+    pub fn with_tap(mut self, tap: super::tap::TapWatch) -> Self {
+        self.tap = tap;
+        self
+    }
+
+    /// What the tap extension said on the current WebSocket connection.
+    pub fn tap(&self) -> &super::tap::TapWatch {
+        &self.tap
     }
 
     /// `POST /prompt`: queues `body` (`{"prompt", "client_id", "prompt_id", ...}`); returns the 200 JSON
@@ -379,7 +393,7 @@ mod tests {
 
     /// A simulator and a client for it. At speed 1.0 a prompt runs for ~1.9 s unless interrupted.
     async fn sim(speed: f64) -> (Simulator, ComfyHttp) {
-        let opts = SimOptions { transcripts: vec![fixtures()], speed, autoplay: false };
+        let opts = SimOptions { transcripts: vec![fixtures()], speed, ..SimOptions::default() };
         let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
         let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client");
         (sim, http)

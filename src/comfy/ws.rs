@@ -8,12 +8,15 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, Messa
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument as _};
 
+use super::tap::{self, TapSender, TapWatch};
 use super::{backoff, Inbound};
 use crate::config::Settings;
 use crate::telemetry;
 
-/// Sent as the first message so previews arrive as type 4, with their prompt and node (docs/PROTOCOL.md §2.3).
-const FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
+/// Sent as the first message so previews arrive as type 4, with their prompt and node (docs/PROTOCOL.md §2.3),
+/// and so the tap extension, where installed, makes this socket a tap (extension/README.md).
+const FEATURE_FLAGS: &str =
+    r#"{"type":"feature_flags","data":{"supports_preview_metadata":true,"comfy_bridge_tap":true}}"#;
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of frames waiting in the channel to the router (which also bounds them by count): beyond it
@@ -83,6 +86,12 @@ pub struct WsClient {
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// What is in `inbound_tx`'s channel, in bytes.
     in_flight: std::sync::Mutex<InFlight>,
+    /// What the tap extension said on the current connection.
+    tap: TapSender,
+    /// The tap version last logged (`Some(None)`: logged as absent), so each change is logged once.
+    tap_logged: std::sync::Mutex<Option<Option<String>>>,
+    /// Where the extension's messages other than its hello go (`Bus Publish`, `Bus Ask`).
+    extension_tx: Option<mpsc::Sender<tap::Message>>,
 }
 
 /// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
@@ -122,7 +131,22 @@ impl WsClient {
             ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
             inbound_tx,
             in_flight: std::sync::Mutex::default(),
+            tap: tap::channel().0,
+            tap_logged: std::sync::Mutex::default(),
+            extension_tx: None,
         })
+    }
+
+    /// What the tap extension says on each connection (its version, and the secret of its answer route).
+    pub fn tap(&self) -> TapWatch {
+        self.tap.subscribe()
+    }
+
+    /// Hands the extension's messages (`comfy_bridge.publish`, `.ask`, `.ask_done`) to `tx`; without it they
+    /// are dropped. Never sent to the router: they are not ComfyUI events.
+    pub fn with_extension(mut self, tx: mpsc::Sender<tap::Message>) -> Self {
+        self.extension_tx = Some(tx);
+        self
     }
 
     /// Sends to the router, first waiting while the frames in its channel hold [`INBOUND_MAX_BYTES`].
@@ -206,6 +230,8 @@ impl WsClient {
         info!("connected to comfyui");
         self.send(Inbound::Connected).await;
         let result = self.read_loop(&mut socket, shutdown).await;
+        // The secret belongs to this connection: a restarted ComfyUI has a new one.
+        self.tap.disconnected();
         self.send(Inbound::Disconnected).await;
         // Close (or at least drop) this socket before a new one registers the same client id: a half-open old
         // socket would later unregister the new one (docs/PROTOCOL.md §2.1).
@@ -254,7 +280,18 @@ impl WsClient {
     async fn forward(&self, msg: Message) -> bool {
         let now = now_ms();
         let inbound = match msg {
-            Message::Text(text) => Inbound::Text(text, now),
+            Message::Text(text) => match tap::classify(text.as_str()) {
+                tap::Frame::Other => Inbound::Text(text, now),
+                tap::Frame::FeatureFlags => {
+                    self.tap_flags(text.as_str());
+                    Inbound::Text(text, now)
+                }
+                tap::Frame::Extension => {
+                    telemetry::frame_received();
+                    self.extension(text.as_str()).await;
+                    return true;
+                }
+            },
             Message::Binary(bytes) => Inbound::Binary(bytes, now),
             Message::Close(frame) => {
                 debug!(?frame, "server closed the websocket");
@@ -265,6 +302,46 @@ impl WsClient {
         telemetry::frame_received();
         self.send(inbound).await;
         true
+    }
+}
+
+impl WsClient {
+    /// The server's `feature_flags` reply: the tap is active when it carries the tap's version.
+    fn tap_flags(&self, frame: &str) {
+        let version = tap::version_in_flags(frame);
+        self.tap.feature_flags(version.clone());
+        let mut logged = self.tap_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged.as_ref() != Some(&version) {
+            match &version {
+                Some(v) => info!(version = %v, "comfyui tap active: every prompt's events reach the bridge"),
+                None => info!("comfyui tap absent: prompts queued by others show only as state and result"),
+            }
+            *logged = Some(version);
+        }
+    }
+
+    /// A `comfy_bridge.*` message: the hello is kept here (its secret never leaves this task but through the
+    /// watch), the rest goes to the extension's handler.
+    async fn extension(&self, frame: &str) {
+        let Some(msg) = tap::parse(frame) else {
+            return telemetry::frame_skipped("bad_extension_message", &"not a comfy_bridge message with data");
+        };
+        if msg.kind == "hello" {
+            match tap::hello(&msg.data) {
+                Some((secret, version)) => {
+                    self.tap.hello(version, secret);
+                    debug!("tap hello received");
+                }
+                None => telemetry::frame_skipped("bad_extension_message", &"comfy_bridge.hello without a secret"),
+            }
+            return;
+        }
+        match &self.extension_tx {
+            Some(tx) => {
+                let _ = tx.send(msg).await;
+            }
+            None => debug!(kind = %msg.kind, "extension message ignored"),
+        }
     }
 }
 
@@ -416,6 +493,68 @@ mod tests {
             assert!(matches!(frame, Some(Inbound::Text(ref t, _)) if t.contains("status")), "{frame:?}");
             assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Disconnected))));
         }
+        shutdown.cancel();
+        tokio::time::timeout(wait, task).await.expect("stops").expect("no panic");
+    }
+
+    /// A server with the tap extension: answers the feature flags with its version, says hello, sends one
+    /// extension message and one event, then closes once `close` fires.
+    async fn tap_server(close: tokio::sync::oneshot::Receiver<()>) -> (std::net::SocketAddr, mpsc::Receiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (first_tx, first_rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+            if let Some(Ok(Message::Text(first))) = ws.next().await {
+                let _ = first_tx.send(first.as_str().to_owned()).await;
+            }
+            for frame in [
+                r#"{"type": "feature_flags", "data": {"supports_preview_metadata": true, "comfy_bridge_tap": "0.1.0"}}"#,
+                r#"{"type": "comfy_bridge.hello", "data": {"version": "0.1.0", "secret": "per-start-secret"}}"#,
+                r#"{"type": "comfy_bridge.ask", "data": {"ask_id": "a1", "subject": "prompt"}}"#,
+                r#"{"type": "status", "data": {}}"#,
+            ] {
+                let _ = ws.send(Message::text(frame)).await;
+            }
+            let _ = close.await;
+            let _ = ws.close(None).await;
+        });
+        (addr, first_rx)
+    }
+
+    #[tokio::test]
+    async fn the_tap_is_detected_its_messages_are_no_events_and_its_secret_ends_with_the_connection() {
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let (addr, mut first_rx) = tap_server(close_rx).await;
+        let mut settings = Settings::default();
+        settings.comfyui.url = format!("http://{addr}");
+        settings.comfyui.reconnect_max_ms = 60_000;
+        let (tx, mut rx) = mpsc::channel(64);
+        let (ext_tx, mut ext_rx) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let client = WsClient::new(&settings, "tap-id", tx).expect("client").with_extension(ext_tx);
+        let tap = client.tap();
+        let task = tokio::spawn(client.run(shutdown.clone()));
+        let wait = Duration::from_secs(5);
+        let first = tokio::time::timeout(wait, first_rx.recv()).await.expect("connected").expect("first");
+        let first: serde_json::Value = serde_json::from_str(&first).expect("json");
+        assert_eq!(first["data"]["comfy_bridge_tap"], true, "the bridge asks to be a tap");
+        assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Connected))));
+        let flags = tokio::time::timeout(wait, rx.recv()).await.expect("frame");
+        assert!(matches!(&flags, Some(Inbound::Text(t, _)) if t.contains("feature_flags")), "{flags:?}");
+        let next = tokio::time::timeout(wait, rx.recv()).await.expect("frame");
+        assert!(
+            matches!(&next, Some(Inbound::Text(t, _)) if t.contains("\"status\"")),
+            "hello and ask are no events: {next:?}"
+        );
+        let ask = tokio::time::timeout(wait, ext_rx.recv()).await.expect("ask").expect("ask");
+        assert_eq!((ask.kind.as_str(), &ask.data["ask_id"]), ("ask", &serde_json::json!("a1")));
+        assert_eq!(tap.version().as_deref(), Some("0.1.0"));
+        assert_eq!(tap.secret().map(|s| s.expose().to_string()).as_deref(), Some("per-start-secret"));
+        let _ = close_tx.send(());
+        assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Disconnected))));
+        assert_eq!((tap.version(), tap.secret()), (None, None), "forgotten with the connection");
         shutdown.cancel();
         tokio::time::timeout(wait, task).await.expect("stops").expect("no panic");
     }

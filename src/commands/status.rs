@@ -26,9 +26,11 @@ impl Spec for Status {
     }
 }
 
-/// Never an error: an unreachable ComfyUI is part of the status.
+/// Never an error: an unreachable ComfyUI is part of the status. `comfyui.tap` is the tap extension's version
+/// when it is active on the bridge's WebSocket, else null.
 async fn status(http: &ComfyHttp) -> Value {
     let (queue, stats) = tokio::join!(http.queue(), http.system_stats());
+    let tap = http.tap().version();
     let bridge = json!({ "version": env!("CARGO_PKG_VERSION") });
     let ids = |items: &[QueueItem]| items.iter().map(|i| i.prompt_id.clone()).collect::<Vec<_>>();
     match (queue, stats) {
@@ -36,12 +38,13 @@ async fn status(http: &ComfyHttp) -> Value {
             "comfyui": {
                 "reachable": true,
                 "version": stats.ok().and_then(|s| s.pointer("/system/comfyui_version").cloned()),
+                "tap": tap,
             },
             "queue": { "running": ids(&queue.running), "pending": ids(&queue.pending) },
             "bridge": bridge,
         }),
         (Err(e), _) => json!({
-            "comfyui": { "reachable": false, "error": e.to_string() },
+            "comfyui": { "reachable": false, "error": e.to_string(), "tap": tap },
             "bridge": bridge,
         }),
     }

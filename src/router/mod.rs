@@ -411,16 +411,17 @@ impl Router {
         node_id: Option<&str>,
         ts: u64,
     ) -> (Route, Bytes) {
-        let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
+        let (request_id, client_id) = prompt_id.map_or((None, None), |p| self.tracker.envelope_ids(p));
         match self.routes.get(&self.instance, &self.instance_field, kind, prompt_id, node_id) {
             Some(cached) => {
                 let data = data.as_bytes();
-                let room = cached.head.len() + data.len() + cached.ids.len() + 56 + request_id.map_or(0, str::len);
+                let ids = request_id.map_or(0, str::len) + client_id.map_or(0, str::len);
+                let room = cached.head.len() + data.len() + cached.ids.len() + 72 + ids;
                 let mut out = Vec::with_capacity(room);
                 out.extend_from_slice(&cached.head);
                 out.extend_from_slice(data);
                 out.extend_from_slice(&cached.ids);
-                write_tail(&mut out, self.seq, ts, request_id);
+                write_tail(&mut out, self.seq, ts, request_id, client_id);
                 (cached.route.clone(), Bytes::from(out))
             }
             None => {
@@ -433,13 +434,13 @@ impl Router {
     /// The envelope (docs/INTERFACE.md §2): ComfyUI's own `{type, data}` plus the bridge's fields, written directly
     /// (byte for byte what serde_json makes of the same struct, without its per-field machinery).
     fn envelope(&self, kind: &str, data: &str, prompt_id: Option<&str>, node_id: Option<&str>, ts: u64) -> Bytes {
-        let request_id = prompt_id.and_then(|p| self.tracker.request_id(p));
-        let ids = [prompt_id, node_id, request_id].iter().flatten().map(|s| s.len()).sum::<usize>();
+        let (request_id, client_id) = prompt_id.map_or((None, None), |p| self.tracker.envelope_ids(p));
+        let ids = [prompt_id, node_id, request_id, client_id].iter().flatten().map(|s| s.len()).sum::<usize>();
         let mut out = Vec::with_capacity(128 + kind.len() + data.len() + self.instance_field.len() + ids);
         write_head(&mut out, kind);
         out.extend_from_slice(data.as_bytes());
         write_ids(&mut out, &self.instance_field, prompt_id, node_id);
-        write_tail(&mut out, self.seq, ts, request_id);
+        write_tail(&mut out, self.seq, ts, request_id, client_id);
         Bytes::from(out)
     }
 
@@ -542,12 +543,13 @@ fn write_ids(out: &mut Vec<u8>, instance_field: &[u8], prompt_id: Option<&str>, 
 }
 
 /// The rest of the envelope: sequence number, timestamp, request id, the closing brace.
-fn write_tail(out: &mut Vec<u8>, seq: u64, ts: u64, request_id: Option<&str>) {
+fn write_tail(out: &mut Vec<u8>, seq: u64, ts: u64, request_id: Option<&str>, client_id: Option<&str>) {
     out.extend_from_slice(b",\"seq\":");
     json_u64(out, seq);
     out.extend_from_slice(b",\"ts\":");
     json_u64(out, ts);
     optional_str(out, b",\"request_id\":", request_id);
+    optional_str(out, b",\"client_id\":", client_id);
     out.push(b'}');
 }
 

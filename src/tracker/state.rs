@@ -41,6 +41,8 @@ const EXECUTING_MS: u64 = 60_000;
 pub const MAX_ID_BYTES: usize = 4096;
 /// Most bytes of node outputs (as their events carried them) held for all live prompts together.
 pub const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Longest submitter client id kept for the envelope (ComfyUI's own are 32 hex digits).
+const MAX_CLIENT_ID_BYTES: usize = 256;
 /// Most cached node ids remembered for a prompt whose workflow is not known.
 const MAX_UNKNOWN_DONE: usize = 1024;
 
@@ -130,6 +132,8 @@ struct Prompt {
     output_bytes: usize,
     phase: Phase,
     request_id: Option<String>,
+    /// Who queued it (`extra_data.client_id` of its queue entry), for prompts of others.
+    client_id: Option<String>,
     /// When the tracker first knew it: a queue snapshot requested before this cannot say it vanished.
     known_since: Instant,
     queue_position: Option<usize>,
@@ -160,6 +164,7 @@ impl Prompt {
             output_bytes: 0,
             phase,
             request_id: None,
+            client_id: None,
             known_since: now,
             queue_position: None,
             nodes: None,
@@ -296,6 +301,8 @@ pub struct Tracker {
     finished_ids: HashMap<String, Option<String>>,
     /// Some prompt was given a `request_id` ([`Tracker::expect`]): until then no lookup can find one.
     any_request_id: bool,
+    /// Some prompt of others was given a client id (from its queue entry): only then is it looked up.
+    any_client_id: bool,
     /// Whether recent history has been read once: what was there before the bridge looked is not news.
     history_baseline: bool,
     /// The next [`Prompt::seq`].
@@ -317,6 +324,8 @@ pub struct Tracker {
     forgotten: u64,
     /// Lookups asked for, ever.
     lookups_requested: u64,
+    /// The submitter of the prompt of others that finished last, for the envelopes of its terminal events.
+    last_finished_client: Option<(String, String)>,
 }
 
 impl Tracker {
@@ -328,6 +337,7 @@ impl Tracker {
             finished: VecDeque::new(),
             finished_ids: HashMap::new(),
             any_request_id: false,
+            any_client_id: false,
             history_baseline: false,
             next_seq: 0,
             foreign_order: VecDeque::new(),
@@ -338,6 +348,7 @@ impl Tracker {
             output_bytes: 0,
             forgotten: 0,
             lookups_requested: 0,
+            last_finished_client: None,
         }
     }
 
@@ -478,6 +489,27 @@ impl Tracker {
         }
     }
 
+    /// Who queued `prompt_id`, when it is a prompt of others whose queue entry named its client id (the
+    /// envelope's `client_id`).
+    pub fn client_id(&self, prompt_id: &str) -> Option<&str> {
+        self.envelope_ids(prompt_id).1
+    }
+
+    /// The envelope's `request_id` and `client_id` of `prompt_id`, in one lookup; none without hashing until
+    /// some prompt was given either.
+    pub fn envelope_ids(&self, prompt_id: &str) -> (Option<&str>, Option<&str>) {
+        if !self.any_request_id && !self.any_client_id {
+            return (None, None);
+        }
+        match self.prompts.get(prompt_id) {
+            Some(p) => (p.request_id.as_deref(), p.client_id.as_deref().filter(|_| !p.own)),
+            None => (
+                self.finished_ids.get(prompt_id).and_then(Option::as_deref),
+                self.last_finished_client.as_ref().filter(|(p, _)| p == prompt_id).map(|(_, c)| c.as_str()),
+            ),
+        }
+    }
+
     /// The running prompt's current node and whole-prompt fraction, if a prompt is running.
     pub fn running(&self) -> Option<(Option<&str>, Option<f64>)> {
         let prompt = self.prompts.values().find(|p| p.phase == Phase::Running)?;
@@ -613,6 +645,12 @@ impl Tracker {
             self.prompts.contains_key(pid) || (position < MAX_LIVE && self.admit(pid, Phase::Queued, now, false));
         let Some(prompt) = self.prompts.get_mut(pid).filter(|_| tracked) else { return Effects::default() };
         prompt.set_workflow(&item.prompt);
+        if prompt.client_id.is_none() {
+            let client_id = item.extra_data.get("client_id").and_then(Value::as_str);
+            prompt.client_id =
+                client_id.filter(|c| !c.is_empty() && c.len() <= MAX_CLIENT_ID_BYTES).map(str::to_string);
+            self.any_client_id |= prompt.client_id.is_some();
+        }
         if let Some(t) = item.extra_data.get("create_time").and_then(Value::as_u64) {
             prompt.queued_at.get_or_insert(t);
         }
@@ -742,6 +780,9 @@ impl Tracker {
             payload: to_bytes(&prompt.result_object(&self.public_base)),
             lifecycle: true,
         };
+        if let Some(client_id) = prompt.client_id.filter(|_| !prompt.own) {
+            self.last_finished_client = Some((prompt.id.clone(), client_id));
+        }
         self.remember_finished(prompt.id, prompt.request_id);
         Effects { updates: vec![state, result], lookups: Vec::new() }
     }

@@ -18,7 +18,15 @@ pub const SUCCESS: &str = "a_success.jsonl";
 pub async fn simulator(transcript: &str, speed: f64) -> Simulator {
     let dir = super::fixtures::transcripts();
     let path = if transcript.is_empty() { dir } else { dir.join(transcript) };
-    let opts = SimOptions { transcripts: vec![path], speed, autoplay: false };
+    let opts = SimOptions { transcripts: vec![path], speed, ..SimOptions::default() };
+    Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
+}
+
+/// A simulator like [`simulator`] with the tap extension installed (`SimOptions::tap`).
+pub async fn tap_simulator(transcript: &str, speed: f64) -> Simulator {
+    let dir = super::fixtures::transcripts();
+    let path = if transcript.is_empty() { dir } else { dir.join(transcript) };
+    let opts = SimOptions { transcripts: vec![path], speed, tap: true, ..SimOptions::default() };
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts")
 }
 
