@@ -10,6 +10,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 mod scan;
 
@@ -85,37 +86,38 @@ impl Kind {
     }
 }
 
-/// A text frame: its type, the untouched `data`, and the ids routing needs.
+/// A text frame: its type, the untouched `data`, and the ids routing needs. It keeps the frame as received
+/// (shared, not copied); `data` and the ids are places in it.
 #[derive(Debug)]
 pub struct TextEvent {
     /// The known type, or [`Kind::Other`].
     pub kind: Kind,
     /// The `type` string exactly as sent.
     pub kind_name: Cow<'static, str>,
-    /// `data` exactly as sent.
-    pub data: RawJson,
-    /// `data.prompt_id` when it is a string.
-    pub prompt_id: Option<String>,
-    /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
-    pub node_id: Option<String>,
+    frame: Utf8Bytes,
+    /// Where `data` is in the frame.
+    data: Range<usize>,
+    prompt_id: Option<Id>,
+    node_id: Option<Id>,
     /// For `progress`: where `data.value` and `data.max` are in `data`, unparsed until asked for.
     tick: Option<(Range<usize>, Range<usize>)>,
 }
 
-/// JSON text that was validated when its frame was parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawJson(Box<str>);
+/// An id: a plain JSON string's contents in the frame, or (escaped strings, numbers) its own text.
+#[derive(Debug)]
+enum Id {
+    At(Range<usize>),
+    Owned(Box<str>),
+}
 
-impl RawJson {
-    /// The JSON text.
-    pub fn get(&self) -> &str {
-        &self.0
-    }
+/// Where `part`, a slice of `whole`, starts in it.
+fn offset(whole: &str, part: &str) -> usize {
+    part.as_ptr() as usize - whole.as_ptr() as usize
 }
 
 impl TextEvent {
-    /// The event of a frame whose `type` is `kind_name` and whose `data` is the valid JSON `data`.
-    fn new(kind_name: &str, data: &str, found: Option<Found<'_>>) -> Self {
+    /// The event of `frame`, whose `type` is `kind_name` and whose `data` (a slice of the frame) is valid JSON.
+    fn new(frame: &Utf8Bytes, kind_name: &str, data: &str, found: Option<Found<'_>>) -> Self {
         // `data` need not be an object (custom events may send anything); then it names no ids.
         let ids = match found {
             Some(found) => found.ids(data),
@@ -123,21 +125,55 @@ impl TextEvent {
             None => Ids::default(),
         };
         let kind = Kind::from_name(kind_name);
+        let id = |raw: Option<&str>| -> Option<Id> {
+            let raw = raw?;
+            match raw.as_bytes().first()? {
+                b'"' if !raw.contains('\\') => {
+                    let start = offset(frame, raw) + 1;
+                    Some(Id::At(start..start + raw.len() - 2))
+                }
+                _ => as_id(Some(raw)).map(|id| Id::Owned(id.into())),
+            }
+        };
         let node_id = match kind {
             // Errors and interrupts name the failing node as `node_id` (docs/PROTOCOL.md §4.10, §4.11).
-            Kind::ExecutionError | Kind::ExecutionInterrupted => as_id(ids.node_id),
-            _ => as_id(ids.display_node).or_else(|| as_id(ids.node)),
+            Kind::ExecutionError | Kind::ExecutionInterrupted => id(ids.node_id),
+            _ => id(ids.display_node).or_else(|| id(ids.node)),
         };
+        let start = offset(frame, data);
         Self {
             kind,
             kind_name: match kind.index() {
                 Some(i) => Cow::Borrowed(Kind::NAMES[i]),
                 None => Cow::Owned(kind_name.to_string()),
             },
-            prompt_id: as_id(ids.prompt_id),
+            prompt_id: id(ids.prompt_id),
             node_id,
             tick: ids.tick.filter(|_| kind == Kind::Progress),
-            data: RawJson(data.into()),
+            data: start..start + data.len(),
+            frame: frame.clone(),
+        }
+    }
+
+    /// `data` exactly as sent.
+    pub fn data(&self) -> &str {
+        self.frame.get(self.data.clone()).unwrap_or("null")
+    }
+
+    /// `data.prompt_id` when it is a string (or a number, in its JSON form).
+    pub fn prompt_id(&self) -> Option<&str> {
+        self.id(self.prompt_id.as_ref())
+    }
+
+    /// `data.display_node` when present, else `data.node` (else `data.node_id` for errors); `None` when null.
+    pub fn node_id(&self) -> Option<&str> {
+        self.id(self.node_id.as_ref())
+    }
+
+    fn id<'a>(&'a self, id: Option<&'a Id>) -> Option<&'a str> {
+        match id? {
+            Id::At(range) => self.frame.get(range.clone()),
+            Id::Owned(id) => Some(id),
         }
     }
 
@@ -145,7 +181,7 @@ impl TextEvent {
     /// `{value: Option<f64>, max: Option<f64>}` (so what the tracker reads of a tick, without parsing `data`).
     pub fn progress(&self) -> Option<(f64, f64)> {
         let (value, max) = self.tick.as_ref()?;
-        let data = self.data.get();
+        let data = self.data();
         Some((number(data.get(value.clone())?)?, number(data.get(max.clone())?)?))
     }
 }
@@ -375,12 +411,18 @@ fn as_id(value: Option<&str>) -> Option<String> {
 }
 
 /// Parses one text frame: the common shape in one pass ([`scan`]), anything else through serde_json.
-pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
-    if let Some(frame) = scan::frame(text) {
-        return Ok(TextEvent::new(frame.kind, frame.data, frame.found));
+pub fn parse_frame(frame: Utf8Bytes) -> Result<TextEvent, FrameError> {
+    let text: &str = &frame;
+    if let Some(found) = scan::frame(text) {
+        return Ok(TextEvent::new(&frame, found.kind, found.data, found.found));
     }
     let envelope: Envelope = serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-    Ok(TextEvent::new(&envelope.kind, envelope.data.get(), None))
+    Ok(TextEvent::new(&frame, &envelope.kind, envelope.data.get(), None))
+}
+
+/// [`parse_frame`] of a copy of `text`.
+pub fn parse_text(text: &str) -> Result<TextEvent, FrameError> {
+    parse_frame(Utf8Bytes::from(text.to_string()))
 }
 
 /// The image encoding of a preview.
@@ -512,7 +554,7 @@ pub(crate) mod tests {
             for frame in recorded_frames(&scenario).into_iter().filter_map(Result::ok) {
                 let event = parse_text(&frame).unwrap_or_else(|e| panic!("{scenario}: {e}"));
                 let original: serde_json::Value = serde_json::from_str(&frame).expect("json");
-                let data: serde_json::Value = serde_json::from_str(event.data.get()).expect("json");
+                let data: serde_json::Value = serde_json::from_str(event.data()).expect("json");
                 assert_eq!(data, original["data"], "{scenario}");
                 assert_eq!(original["type"], &*event.kind_name, "{scenario}");
             }
@@ -541,30 +583,30 @@ pub(crate) mod tests {
     fn routing_ids_come_from_display_node_then_node() {
         let e = parse_text(r#"{"type":"executing","data":{"node":"20.0.0.1","display_node":"20","prompt_id":"p"}}"#)
             .expect("parses");
-        assert_eq!((e.kind, e.prompt_id.as_deref(), e.node_id.as_deref()), (Kind::Executing, Some("p"), Some("20")));
+        assert_eq!((e.kind, e.prompt_id(), e.node_id()), (Kind::Executing, Some("p"), Some("20")));
         let e = parse_text(r#"{"type":"executing","data":{"node":null,"prompt_id":"p"}}"#).expect("parses");
-        assert_eq!(e.node_id, None);
+        assert_eq!(e.node_id(), None);
         let e = parse_text(r#"{"type":"progress","data":{"value":1,"max":2,"prompt_id":"p","node":"12:5"}}"#)
             .expect("parses");
-        assert_eq!(e.node_id.as_deref(), Some("12:5"));
+        assert_eq!(e.node_id(), Some("12:5"));
         let e = parse_text(r#"{"type":"bridge_probe.custom","data":[1,2]}"#).expect("parses");
-        assert_eq!((e.kind, e.prompt_id), (Kind::Other, None));
+        assert_eq!((e.kind, e.prompt_id()), (Kind::Other, None));
     }
 
     #[test]
     fn ids_may_be_numbers_or_escaped_strings_and_other_values_name_nothing() {
         let e = parse_text(r#"{"type":"progress","data":{"prompt_id":"a\"b\u00e9","node":12,"display_node":null}}"#)
             .expect("parses");
-        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("a\"bé"), Some("12")));
+        assert_eq!((e.prompt_id(), e.node_id()), (Some("a\"bé"), Some("12")));
         let e =
             parse_text(r#"{"type":"executed","data":{"prompt_id":1.5,"display_node":-3,"node":"x"}}"#).expect("parses");
-        assert_eq!((e.prompt_id.as_deref(), e.node_id.as_deref()), (Some("1.5"), Some("-3")));
+        assert_eq!((e.prompt_id(), e.node_id()), (Some("1.5"), Some("-3")));
         let e = parse_text(r#"{"type":"executing","data":{"prompt_id":true,"node":{"id":"3"},"display_node":["3"]}}"#)
             .expect("parses");
-        assert_eq!((e.prompt_id, e.node_id), (None, None));
+        assert_eq!((e.prompt_id(), e.node_id()), (None, None));
         let e = parse_text(r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"7","node":"8"}}"#)
             .expect("parses");
-        assert_eq!(e.node_id.as_deref(), Some("7"));
+        assert_eq!(e.node_id(), Some("7"));
     }
 
     #[test]
@@ -597,7 +639,7 @@ pub(crate) mod tests {
     fn a_repeated_id_field_names_nothing_even_after_null() {
         for data in [r#"{"node":null,"node":"3"}"#, r#"{"node":"3","node":null}"#, r#"{"node":"3","node":"4"}"#] {
             let e = parse_text(&format!(r#"{{"type":"progress","data":{data}}}"#)).expect("parses");
-            assert_eq!(e.node_id, None, "{data}");
+            assert_eq!(e.node_id(), None, "{data}");
         }
     }
 
@@ -737,8 +779,9 @@ pub(crate) mod tests {
 
         /// The whole event as the serde path alone makes it.
         fn by_serde_event(text: &str) -> Option<TextEvent> {
-            let envelope: Envelope = serde_json::from_str(text).ok()?;
-            Some(TextEvent::new(&envelope.kind, envelope.data.get(), None))
+            let frame = Utf8Bytes::from(text.to_string());
+            let envelope: Envelope = serde_json::from_str(&frame).ok()?;
+            Some(TextEvent::new(&frame, &envelope.kind, envelope.data.get(), None))
         }
 
         /// A text frame: mostly the common shape, sometimes with escaped, repeated, missing or odd members.
@@ -810,7 +853,7 @@ pub(crate) mod tests {
                     prop_assert_eq!(by_serde(&text), Some((frame.kind.to_string(), frame.data.to_string())), "{}", text);
                     let (fast, slow) = (parse_text(&text).expect("valid"), by_serde_event(&text).expect("valid"));
                     prop_assert_eq!(&fast.kind_name, &slow.kind_name);
-                    prop_assert_eq!((&fast.prompt_id, &fast.node_id), (&slow.prompt_id, &slow.node_id), "{}", text);
+                    prop_assert_eq!((fast.prompt_id(), fast.node_id()), (slow.prompt_id(), slow.node_id()), "{}", text);
                     prop_assert_eq!(fast.progress(), slow.progress(), "{}", text);
                 }
             }

@@ -324,7 +324,7 @@ impl Router {
             }
             Inbound::Text(text, ts) => {
                 self.seq += 1;
-                match event::parse_text(&text) {
+                match event::parse_frame(text) {
                     Ok(event) => {
                         telemetry::event_received(event.kind, &event.kind_name);
                         self.route_text(&event, ts, now, out);
@@ -352,17 +352,17 @@ impl Router {
         if event.kind == Kind::Status {
             // Prompts queued by others show only as queue changes (docs/PROTOCOL.md §3).
             self.work.resync = true;
-            if let Some(remaining) = queue_remaining(event.data.get()) {
+            if let Some(remaining) = queue_remaining(event.data()) {
                 telemetry::comfyui_queue(remaining);
                 self.queue_remaining = remaining;
             }
         }
         let effects = self.tracker.on_event(event, ts, now);
-        let prompt_id = event.prompt_id.as_deref();
-        let node_id = event.node_id.as_deref();
+        let prompt_id = event.prompt_id();
+        let node_id = event.node_id();
         let span = tracing::debug_span!("event", kind = %event.kind_name, prompt_id, node_id, seq = self.seq);
         let _entered = span.enter();
-        let (route, payload) = self.event_message(&event.kind_name, event.data.get(), prompt_id, node_id, ts);
+        let (route, payload) = self.event_message(&event.kind_name, event.data(), prompt_id, node_id, ts);
         let (qos, class) = match event.kind {
             Kind::Progress => (0, Class::Droppable),
             Kind::ProgressState => (1, Class::Droppable),
@@ -376,20 +376,20 @@ impl Router {
 
     /// Remembers which prompt and node are executing, for frames that do not say.
     fn track_current(&mut self, event: &TextEvent) {
-        let Some(pid) = &event.prompt_id else {
+        let Some(pid) = event.prompt_id() else {
             // The reconnect hint names only the node (docs/PROTOCOL.md §2.2).
             if let (Kind::Executing, Some((_, node))) = (event.kind, &mut self.current) {
-                *node = event.node_id.clone();
+                *node = event.node_id().map(str::to_string);
             }
             return;
         };
         let finished = match event.kind {
             Kind::ExecutionStart => {
-                self.current = Some((pid.clone(), None));
+                self.current = Some((pid.to_string(), None));
                 false
             }
-            Kind::Executing if event.node_id.is_some() => {
-                self.current = Some((pid.clone(), event.node_id.clone()));
+            Kind::Executing if event.node_id().is_some() => {
+                self.current = Some((pid.to_string(), event.node_id().map(str::to_string)));
                 false
             }
             Kind::Executing | Kind::ExecutionSuccess | Kind::ExecutionInterrupted => true,
@@ -569,7 +569,7 @@ fn queue_remaining(data: &str) -> Option<u64> {
 
 /// "Execution Blocked" errors are not terminal (docs/PROTOCOL.md §4.10).
 fn is_blocked(event: &TextEvent) -> bool {
-    event.data.get().contains("\"ExecutionBlocked\"")
+    event.data().contains("\"ExecutionBlocked\"")
 }
 
 /// The bytes serde_json escapes in a string: `"`, `\` and the control characters.

@@ -563,7 +563,7 @@ impl Tracker {
 
     /// A text event from ComfyUI.
     pub fn on_event(&mut self, event: &TextEvent, now_ms: u64, now: Instant) -> Effects {
-        let Some(pid) = event.prompt_id.as_deref() else { return Effects::default() };
+        let Some(pid) = event.prompt_id() else { return Effects::default() };
         let relevant = matches!(
             event.kind,
             Kind::ExecutionStart
@@ -829,7 +829,7 @@ fn on_prompt_event(
         let (value, max) = event.progress().unzip();
         Data { value, max, ..Data::default() }
     } else {
-        serde_json::from_str(event.data.get()).unwrap_or_default()
+        serde_json::from_str(event.data()).unwrap_or_default()
     };
     let at = data.timestamp.map_or(now_ms, |t| t as u64);
     prompt.last_event_ms = Some(now_ms);
@@ -858,7 +858,7 @@ fn on_prompt_event(
         }
         Kind::Executing => match as_text(&data.node) {
             Some(node) => {
-                let display = event.node_id.clone().unwrap_or_else(|| node.clone());
+                let display = event.node_id().map(str::to_string).unwrap_or_else(|| node.clone());
                 let workflow_node = prompt.workflow_node(&node, Some(&display));
                 let previous = prompt.current.take().and_then(|(_, w)| w);
                 if let Some(previous) = previous.filter(|p| Some(p) != workflow_node.as_ref()) {
@@ -880,9 +880,9 @@ fn on_prompt_event(
             }
         }
         Kind::Executed => {
-            let node = event.node_id.clone().or_else(|| as_text(&data.node));
+            let node = event.node_id().map(str::to_string).or_else(|| as_text(&data.node));
             if let (Some(node), Some(output)) = (node, data.output.filter(|o| !o.is_null())) {
-                let size = event.data.get().len();
+                let size = event.data().len();
                 if *output_bytes + size <= MAX_OUTPUT_BYTES {
                     *output_bytes += size;
                     prompt.output_bytes += size;
@@ -891,9 +891,7 @@ fn on_prompt_event(
                     tracing::warn!(prompt_id = pid, size, "node outputs not kept: too many held for live prompts");
                 }
             }
-            if let Some(workflow_node) =
-                as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id.as_deref()))
-            {
+            if let Some(workflow_node) = as_text(&data.node).and_then(|n| prompt.workflow_node(&n, event.node_id())) {
                 prompt.done.insert(workflow_node);
             }
         }

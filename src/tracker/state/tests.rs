@@ -82,7 +82,7 @@ fn all_cached_prompt_counts_cached_nodes_as_done() {
         .iter()
         .filter_map(|f| f.as_ref().ok())
         .filter_map(|f| parse_text(f).ok())
-        .find_map(|e| e.prompt_id)
+        .find_map(|e| e.prompt_id().map(str::to_string))
         .expect("a prompt id");
     let start = Instant::now();
     tracker.expect(&pid, None, &workflow, start);
