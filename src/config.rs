@@ -49,6 +49,11 @@ pub enum ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    /// `value`, kept out of logs.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
     /// The secret itself, for handing to a client library.
     pub fn expose(&self) -> &str {
         &self.0

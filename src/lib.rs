@@ -32,6 +32,7 @@ pub mod commands;
 pub mod config;
 pub mod ha;
 pub mod health;
+pub mod json;
 pub mod router;
 pub mod telemetry;
 pub mod tls;

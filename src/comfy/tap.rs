@@ -10,7 +10,6 @@
 //! (and the `feature_flags` reply) by looking only at the start of a frame, so every other frame costs a short
 //! scan and nothing more.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde_json::Value;
@@ -28,22 +27,8 @@ const MAX_SECRET: usize = 1024;
 /// How far into a frame its type is looked for: ComfyUI writes `{"type": "<type>", "data": …}`, type first.
 const HEAD: usize = 64;
 
-/// The per-start secret of the extension's answer route. Never shown.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the `X-Comfy-Bridge-Secret` header.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+/// The per-start secret of the extension's answer route: a [`crate::config::Secret`], never shown.
+pub use crate::config::Secret;
 
 /// What the extension said on the current connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -192,7 +177,7 @@ pub fn parse(frame: &str) -> Option<Message> {
 /// The hello's secret and version.
 pub fn hello(data: &Value) -> Option<(Secret, Option<String>)> {
     let secret = data.get("secret")?.as_str().filter(|s| !s.is_empty() && s.len() <= MAX_SECRET)?;
-    Some((Secret(secret.to_string()), data.get("version").and_then(version)))
+    Some((Secret::new(secret), data.get("version").and_then(version)))
 }
 
 /// Whether a tap is active now (process-wide, for `/metrics`).
@@ -253,7 +238,10 @@ mod tests {
         let (secret, version) = hello(&msg.data).expect("hello");
         tx.hello(version, secret);
         assert_eq!(format!("{:?}", tx.current()), "Tap { version: Some(\"0.1.0\"), secret: Some(***) }");
-        assert_eq!((watch.version().as_deref(), watch.secret().map(|s| s.0)), (Some("0.1.0"), Some("s3cret".into())));
+        assert_eq!(
+            (watch.version().as_deref(), watch.secret().map(|s| s.expose().to_string())),
+            (Some("0.1.0"), Some("s3cret".into()))
+        );
         assert!(render_metrics().contains("comfy_bridge_tap_active 1"));
         tx.disconnected();
         assert_eq!((watch.version(), watch.secret()), (None, None));

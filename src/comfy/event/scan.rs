@@ -8,6 +8,7 @@
 //! what it finds is what serde_json finds (a property test holds it to that).
 
 use super::Found;
+use crate::json::ESCAPED;
 
 /// Where the envelope's parts are in a frame that is valid JSON.
 pub(super) struct Frame<'a> {
@@ -21,25 +22,6 @@ pub(super) struct Frame<'a> {
 
 /// Deeper nesting than this is left to serde_json (whose own limit is 128).
 const MAX_DEPTH: usize = 64;
-
-/// How a byte inside a JSON string is treated: plain, the closing quote, a backslash, or invalid (a control
-/// character).
-const PLAIN: u8 = 0;
-const QUOTE: u8 = 1;
-const BACKSLASH: u8 = 2;
-const CONTROL: u8 = 3;
-
-const STRING_CLASS: [u8; 256] = {
-    let mut table = [PLAIN; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        table[b] = CONTROL;
-        b += 1;
-    }
-    table[b'"' as usize] = QUOTE;
-    table[b'\\' as usize] = BACKSLASH;
-    table
-};
 
 /// The frame's `type` and `data`, when it is an object of the common shape and valid; `None` when serde_json
 /// must decide.
@@ -181,13 +163,13 @@ impl<'a> Scanner<'a> {
         let mut at = start + 1;
         let mut escaped = false;
         loop {
-            at += bytes.get(at..)?.iter().position(|&b| STRING_CLASS[usize::from(b)] != PLAIN)?;
-            match STRING_CLASS[usize::from(bytes[at])] {
-                QUOTE => {
+            at += bytes.get(at..)?.iter().position(|&b| ESCAPED[usize::from(b)])?;
+            match bytes[at] {
+                b'"' => {
                     self.at = at + 1;
                     return Some(Str { start, end: at + 1, escaped });
                 }
-                BACKSLASH => {
+                b'\\' => {
                     match bytes.get(at + 1)? {
                         b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 2,
                         _ => return None,
