@@ -67,7 +67,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     let c = &settings.commands;
     let (request_tx, request_rx) = inbox(c.max_waiting_requests, c.max_waiting_bytes, c.max_payload_bytes);
-    let home_assistant = settings.homeassistant.enabled && settings.mqtt.enabled;
+    let home_assistant = crate::homeassistant::enabled(&settings);
     let requests = (settings.commands.enabled || home_assistant).then_some(request_tx);
     let mut buses = Vec::new();
     if settings.mqtt.enabled {

@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::ha::{self, DeviceState};
+use comfy_bridge::homeassistant::{self as ha, DeviceState};
 use serde_json::{json, Value};
 
 /// Renders `(template, payload)` pairs as Home Assistant does (`value` and `value_json`); `Err` for a failure.

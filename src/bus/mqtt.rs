@@ -173,8 +173,8 @@ pub fn spawn(
     let (loop_tx, loop_rx) = mpsc::unbounded_channel();
     let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
     let request_prefix = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).mqtt_topic(&cfg.base_topic) + "/";
-    let home_assistant = settings.homeassistant.enabled.then(|| {
-        let entities = crate::ha::route(&settings.bridge.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
+    let home_assistant = crate::homeassistant::enabled(settings).then(|| {
+        let entities = crate::homeassistant::route(&settings.bridge.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
         (entities, format!("{}/status", settings.homeassistant.discovery_prefix))
     });
     let prefix = settings.commands.enabled.then_some(request_prefix);

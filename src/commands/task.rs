@@ -27,7 +27,7 @@ use super::{Applied, Command, Context, Work};
 use crate::bus::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::comfy::http::ComfyHttp;
 use crate::config::Settings;
-use crate::ha;
+use crate::homeassistant::{self, Entities, Set};
 use crate::telemetry;
 use crate::tracker::Control;
 use crate::workflow::template::Templates;
@@ -91,16 +91,10 @@ pub struct CommandTask {
     ledger: Ledger<Target>,
     waiting: WaitQueue<Job>,
     rng: fastrand::Rng,
-    ha: Option<HomeAssistant>,
+    ha: Option<Entities>,
 }
 
 /// Home Assistant's select and text entities: the one place their values live.
-struct HomeAssistant {
-    settings: Settings,
-    selected: Option<String>,
-    prompt: String,
-}
-
 impl CommandTask {
     /// A command task answering on `buses`, telling the tracker about prompts it queues through `control`.
     pub fn new(
@@ -131,9 +125,8 @@ impl CommandTask {
             rng: fastrand::Rng::new(),
             ha: None,
         };
-        if settings.homeassistant.enabled && settings.mqtt.enabled {
-            let selected = task.templates.names().next().map(str::to_string);
-            task.ha = Some(HomeAssistant { settings: settings.clone(), selected, prompt: String::new() });
+        if homeassistant::enabled(settings) {
+            task.ha = Some(Entities::new(settings, task.templates.names().next().map(str::to_string)));
         }
         task
     }
@@ -226,14 +219,7 @@ impl CommandTask {
     async fn announce(&mut self) {
         let Some(ha) = &self.ha else { return };
         let names: Vec<String> = self.templates.names().map(str::to_string).collect();
-        let mut messages = ha::discovery(&ha.settings, &names, self.policy.enabled);
-        let base = &ha.settings.mqtt.base_topic;
-        let inst = &ha.settings.bridge.instance;
-        if let Some(selected) = &ha.selected {
-            messages.push((ha::route(inst, &["template"]).mqtt_topic(base), Bytes::from(selected.clone())));
-        }
-        messages.push((ha::route(inst, &["prompt"]).mqtt_topic(base), Bytes::from(ha.prompt.clone())));
-        for (topic, payload) in messages {
+        for (topic, payload) in ha.announce(&names, self.policy.enabled) {
             self.publish_mqtt(topic, payload, true).await;
         }
     }
@@ -250,24 +236,14 @@ impl CommandTask {
             return telemetry::request_ignored(Bus::Mqtt, reason, &entity);
         }
         let value = String::from_utf8_lossy(&payload).into_owned();
-        let (base, inst) = (ha.settings.mqtt.base_topic.clone(), ha.settings.bridge.instance.clone());
-        match entity.as_str() {
-            "template" if self.templates.get(&value).is_some() => {
-                ha.selected = Some(value.clone());
-                self.publish_mqtt(ha::route(&inst, &["template"]).mqtt_topic(&base), Bytes::from(value), true).await;
-            }
-            "prompt" => {
-                ha.prompt = ha::state_text(&value);
-                let Some(template) = ha.selected.clone() else {
-                    warn!("home assistant prompt set, but no template to queue");
-                    return;
-                };
-                let input = ha.settings.homeassistant.prompt_input.clone();
-                let prompt = Bytes::from(ha.prompt.clone());
-                self.publish_mqtt(ha::route(&inst, &["prompt"]).mqtt_topic(&base), prompt, true).await;
+        let templates = &self.templates;
+        match ha.set(&entity, &value, |name| templates.get(name).is_some()) {
+            Set::State(topic, state) => self.publish_mqtt(topic, state, true).await,
+            Set::Queue { state: (topic, state), template, input, text } => {
+                self.publish_mqtt(topic, state, true).await;
                 let queue = QueuePrompt {
                     source: Source::Template(template),
-                    edits: Edits { set: vec![(input, json!(value))], ..Edits::default() },
+                    edits: Edits { set: vec![(input, json!(text))], ..Edits::default() },
                     front: false,
                     number: None,
                     partial_execution_targets: None,
@@ -278,7 +254,7 @@ impl CommandTask {
                 let request = Received { target, id: None, started: received, held };
                 self.execute(Command::Queue(queue), request, jobs, span).await;
             }
-            other => warn!(entity = other, value, "home assistant set ignored"),
+            Set::Ignored(why) => warn!(entity, value, why, "home assistant set ignored"),
         }
     }
 

@@ -18,8 +18,8 @@ use crate::bus::{Bus, Class, Outbound};
 use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
 use crate::comfy::Inbound;
 use crate::config::Settings;
-use crate::ha::{self, DeviceState};
 use crate::health::{Health, Part};
+use crate::homeassistant::{self, Device};
 use crate::json::{json_str, json_u64};
 use crate::telemetry;
 use crate::tracker::{self, Control, Tracker, Work};
@@ -141,22 +141,11 @@ fn route_slot(kind: &str, prompt_id: Option<&str>, node_id: Option<&str>) -> usi
     (h >> 32) as usize % ROUTE_SLOTS
 }
 
-/// The Home Assistant device state: what the last result said, and what was last published, when.
-#[derive(Default)]
-struct Device {
-    last: DeviceState,
-    published: DeviceState,
-    at: Option<Instant>,
-}
-
 /// Most inbound frames the router task takes from its channel at once.
 const BATCH: usize = 64;
 
 /// Most (prompt, node) pairs whose last preview time is kept for the rate limit.
 const MAX_PREVIEW_KEYS: usize = 1024;
-
-/// Least time between two device states that differ only in progress.
-const DEVICE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Router {
     /// A router for `settings`.
@@ -173,57 +162,22 @@ impl Router {
             last_preview: HashMap::new(),
             tracker: Tracker::new(settings.public_base()),
             work: Work::default(),
-            device: (settings.homeassistant.enabled && settings.mqtt.enabled).then(Device::default),
+            device: homeassistant::enabled(settings).then(Device::default),
             queue_remaining: 0,
             routes: RouteCache::new(),
             latest_preview: Route::fixed(&settings.bridge.instance, &[topics::PREVIEW]),
         }
     }
 
-    /// The Home Assistant device state, when it changed (progress at most every [`DEVICE_INTERVAL`]).
+    /// The Home Assistant device state, when it changed.
     fn device_state(&mut self, now: Instant) -> Option<Arc<Outbound>> {
         let running = self.tracker.running();
-        let device = self.device.as_mut()?;
-        let state = DeviceState {
-            busy: running.is_some(),
-            queue: self.queue_remaining,
-            progress: running.and_then(|(_, f)| f).map_or(0, |f| (f * 100.0).round() as u8),
-            node: running.and_then(|(node, _)| node).map(str::to_string),
-            ..device.last.clone()
-        };
-        if state == device.published {
-            return None;
-        }
-        let progress_only = DeviceState { progress: device.published.progress, ..state.clone() } == device.published;
-        if progress_only && device.at.is_some_and(|t| now.duration_since(t) < DEVICE_INTERVAL) {
-            return None;
-        }
-        device.published = state;
-        device.at = Some(now);
-        Some(Outbound::lifecycle(ha::route(&self.instance, &["state"]), device.published.render(), true))
+        self.device.as_mut()?.state(&self.instance, running, self.queue_remaining, now)
     }
 
-    /// Home Assistant's view of a finished prompt: last-result sensors, image URL, the `finished` event.
+    /// Home Assistant's view of a finished prompt.
     fn device_result(&mut self, result: &[u8]) -> Vec<Arc<Outbound>> {
-        let Some(device) = self.device.as_mut() else { return Vec::new() };
-        let Ok(result) = serde_json::from_slice::<serde_json::Value>(result) else { return Vec::new() };
-        device.last.last_state = result["status"].as_str().map(str::to_string);
-        device.last.last_duration = result["duration_ms"].as_f64().map(|ms| ms / 1000.0);
-        device.last.last_error = result["error"]["exception_message"].as_str().map(str::to_string);
-        let mut out = vec![Outbound::lifecycle(ha::route(&self.instance, &["last"]), result.to_string(), true)];
-        let image = result["outputs"]
-            .as_object()
-            .into_iter()
-            .flat_map(|o| o.values())
-            .find_map(|o| o["images"].as_array()?.iter().find_map(|i| i["url"].as_str().map(str::to_string)));
-        if let Some(url) = image {
-            out.push(Outbound::lifecycle(ha::route(&self.instance, &["image_url"]), url, true));
-        }
-        let event = serde_json::json!({
-            "event_type": result["status"], "prompt_id": result["prompt_id"], "duration_ms": result["duration_ms"],
-        });
-        out.push(Outbound::lifecycle(ha::route(&self.instance, &["finished"]), event.to_string(), false));
-        out
+        self.device.as_mut().map_or_else(Vec::new, |device| device.result(&self.instance, result))
     }
 
     /// Queue and history reads wanted since the last call.

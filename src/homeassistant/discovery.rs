@@ -1,54 +1,11 @@
-//! Home Assistant MQTT discovery: one device per bridge instance.
-//!
-//! Pure builders. The command plane publishes the discovery configs (it owns the template list the select
-//! offers) at start and whenever Home Assistant's birth message says `online`; the router publishes the
-//! device's state (it owns the queue and prompt state). Entities:
-//!
-//! | entity | source |
-//! |---|---|
-//! | binary sensors `connected`, `busy` | `comfyui/availability`, `ha/state` |
-//! | sensors queue, progress %, current node, last state, last duration, last error | `ha/state` (last result as attributes: `ha/last`) |
-//! | buttons interrupt, clear queue, free memory | publish to `request/interrupt`, `request/clear`, `request/free` |
-//! | select `template`, text `prompt` | `ha/template/set`, `ha/prompt/set`; state on `ha/template`, `ha/prompt` |
-//! | image `last image` | `ha/image_url` |
-//! | event `finished` | `ha/finished` (not retained) |
-//!
-//! Each config names its entity id (`default_entity_id`, Home Assistant 2025.10 and later; `object_id`, which
-//! older releases read, was removed in 2026.4 and is not sent) and the software that published it (`origin`).
-//! The templates render for every `ha/state` and every result on `ha/last`: what is not there is `null`, which
-//! renders `None`, which Home Assistant shows as unknown.
+//! The discovery configs.
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use super::{route, FINISHED_TYPES, LAST_ERROR_ATTRIBUTES};
 use crate::bus::topics::{self, Route};
 use crate::config::Settings;
-
-/// The level under the instance for everything Home Assistant reads or writes.
-pub const HA: &str = "ha";
-/// Event types of the `finished` event entity: the result statuses.
-pub const FINISHED_TYPES: [&str; 4] = ["success", "error", "interrupted", "cancelled"];
-/// Home Assistant truncates nothing for us: states longer than this are refused, so they are cut here.
-pub const MAX_STATE_CHARS: usize = 250;
-
-/// Attributes of the Last error sensor from a result: its `error` object, `{}` for a result without one (the
-/// test `is mapping` does not touch an undefined value, so Home Assistant logs nothing).
-pub const LAST_ERROR_ATTRIBUTES: &str = "{{ (value_json.error if value_json.error is mapping else {}) | tojson }}";
-
-/// `<base>/<inst>/ha/<leaf…>` as a route.
-pub fn route(instance: &str, leaf: &[&str]) -> Route {
-    let mut levels = vec![HA];
-    levels.extend_from_slice(leaf);
-    Route::fixed(instance, &levels)
-}
-
-/// Cuts `text` to at most [`MAX_STATE_CHARS`] characters.
-pub fn state_text(text: &str) -> String {
-    match text.char_indices().nth(MAX_STATE_CHARS) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_string(),
-    }
-}
 
 /// Every discovery config: `(topic, retained payload)`. Command entities only when `commands` is on, and the
 /// template select only when there are templates; the configs of entities not offered are cleared (an empty
@@ -195,41 +152,6 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
         .collect()
 }
 
-/// What the device's `ha/state` says.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DeviceState {
-    /// A prompt is running.
-    pub busy: bool,
-    /// ComfyUI's pending + running prompts.
-    pub queue: u64,
-    /// Whole-prompt progress of the running prompt, in percent.
-    pub progress: u8,
-    /// The running prompt's current node; `None` (unknown in Home Assistant) when nothing runs.
-    pub node: Option<String>,
-    /// Status of the last finished prompt; `None` before the first.
-    pub last_state: Option<String>,
-    /// Its duration in seconds.
-    pub last_duration: Option<f64>,
-    /// Its error message, cut to fit a state; `None` when it had none.
-    pub last_error: Option<String>,
-}
-
-impl DeviceState {
-    /// The `ha/state` payload.
-    pub fn render(&self) -> Bytes {
-        let body = json!({
-            "busy": if self.busy { "ON" } else { "OFF" },
-            "queue": self.queue,
-            "progress": self.progress,
-            "node": self.node.as_deref().filter(|n| !n.is_empty()),
-            "last_state": self.last_state.as_deref().filter(|s| !s.is_empty()),
-            "last_duration": self.last_duration,
-            "last_error": self.last_error.as_deref().filter(|e| !e.is_empty()).map(state_text),
-        });
-        Bytes::from(body.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,13 +198,5 @@ mod tests {
             assert_eq!(config.is_null(), command, "{topic}: cleared exactly when it is a command entity");
         }
         assert_eq!(read_only.iter().filter(|(_, c)| !c.is_null()).count(), 10);
-    }
-
-    #[test]
-    fn long_errors_are_cut_to_fit_a_state() {
-        let state = DeviceState { last_error: Some("é".repeat(1000)), ..DeviceState::default() };
-        let v: Value = serde_json::from_slice(&state.render()).expect("json");
-        assert!(v["last_error"].as_str().expect("text").chars().count() <= 255);
-        assert_eq!(v["busy"], "OFF");
     }
 }
