@@ -25,6 +25,7 @@
 //!   and everything downstream drains as its input channels close.
 
 pub mod app;
+pub mod backoff;
 pub mod bus;
 pub mod check;
 pub mod comfy;

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::delivery::{Confirmation, Delivery, Limits};
 use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Reply, Route};
-use crate::comfy::backoff;
+use crate::backoff;
 use crate::commands::inbox::Inbox;
 use crate::config::Settings;
 use crate::health::{Health, Part};

@@ -140,16 +140,23 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
 /// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever
 /// the old one's connection task is gone (its subscription ends).
 async fn intake_connection(settings: Settings, subject: String, tx: Inbox, shutdown: CancellationToken) {
+    let mut attempt = 0;
     while !shutdown.is_cancelled() {
         // Connection events matter to the publisher only; this client's go nowhere.
         let (event_tx, _) = mpsc::channel(1);
         match connect(&settings, event_tx).await {
-            Ok(client) => intake(client, subject.clone(), tx.clone(), shutdown.clone()).await,
-            Err(e) => warn!(error = %e, "cannot connect the nats request intake"),
+            Ok(client) => {
+                attempt = 0;
+                intake(client, subject.clone(), tx.clone(), shutdown.clone()).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot connect the nats request intake");
+                attempt += 1;
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(crate::backoff::delay(attempt, settings.comfyui.reconnect_max_ms)) => {}
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Everything that speaks ComfyUI. Knows nothing about MQTT or NATS.
 
-pub mod backoff;
 pub mod event;
 pub mod http;
 pub mod queue;

@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument as _};
 
 use super::tap::{self, TapSender, TapWatch};
-use super::{backoff, Inbound};
+use super::Inbound;
+use crate::backoff;
 use crate::config::Settings;
 use crate::telemetry;
 

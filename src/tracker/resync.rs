@@ -15,6 +15,8 @@ use crate::comfy::http::{ComfyHttp, HttpError};
 
 /// Attempts per failed read before waiting for the next request.
 const ATTEMPTS: u32 = 4;
+/// Longest wait between two tries of a read.
+const RETRY_MAX_MS: u64 = 4_000;
 /// How many recent history entries each resync reads: enough for the prompts that can start and finish
 /// between two `status`-triggered looks (all-cached prompts take milliseconds).
 pub const RECENT: usize = 32;
@@ -122,7 +124,7 @@ async fn resync(http: &ComfyHttp, control: &mpsc::Sender<Control>) -> bool {
                 if crate::telemetry::warn_allowed("resync", "queue") {
                     warn!(attempt, error = %e, "cannot read the queue");
                 }
-                tokio::time::sleep(retry_delay(attempt)).await;
+                tokio::time::sleep(crate::backoff::delay(attempt, RETRY_MAX_MS)).await;
             }
         }
     }
@@ -141,15 +143,11 @@ async fn lookup(http: &ComfyHttp, control: &mpsc::Sender<Control>, prompt_id: St
                 if matches!(e, HttpError::TooLarge { .. } | HttpError::BadResponse { .. }) {
                     return true;
                 }
-                tokio::time::sleep(retry_delay(attempt)).await;
+                tokio::time::sleep(crate::backoff::delay(attempt, RETRY_MAX_MS)).await;
             }
         }
     }
     true
-}
-
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis(250 << attempt.min(4))
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Reconnect delays: exponential from 250 ms, capped, with jitter so many bridges do not reconnect in step.
+//! The one retry delay: exponential from 250 ms, capped, with jitter so many bridges do not retry in step. Every
+//! reconnect (ComfyUI, MQTT, the NATS request intake) and every retried ComfyUI read waits by it.
 
 use std::time::Duration;
 
