@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{route, state_text};
 use crate::bus::Outbound;
@@ -49,10 +49,9 @@ impl Device {
         Some(Outbound::lifecycle(route(instance, &["state"]), self.published.render(), true))
     }
 
-    /// Home Assistant's view of a finished prompt of `instance` (its rendered result): last-result sensors,
+    /// Home Assistant's view of a finished prompt of `instance` (its result object): last-result sensors,
     /// image URL, the `finished` event.
-    pub fn result(&mut self, instance: &str, result: &[u8]) -> Vec<Arc<Outbound>> {
-        let Ok(result) = serde_json::from_slice::<serde_json::Value>(result) else { return Vec::new() };
+    pub fn result(&mut self, instance: &str, result: &Value) -> Vec<Arc<Outbound>> {
         self.last.last_state = result["status"].as_str().map(str::to_string);
         self.last.last_duration = result["duration_ms"].as_f64().map(|ms| ms / 1000.0);
         self.last.last_error = result["error"]["exception_message"].as_str().map(str::to_string);
@@ -111,7 +110,6 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
 
     #[test]
     fn long_errors_are_cut_to_fit_a_state() {

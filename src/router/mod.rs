@@ -176,7 +176,7 @@ impl Router {
     }
 
     /// Home Assistant's view of a finished prompt.
-    fn device_result(&mut self, result: &[u8]) -> Vec<Arc<Outbound>> {
+    fn device_result(&mut self, result: &serde_json::Value) -> Vec<Arc<Outbound>> {
         self.device.as_mut().map_or_else(Vec::new, |device| device.result(&self.instance, result))
     }
 
@@ -229,8 +229,8 @@ impl Router {
         }
         self.work.merge(Work { resync: false, lookups: effects.lookups });
         let mut device = Vec::new();
-        for update in effects.updates.iter().filter(|u| u.topic == tracker::Topic::Result) {
-            device.extend(self.device_result(&update.payload));
+        for result in effects.updates.iter().filter_map(|u| u.result.as_ref()) {
+            device.extend(self.device_result(result));
         }
         out.extend(effects.updates.into_iter().map(|update| {
             let last = match update.topic {

@@ -99,6 +99,8 @@ pub struct Update {
     pub payload: Bytes,
     /// False for a `state` that only reports progress (may be dropped under pressure).
     pub lifecycle: bool,
+    /// A result's object itself (what `payload` renders), so Home Assistant reads it without parsing it back.
+    pub result: Option<Value>,
 }
 
 /// What the tracker wants done after an input.
@@ -773,12 +775,15 @@ impl Tracker {
             topic: Topic::State,
             payload: to_bytes(&prompt.state_object()),
             lifecycle: true,
+            result: None,
         };
+        let object = prompt.result_object(&self.public_base);
         let result = Update {
             prompt_id: pid.to_string(),
             topic: Topic::Result,
-            payload: to_bytes(&prompt.result_object(&self.public_base)),
+            payload: to_bytes(&object),
             lifecycle: true,
+            result: Some(object),
         };
         if let Some(client_id) = prompt.client_id.filter(|_| !prompt.own) {
             self.last_finished_client = Some((prompt.id.clone(), client_id));
@@ -927,6 +932,7 @@ fn state_update(prompt: &mut Prompt, pid: &str, lifecycle: bool, now: Instant) -
         topic: Topic::State,
         payload: to_bytes(&prompt.state_object()),
         lifecycle,
+        result: None,
     };
     Effects { updates: vec![update], lookups: Vec::new() }
 }
