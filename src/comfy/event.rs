@@ -155,6 +155,25 @@ impl TextEvent {
         }
     }
 
+    /// A `status` message's `status.exec_info.queue_remaining`.
+    pub fn queue_remaining(&self) -> Option<u64> {
+        let data: serde_json::Value = serde_json::from_str(self.data()).ok()?;
+        data.pointer("/status/exec_info/queue_remaining")?.as_u64()
+    }
+
+    /// An `execution_error` that only says a node blocked execution, which is not the end of the prompt
+    /// (docs/PROTOCOL.md §4.10).
+    pub fn is_blocked(&self) -> bool {
+        #[derive(Deserialize)]
+        struct Error<'a> {
+            #[serde(borrow)]
+            exception_type: Option<Cow<'a, str>>,
+        }
+        self.kind == Kind::ExecutionError
+            && serde_json::from_str::<Error>(self.data())
+                .is_ok_and(|e| e.exception_type.as_deref() == Some("ExecutionBlocked"))
+    }
+
     /// `data` exactly as sent.
     pub fn data(&self) -> &str {
         self.frame.get(self.data.clone()).unwrap_or("null")
@@ -607,6 +626,17 @@ pub(crate) mod tests {
         let e = parse_text(r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"7","node":"8"}}"#)
             .expect("parses");
         assert_eq!(e.node_id(), Some("7"));
+    }
+
+    #[test]
+    fn a_blocked_node_is_told_apart_and_status_gives_the_queue() {
+        let blocked = r#"{"type":"execution_error","data":{"prompt_id":"p","exception_type":"ExecutionBlocked"}}"#;
+        assert!(parse_text(blocked).expect("parses").is_blocked());
+        let failed = r#"{"type":"execution_error","data":{"prompt_id":"p","exception_type":"RuntimeError",
+            "exception_message":"not \"ExecutionBlocked\""}}"#;
+        assert!(!parse_text(failed).expect("parses").is_blocked(), "a message that only mentions it");
+        let status = r#"{"type":"status","data":{"status":{"exec_info":{"queue_remaining":3}},"sid":"x"}}"#;
+        assert_eq!(parse_text(status).expect("parses").queue_remaining(), Some(3));
     }
 
     #[test]

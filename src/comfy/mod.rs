@@ -4,6 +4,7 @@ pub mod event;
 pub mod http;
 pub mod queue;
 pub mod tap;
+pub mod urls;
 pub mod ws;
 
 /// What the WebSocket task tells the router.

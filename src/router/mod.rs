@@ -307,7 +307,7 @@ impl Router {
         if event.kind == Kind::Status {
             // Prompts queued by others show only as queue changes (docs/PROTOCOL.md §3).
             self.work.resync = true;
-            if let Some(remaining) = queue_remaining(event.data()) {
+            if let Some(remaining) = event.queue_remaining() {
                 telemetry::comfyui_queue(remaining);
                 self.queue_remaining = remaining;
             }
@@ -348,7 +348,7 @@ impl Router {
                 false
             }
             Kind::Executing | Kind::ExecutionSuccess | Kind::ExecutionInterrupted => true,
-            Kind::ExecutionError => !is_blocked(event),
+            Kind::ExecutionError => !event.is_blocked(),
             _ => false,
         };
         if finished && self.current.as_ref().is_some_and(|(p, _)| p == pid) {
@@ -514,17 +514,6 @@ fn optional_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
         out.extend_from_slice(name);
         json_str(out, value);
     }
-}
-
-/// `status.exec_info.queue_remaining` of a `status` message.
-fn queue_remaining(data: &str) -> Option<u64> {
-    let data: serde_json::Value = serde_json::from_str(data).ok()?;
-    data.pointer("/status/exec_info/queue_remaining")?.as_u64()
-}
-
-/// "Execution Blocked" errors are not terminal (docs/PROTOCOL.md §4.10).
-fn is_blocked(event: &TextEvent) -> bool {
-    event.data().contains("\"ExecutionBlocked\"")
 }
 
 /// The router task: reads [`Inbound`] until the WebSocket task is gone, and [`Control`] messages, and fans

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::comfy::event::{Kind, TextEvent};
-use crate::comfy::http::ComfyHttp;
 use crate::comfy::queue::{QueueItem, QueueSnapshot};
+use crate::comfy::urls::view_url;
 
 /// Least time between two `state` messages that only report progress.
 pub const STATE_INTERVAL: Duration = Duration::from_millis(200);
@@ -262,7 +262,7 @@ impl Prompt {
 fn add_view_urls(output: &mut Value, public_base: &str) {
     let Some(output) = output.as_object_mut() else { return };
     for item in output.values_mut().filter_map(Value::as_array_mut).flatten() {
-        if let Some(url) = ComfyHttp::view_url(public_base, item) {
+        if let Some(url) = view_url(public_base, item) {
             item["url"] = json!(url);
         }
     }
