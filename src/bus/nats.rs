@@ -92,7 +92,10 @@ pub async fn spawn(
 
 /// A client for `settings.nats` whose connection events go to `event_tx`; it connects in the background.
 /// The client's connection task holds the only sender: the channel closes when that task is gone.
-async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<async_nats::Client, NatsError> {
+pub(crate) async fn connect(
+    settings: &Settings,
+    event_tx: mpsc::Sender<Event>,
+) -> Result<async_nats::Client, NatsError> {
     let cfg = &settings.nats;
     let mut options = ConnectOptions::new()
         .retry_on_initial_connect()

@@ -5,6 +5,7 @@
 pub mod brokers;
 pub mod daemon;
 pub mod fixtures;
+pub mod fleet;
 pub mod hostile;
 pub mod probe;
 pub mod requester;
