@@ -134,7 +134,9 @@ pub(crate) async fn connect(
         options = options
             .user_and_password(user.clone(), cfg.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
     }
-    Ok(options.connect(cfg.url.as_str()).await?)
+    // `nats.url` is a comma-separated list; the client parses a single string as one server.
+    let servers: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+    Ok(options.connect(servers).await?)
 }
 
 /// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever

@@ -34,6 +34,11 @@ const INVALID: &[&str] = &[
     "not_found",
 ];
 
+/// Tries of a bucket read or write that fails (not a conflict), [`STORE_RETRY`] apart: rides out a NATS
+/// server failing over.
+const STORE_TRIES: usize = 20;
+const STORE_RETRY: Duration = Duration::from_millis(250);
+
 /// How long a job that could not be queued (ComfyUI busy or away) waits before it is delivered again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -214,34 +219,50 @@ impl Shared {
         }
     }
 
-    /// The record of `id` and its revision, if there is one.
+    /// The record of `id` and its revision, if there is one. A failed read (a NATS server failing over) is
+    /// retried for a few seconds before it counts as no record.
     pub(crate) async fn read(&self, id: &str) -> Option<Seen> {
-        match self.jobs.entry(kv_key(id)).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                Some(Seen { record: JobRecord::parse(&entry.value)?, revision: entry.revision })
+        for _ in 0..STORE_TRIES {
+            match self.jobs.entry(kv_key(id)).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                    return Some(Seen { record: JobRecord::parse(&entry.value)?, revision: entry.revision });
+                }
+                Ok(_) => return None,
+                Err(e) => debug!(error = %e, job = id, "fleet: cannot read the job record yet"),
             }
-            Ok(_) => None,
-            Err(e) => {
-                warn!(error = %e, job = id, "fleet: cannot read the job record");
-                None
-            }
+            tokio::time::sleep(STORE_RETRY).await;
         }
+        warn!(job = id, "fleet: cannot read the job record");
+        None
     }
 
-    /// Creates (`revision` `None`) or updates the record at `revision`; the new revision, `None` on conflict.
+    /// Creates (`revision` `None`) or updates the record at `revision`; the new revision, `None` when the
+    /// record changed meanwhile (or cannot be written for several seconds). Other failures are retried.
     pub(crate) async fn write(&self, record: &JobRecord, revision: Option<u64>) -> Option<u64> {
         let key = kv_key(&record.id);
-        let written = match revision {
-            None => self.jobs.create(&key, record.to_json()).await.map_err(|e| e.to_string()),
-            Some(rev) => self.jobs.update(&key, record.to_json(), rev).await.map_err(|e| e.to_string()),
-        };
-        match written {
-            Ok(rev) => Some(rev),
-            Err(e) => {
-                debug!(error = %e, job = %record.id, "fleet: record changed meanwhile");
-                None
+        for _ in 0..STORE_TRIES {
+            let (written, conflict) = match revision {
+                None => match self.jobs.create(&key, record.to_json()).await {
+                    Ok(rev) => (Ok(rev), false),
+                    Err(e) => (Err(e.to_string()), e.kind() == kv::CreateErrorKind::AlreadyExists),
+                },
+                Some(rev) => match self.jobs.update(&key, record.to_json(), rev).await {
+                    Ok(rev) => (Ok(rev), false),
+                    Err(e) => (Err(e.to_string()), e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+                },
+            };
+            match written {
+                Ok(rev) => return Some(rev),
+                Err(e) if conflict => {
+                    debug!(error = %e, job = %record.id, "fleet: record changed meanwhile");
+                    return None;
+                }
+                Err(e) => debug!(error = %e, job = %record.id, "fleet: cannot write the job record yet"),
             }
+            tokio::time::sleep(STORE_RETRY).await;
         }
+        warn!(job = %record.id, "fleet: cannot write the job record");
+        None
     }
 
     /// Publishes the record on the job's `state` subject, and on `result` when it is over.

@@ -11,7 +11,7 @@ pub mod probe;
 pub mod requester;
 pub mod subscribers;
 
-pub use brokers::{Mosquitto, NatsServer, Outage};
+pub use brokers::{Mosquitto, NatsCluster, NatsServer, Outage, PlainNatsServer};
 pub use fixtures::{json, workflow};
 pub use subscribers::{
     mqtt_publish, mqtt_subscribe, mqtt_subscribe_persistent, nats_subscribe, MqttMsg, MqttSub, NatsMsg, NatsSub,
