@@ -274,11 +274,13 @@ impl PlainNatsServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nats-server");
+        let mut server = Self { port: 0, _dir: dir, child: Some(child) };
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(port) = listening_port(&std::fs::read_to_string(&log).unwrap_or_default()) {
                 wait_for_port(port, &log);
-                return Self { port, _dir: dir, child: Some(child) };
+                server.port = port;
+                return server;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
