@@ -13,10 +13,12 @@
 //! * [`dispatch`]: room and the claim decision for a delivered job (pure).
 //! * [`task`]: the worker loop, the job tasks, the heartbeat and resume on restart.
 //! * [`commands`]: the fleet's own requests, `status` and `cancel`.
+//! * `mqtt`: submits over MQTT (a shared subscription) and the job records on MQTT.
 
 pub mod commands;
 pub mod dispatch;
 pub mod job;
+mod mqtt;
 pub mod task;
 
 use std::time::Duration;
@@ -33,6 +35,12 @@ pub enum FleetError {
     /// Its ComfyUI client could not be built.
     #[error("fleet: {0}")]
     Http(#[from] crate::comfy::http::HttpError),
+    /// `mqtt.url` is not an MQTT URL.
+    #[error("fleet: mqtt.url `{0}` is not mqtt://host[:port]")]
+    MqttUrl(String),
+    /// The TLS files for MQTT could not be used.
+    #[error("fleet: mqtt tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Every name the fleet uses, derived from the configuration.

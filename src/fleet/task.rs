@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) jobs: kv::Store,
     pub(crate) bridges: kv::Store,
     pub(crate) http: ComfyHttp,
+    /// The fleet's own MQTT connection, when MQTT is enabled.
+    mqtt: Option<rumqttc::v5::AsyncClient>,
     active: Mutex<Active>,
     room: Notify,
     reachable: AtomicBool,
@@ -86,10 +88,14 @@ pub async fn spawn(settings: &Settings, tasks: &TaskTracker, shutdown: Cancellat
     let (event_tx, _) = mpsc::channel(1);
     let client = crate::bus::nats::connect(settings, event_tx).await?;
     let http = ComfyHttp::new(settings)?;
+    let mqtt = match settings.mqtt.enabled {
+        true => Some(super::mqtt::start(settings, jetstream::new(client.clone()), tasks, shutdown.clone())?),
+        false => None,
+    };
     let settings = settings.clone();
     let inner = tasks.clone();
     tasks.spawn(async move {
-        let Some(shared) = setup(&settings, client, http, shutdown.clone()).await else { return };
+        let Some(shared) = setup(&settings, client, http, mqtt, shutdown.clone()).await else { return };
         info!(fleet = %settings.fleet.name, stream = %shared.names.stream, "fleet worker ready");
         inner.spawn(heartbeat(shared.clone()));
         inner.spawn(events(shared.clone()));
@@ -105,6 +111,7 @@ async fn setup(
     settings: &Settings,
     client: async_nats::Client,
     http: ComfyHttp,
+    mqtt: Option<rumqttc::v5::AsyncClient>,
     shutdown: CancellationToken,
 ) -> Option<Arc<Shared>> {
     let names = Names::new(settings);
@@ -125,6 +132,7 @@ async fn setup(
                     jobs,
                     bridges,
                     http,
+                    mqtt: mqtt.clone(),
                     active: Mutex::default(),
                     room: Notify::new(),
                     reachable: AtomicBool::new(false),
@@ -265,14 +273,21 @@ impl Shared {
         None
     }
 
-    /// Publishes the record on the job's `state` subject, and on `result` when it is over.
+    /// Publishes the record on the job's `state` subject, and on `result` when it is over (on MQTT too).
     pub(crate) async fn publish(&self, record: &JobRecord) {
         let body = record.to_json();
         let _ = self.client.publish(self.names.job_subject(&record.id, "state"), body.clone()).await;
         if record.state.is_terminal() {
-            let _ = self.client.publish(self.names.job_subject(&record.id, "result"), body).await;
+            let _ = self.client.publish(self.names.job_subject(&record.id, "result"), body.clone()).await;
         }
         let _ = self.client.flush().await;
+        if let Some(mqtt) = &self.mqtt {
+            let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+            let _ = mqtt.publish(self.names.job_topic(&record.id, "state"), qos, false, body.clone()).await;
+            if record.state.is_terminal() {
+                let _ = mqtt.publish(self.names.job_topic(&record.id, "result"), qos, false, body).await;
+            }
+        }
     }
 
     /// Whether `instance` heartbeats: its entry is there and its last beat is less than three beats old.
