@@ -133,11 +133,18 @@ async fn invalid_jobs_get_one_error_result_and_duplicates_run_once() {
     client.publish("comfyui.fleet.fi.queue", job("twice").to_string().into()).await.expect("publish");
     client.flush().await.expect("flush");
 
+    // A core NATS request on the submit subject gets JetStream's publish ack (so `nats req` works).
+    let reply = client.request("comfyui.fleet.fi.queue", job("by-request").to_string().into()).await.expect("reply");
+    let ack = common::json(&reply.payload);
+    assert_eq!(ack["stream"], "COMFY_FLEET_FI", "{ack:#}");
+    assert!(ack["seq"].as_u64().is_some(), "{ack:#}");
+    watch.expect("the requested job's result", LONG, |r, v| r && v["id"] == "by-request").await;
+
     // Well past ack_wait (2 s): nothing is redelivered, nothing runs again.
     watch.settle(Duration::from_secs(5)).await;
     assert_eq!(watch.results("bad").len(), 1, "the invalid job is not redelivered");
     assert_eq!(watch.results("twice").len(), 1, "one run");
-    assert_eq!(posts(&sim), 1, "only `twice` reached ComfyUI, once");
+    assert_eq!(posts(&sim), 2, "only `twice` (once) and `by-request` reached ComfyUI");
     let mut stream = js.get_stream("COMFY_FLEET_FI").await.expect("stream");
     assert_eq!(stream.info().await.expect("info").state.messages, 0, "the work queue is empty");
 }

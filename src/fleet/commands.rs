@@ -133,10 +133,7 @@ async fn status(shared: &Shared) -> Answer {
             }));
         }
     }
-    let (running, _) = super::task::load(shared);
-    Answer::Ok(
-        json!({"fleet": shared.names.stream, "bridges": bridges, "answered_by": shared.me, "answering_running": running}),
-    )
+    Answer::Ok(json!({"fleet": shared.names.stream, "bridges": bridges, "answered_by": shared.me}))
 }
 
 /// Cancels `job` wherever it is: not claimed yet or being claimed, on the spot (a tombstone record, so the

@@ -2,7 +2,7 @@
 //! in a job task that follows its prompt through the bridge's own topics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,7 +78,6 @@ pub(crate) struct Shared {
     active: Mutex<Active>,
     room: Notify,
     reachable: AtomicBool,
-    queue_len: AtomicUsize,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -136,7 +135,6 @@ async fn setup(
                     active: Mutex::default(),
                     room: Notify::new(),
                     reachable: AtomicBool::new(false),
-                    queue_len: AtomicUsize::new(0),
                     shutdown,
                 }));
             }
@@ -336,7 +334,6 @@ async fn heartbeat(shared: Arc<Shared>) {
             Err(_) => (false, 0),
         };
         let was = shared.reachable.swap(reachable, Ordering::Relaxed);
-        shared.queue_len.store(queue, Ordering::Relaxed);
         if reachable && !was {
             shared.room.notify_one();
         }
@@ -754,9 +751,4 @@ impl Job {
             }
         }
     }
-}
-
-/// The fleet's counts for this bridge: jobs it runs, and its ComfyUI's queue length.
-pub(crate) fn load(shared: &Shared) -> (usize, usize) {
-    (shared.active().jobs.len(), shared.queue_len.load(Ordering::Relaxed))
 }
