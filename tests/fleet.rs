@@ -27,6 +27,8 @@ async fn twenty_jobs_run_once_each_on_both_bridges_within_capacity() {
     let client = common::requester::nats_client(&nats).await;
     wait_for_bridges(&client, "f20", 2, || format!("{}\n{}", b1.log(), b2.log())).await;
     let mut watch = JobWatch::start(&nats.url(), "f20").await;
+    // The instances' own prompt topics: what each ComfyUI holds (from `queued` to the `result`).
+    let mut prompts = common::nats_subscribe(&nats, "comfyui.*.prompt.*.*").await;
     let js = async_nats::jetstream::new(client.clone());
     for n in 0..20 {
         assert!(!submit(&js, "f20", &job(&format!("job-{n}"))).await, "a new id is no duplicate");
@@ -58,23 +60,25 @@ async fn twenty_jobs_run_once_each_on_both_bridges_within_capacity() {
     assert_eq!(instances.len(), 2, "both bridges took jobs: {instances:?}");
     assert_eq!(posts(&sim1) + posts(&sim2), 20, "each job was queued on a ComfyUI once");
 
-    // Never more than `capacity` (1) jobs per bridge between its claim and the end.
+    // Never more than `capacity` (1) fleet prompts in a bridge's ComfyUI at once.
     let mut active: HashMap<String, HashSet<String>> = HashMap::new();
-    for (_, v) in &watch.seen {
-        let (Some(inst), Some(id), Some(state)) = (v["instance"].as_str(), v["id"].as_str(), v["state"].as_str())
-        else {
-            continue;
-        };
+    let mut ended = 0;
+    while ended < 20 {
+        let m = prompts.next(Duration::from_secs(5)).await.expect("every prompt's state and result");
+        let levels: Vec<&str> = m.subject.split('.').collect();
+        let (inst, pid, last) = (levels[1], levels[3], levels[4]);
         let set = active.entry(inst.to_string()).or_default();
-        match state {
-            "claimed" | "queued" | "running" => {
-                set.insert(id.to_string());
+        match last {
+            "state" => {
+                set.insert(pid.to_string());
             }
-            _ => {
-                set.remove(id);
+            "result" => {
+                set.remove(pid);
+                ended += 1;
             }
+            _ => {}
         }
-        assert!(set.len() <= 1, "{inst} held {set:?} at once");
+        assert!(set.len() <= 1, "{inst}'s ComfyUI held {set:?} at once");
     }
 
     // `status` lists both bridges with their capacity.

@@ -278,7 +278,6 @@ impl Shared {
         if record.state.is_terminal() {
             let _ = self.client.publish(self.names.job_subject(&record.id, "result"), body.clone()).await;
         }
-        let _ = self.client.flush().await;
         if let Some(mqtt) = &self.mqtt {
             let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
             let _ = mqtt.publish(self.names.job_topic(&record.id, "state"), qos, false, body.clone()).await;
@@ -670,6 +669,8 @@ impl Job {
                     }
                 }
                 Some(Update::Result(result)) => {
+                    // The prompt has left ComfyUI's queue: its room is free now, before the bookkeeping.
+                    shared.unregister(&self.record.id);
                     let mut record = self.record.clone();
                     record.finish(result);
                     return self.store(shared, record).await.unwrap_or(End::Over { term: false });
