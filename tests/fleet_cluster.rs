@@ -25,6 +25,7 @@ async fn a_nats_server_dying_mid_run_costs_no_job_and_runs_none_twice() {
     let survivor = format!("nats://127.0.0.1:{}", cluster.ports[2]);
     let client = async_nats::connect(&survivor).await.expect("connect");
     let logs = || bridges.iter().map(FleetBridge::log).collect::<String>();
+    let _on_failure = common::fleet::LogsOnPanic(&bridges);
     wait_for_bridges(&client, "fc", 2, logs).await;
     let mut watch = JobWatch::start(&survivor, "fc").await;
     let js = async_nats::jetstream::new(client.clone());

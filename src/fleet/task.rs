@@ -35,9 +35,13 @@ const INVALID: &[&str] = &[
 ];
 
 /// Tries of a bucket read or write that fails (not a conflict), [`STORE_RETRY`] apart: rides out a NATS
-/// server failing over.
-const STORE_TRIES: usize = 20;
+/// server failing over (20 s: a stream's new leader on a loaded 3-node cluster can take several seconds).
+const STORE_TRIES: usize = 80;
 const STORE_RETRY: Duration = Duration::from_millis(250);
+
+/// How long one `queue` request waits for its answer before it is sent again (the bridge answers a repeated
+/// `id` from memory, or with the first request's answer when that comes).
+const ASK_TURN: Duration = Duration::from_secs(3);
 
 /// How long a job that could not be queued (ComfyUI busy or away) waits before it is delivered again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -299,8 +303,13 @@ impl Shared {
 
     /// A request to bridge `instance`'s own command plane; its answer.
     pub(crate) async fn ask(&self, instance: &str, command: &str, body: Bytes) -> Result<Value, String> {
+        self.ask_within(instance, command, body, self.request_timeout).await
+    }
+
+    /// [`Shared::ask`], waiting at most `timeout` for the answer.
+    async fn ask_within(&self, instance: &str, command: &str, body: Bytes, timeout: Duration) -> Result<Value, String> {
         let subject = Names::request_subject(&self.prefix, instance, command);
-        let request = async_nats::Request::new().payload(body).timeout(Some(self.request_timeout));
+        let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
         let reply = self.client.send_request(subject, request).await.map_err(|e| e.to_string())?;
         serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable answer: {e}"))
     }
@@ -425,10 +434,8 @@ async fn reclaim(shared: &Arc<Shared>, seen: Seen, message: Option<Message>) -> 
         Some(pid) => shared.http.history(pid).await.ok().flatten(),
         None => None,
     };
-    if let Some(entry) = entry {
-        let status = entry.pointer("/status/status_str").and_then(Value::as_str).unwrap_or("success");
-        let status = if status == "success" { "success" } else { "error" };
-        record.finish(json!({"prompt_id": pid, "status": status, "outputs": entry["outputs"], "from_history": true}));
+    if let (Some(entry), Some(pid)) = (entry, &pid) {
+        record.finish(history_result(pid, &entry));
         if shared.write(&record, Some(revision)).await.is_some() {
             shared.publish(&record).await;
         }
@@ -442,6 +449,14 @@ async fn reclaim(shared: &Arc<Shared>, seen: Seen, message: Option<Message>) -> 
         let _ = m.ack_with(AckKind::Nak(None)).await;
     }
     None
+}
+
+/// A result read from ComfyUI's history entry of `pid`, for a prompt whose `result` this worker did not see
+/// (it ended while the bridge was down, or while the worker's connection was).
+fn history_result(pid: &str, entry: &Value) -> Value {
+    let status = entry.pointer("/status/status_str").and_then(Value::as_str).unwrap_or("success");
+    let status = if status == "success" { "success" } else { "error" };
+    json!({"prompt_id": pid, "status": status, "outputs": entry["outputs"], "from_history": true})
 }
 
 /// Gives a job back to the stream: `waiting`, this run not counted.
@@ -645,12 +660,20 @@ impl Job {
         }
         let mut tick = tokio::time::interval(shared.timing.progress);
         tick.tick().await;
+        // Ticks in a row the prompt was not in ComfyUI's queue.
+        let mut gone = 0;
         loop {
             let update = tokio::select! {
                 _ = shared.shutdown.cancelled() => return End::Leave,
                 _ = tick.tick() => {
                     for m in &self.messages {
                         let _ = m.ack_with(AckKind::Progress).await;
+                    }
+                    if let Some(result) = self.look(shared, &mut gone).await {
+                        shared.unregister(&self.record.id);
+                        let mut record = self.record.clone();
+                        record.finish(result);
+                        return self.store(shared, record).await.unwrap_or(End::Over { term: false });
                     }
                     continue;
                 }
@@ -679,9 +702,41 @@ impl Job {
         }
     }
 
+    /// Looks at ComfyUI on a tick: core NATS delivers at most once, so a `result` published while the worker's
+    /// connection was reconnecting is lost to it. A prompt missing from `/queue` for two ticks in a row that
+    /// has a history entry is over: its result, read from history.
+    async fn look(&self, shared: &Shared, gone: &mut u32) -> Option<Value> {
+        let pid = self.record.prompt_id.as_deref()?;
+        let queue = shared.http.queue().await.ok()?;
+        if queue.running.iter().chain(&queue.pending).any(|i| i.prompt_id == pid) {
+            *gone = 0;
+            return None;
+        }
+        *gone += 1;
+        if *gone < 2 {
+            return None;
+        }
+        let entry = shared.http.history(pid).await.ok()??;
+        warn!(job = %self.record.id, "fleet: the prompt's result never came; it is taken from ComfyUI's history");
+        Some(history_result(pid, &entry))
+    }
+
     /// Sends the job to this bridge's `queue` command. `None`: queued, follow it; else how the job ends.
     async fn queue(&mut self, shared: &Shared) -> Option<End> {
-        let answer = shared.ask(&shared.me, "queue", self.payload.clone()).await;
+        // A reply lost on the way (the worker's connection reconnecting) must not queue the job twice, nor make
+        // the job wait a whole timeout: the same request again, with the same `id`, waits for (or gets) the
+        // bridge's first answer and queues nothing. So ask in short turns until `request_timeout` is over.
+        let deadline = tokio::time::Instant::now() + shared.request_timeout;
+        let answer = loop {
+            let answer = shared.ask_within(&shared.me, "queue", self.payload.clone(), ASK_TURN).await;
+            match &answer {
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!(job = %self.record.id, error = %e, "fleet: no answer to queue yet; asking again");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+                _ => break answer,
+            }
+        };
         let data = match answer {
             Ok(a) if a["status"] == "ok" => a["data"].clone(),
             Ok(a) => {
@@ -744,9 +799,16 @@ impl Job {
                         self.revision = seen.revision;
                         Box::pin(self.store(shared, record)).await
                     }
-                    _ => {
+                    Some(_) => {
                         warn!(job = %self.record.id, "fleet: another bridge took the job over");
                         Some(End::Leave)
+                    }
+                    // The bucket cannot be read (still failing over). An end is left unacked: the job comes back
+                    // and is finished from ComfyUI's history then. Anything else: go on, write on the next change.
+                    None if record.state.is_terminal() => Some(End::Leave),
+                    None => {
+                        self.record = record;
+                        None
                     }
                 }
             }

@@ -199,3 +199,16 @@ pub async fn wait_for_bridges(client: &async_nats::Client, fleet: &str, n: usize
 pub fn job(id: &str) -> Value {
     json!({"id": id, "workflow": super::workflow("a_success__prompt")})
 }
+
+/// Prints the bridges' logs when the test fails (dropped while panicking).
+pub struct LogsOnPanic<'a>(pub &'a [FleetBridge]);
+
+impl Drop for LogsOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for b in self.0 {
+                eprintln!("----- {} -----\n{}", b.instance, b.log());
+            }
+        }
+    }
+}
