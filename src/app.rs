@@ -44,6 +44,9 @@ pub enum AppError {
     /// The HTTP client for ComfyUI could not be built.
     #[error(transparent)]
     Http(#[from] comfy::http::HttpError),
+    /// The fleet worker could not be set up.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 /// Runs the bridge until `shutdown` is cancelled, then drains and returns.
@@ -98,6 +101,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses));
     tasks.spawn(ws.run(shutdown.clone()));
+    if settings.fleet.enabled {
+        crate::fleet::spawn(&settings, &tasks, shutdown.clone()).await?;
+    }
     tasks.close();
 
     shutdown.cancelled().await;

@@ -40,8 +40,98 @@ pub fn check(settings: &Settings) -> Checked {
     if settings.commands.enabled {
         out.push_str(&limits(settings));
     }
+    if settings.fleet.enabled {
+        let (text, fleet_problems) = fleet(settings, jetstream_probe(settings));
+        out.push_str(&text);
+        problems += fleet_problems;
+    }
     out.push_str(&report(settings));
     Checked { report: out, problems }
+}
+
+/// What asking the NATS server about JetStream found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JetStream {
+    /// JetStream answered.
+    Enabled,
+    /// The server answered that this account has no JetStream.
+    Disabled(String),
+    /// The server could not be reached: cannot tell.
+    Unknown(String),
+}
+
+/// The fleet's names, and whether JetStream is there (`run` needs it; `check` fails without it).
+fn fleet(settings: &Settings, jetstream: JetStream) -> (String, usize) {
+    let n = crate::fleet::Names::new(settings);
+    let mut out = format!("\n# fleet {}\n", settings.fleet.name);
+    let _ = writeln!(out, "submit on {} (stream {}, consumer {})", n.queue_subject, n.stream, n.consumer);
+    let _ = writeln!(out, "job records in bucket {}, heartbeats in {}", n.jobs_bucket, n.bridges_bucket);
+    let _ = writeln!(
+        out,
+        "job state and result on {} and {}",
+        n.job_subject("<id>", "state"),
+        n.job_subject("<id>", "result")
+    );
+    let _ = writeln!(out, "fleet requests on {}.request.<command> (status, cancel)", n.fleet_subject);
+    let problems = match jetstream {
+        JetStream::Enabled => {
+            let _ = writeln!(out, "ok     JetStream answers on {}", settings.nats.url);
+            0
+        }
+        JetStream::Disabled(why) => {
+            let _ = writeln!(
+                out,
+                "ERROR  fleet.enabled needs JetStream, and the NATS server at {} has none for this account: {why} \
+                 (start nats-server with -js, or enable JetStream for the account)",
+                settings.nats.url
+            );
+            1
+        }
+        JetStream::Unknown(why) => {
+            let _ = writeln!(out, "WARN   cannot tell whether JetStream is enabled: NATS not reachable ({why})");
+            0
+        }
+    };
+    (out, problems)
+}
+
+/// Asks the NATS server for this account's JetStream info, within 3 seconds, on a thread of its own (so it
+/// works whether or not the caller runs inside an async runtime).
+pub fn jetstream_probe(settings: &Settings) -> JetStream {
+    let settings = settings.clone();
+    let probe = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let Ok(runtime) = runtime else { return JetStream::Unknown("no runtime".into()) };
+        runtime.block_on(async {
+            let ask = async {
+                let (tx, _) = tokio::sync::mpsc::channel(1);
+                let client =
+                    crate::bus::nats::connect(&settings, tx).await.map_err(|e| JetStream::Unknown(e.to_string()))?;
+                // `$JS.API.INFO` is answered by JetStream only: an error object, or no responder at all,
+                // means this account has none.
+                match client.request("$JS.API.INFO", bytes::Bytes::new()).await {
+                    Ok(reply) => {
+                        let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+                        match info.get("error") {
+                            Some(error) => {
+                                Err(JetStream::Disabled(error["description"].as_str().unwrap_or("error").into()))
+                            }
+                            None => Ok(JetStream::Enabled),
+                        }
+                    }
+                    Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                        Err(JetStream::Disabled("no JetStream API answers".into()))
+                    }
+                    Err(e) => Err(JetStream::Unknown(e.to_string())),
+                }
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(3), ask).await {
+                Ok(Ok(found) | Err(found)) => found,
+                Err(_) => JetStream::Unknown("no answer within 3 s".into()),
+            }
+        })
+    });
+    probe.join().unwrap_or_else(|_| JetStream::Unknown("the probe failed".into()))
 }
 
 /// What `run` warns and `check` fails with when `commands.templates_dir` does not exist.
@@ -135,6 +225,22 @@ mod tests {
         let bad = check(&settings);
         assert_eq!(bad.problems, 1);
         assert!(bad.report.contains("ERROR  broken.json: invalid JSON"), "{}", bad.report);
+    }
+
+    #[test]
+    fn the_fleet_section_names_everything_and_fails_without_jetstream() {
+        let mut settings = Settings::default();
+        settings.fleet.enabled = true;
+        let (ok, problems) = fleet(&settings, JetStream::Enabled);
+        assert_eq!(problems, 0, "{ok}");
+        assert!(ok.contains("submit on comfyui.fleet.default.queue (stream COMFY_FLEET_DEFAULT"), "{ok}");
+        assert!(ok.contains("bucket COMFY_FLEET_DEFAULT_JOBS"), "{ok}");
+        let (bad, problems) = fleet(&settings, JetStream::Disabled("jetstream not enabled".into()));
+        assert_eq!(problems, 1);
+        assert!(bad.contains("ERROR  fleet.enabled needs JetStream"), "{bad}");
+        let (unknown, problems) = fleet(&settings, JetStream::Unknown("refused".into()));
+        assert_eq!(problems, 0, "an unreachable server is not proof of anything");
+        assert!(unknown.contains("WARN   cannot tell whether JetStream is enabled"), "{unknown}");
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Home Assistant MQTT discovery.
     pub homeassistant: HomeAssistantSettings,
+    /// Many bridges as one fleet on NATS JetStream.
+    pub fleet: FleetSettings,
 }
 
 /// `[bridge]`
@@ -415,6 +417,30 @@ impl Default for HomeAssistantSettings {
     }
 }
 
+/// `[fleet]`: this bridge as one worker of a fleet that shares one JetStream work queue.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSettings {
+    /// Take jobs from the fleet's stream (needs NATS with JetStream).
+    pub enabled: bool,
+    /// The fleet's name: one level of every fleet subject, and (upper-cased) of its stream and buckets.
+    pub name: String,
+    /// Fleet jobs this bridge keeps in its ComfyUI (queued or running) at once.
+    pub capacity: usize,
+    /// Replicas of the fleet's stream and buckets when this bridge creates them (3 on a 3-node cluster).
+    pub replicas: usize,
+    /// How long a job stays with a bridge that stops acknowledging progress before it is redelivered, in ms.
+    pub ack_wait_ms: u64,
+    /// Most runs of one job; the job then ends with `state: "error"`.
+    pub max_deliver: u64,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self { enabled: false, name: "default".into(), capacity: 1, replicas: 1, ack_wait_ms: 60_000, max_deliver: 3 }
+    }
+}
+
 /// `[http]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -505,7 +531,39 @@ impl Settings {
         if let Some(Err(e)) = self.nats.enabled.then(|| nats_servers(&self.nats.url)) {
             return Err(ConfigError::Invalid { key: "nats.url", reason: e, var: None });
         }
-        self.validate_commands()
+        self.validate_commands()?;
+        self.validate_fleet()
+    }
+
+    /// `[fleet]`: names JetStream accepts, values it can work with, and NATS to run on.
+    fn validate_fleet(&self) -> Result<(), ConfigError> {
+        let f = &self.fleet;
+        let invalid = |key, reason: &str| Err(ConfigError::Invalid { key, reason: reason.to_string(), var: None });
+        if !is_plain_level(&f.name) {
+            return invalid("fleet.name", "use only A-Z a-z 0-9 _ - and no empty value");
+        }
+        if !f.enabled {
+            return Ok(());
+        }
+        if !self.nats.enabled {
+            return invalid("fleet.enabled", "the fleet runs on NATS JetStream: set `nats.enabled = true`");
+        }
+        if self.bridge.instance == "fleet" {
+            return invalid("bridge.instance", "`fleet` is the fleet's own level under the base topic");
+        }
+        if f.capacity == 0 {
+            return invalid("fleet.capacity", "must be at least 1");
+        }
+        if !(1..=5).contains(&f.replicas) {
+            return invalid("fleet.replicas", "must be between 1 and 5 (JetStream's limit)");
+        }
+        if f.ack_wait_ms < 500 {
+            return invalid("fleet.ack_wait_ms", "must be at least 500");
+        }
+        if f.max_deliver == 0 {
+            return invalid("fleet.max_deliver", "must be at least 1");
+        }
+        Ok(())
     }
 
     /// The request limits: what the MQTT path can carry, and room for at least one largest request.
@@ -814,6 +872,34 @@ mod tests {
         // `check` still shows every key, unset ones as "".
         let printed = Settings::default().to_redacted_toml();
         assert!(printed.contains("public_url = \"\"") && printed.contains("credentials_file = \"\""), "{printed}");
+    }
+
+    #[test]
+    fn the_fleet_needs_nats_and_sane_values() {
+        let on = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("COMFY_BRIDGE__FLEET__ENABLED", "true")];
+            pairs.extend_from_slice(extra);
+            Settings::load_with_env(None, env(&pairs))
+        };
+        let loaded = on(&[("COMFY_BRIDGE__FLEET__CAPACITY", "2")]).expect("loads");
+        assert!(loaded.fleet.enabled);
+        assert_eq!((loaded.fleet.capacity, loaded.fleet.name.as_str()), (2, "default"));
+        let err = on(&[("COMFY_BRIDGE__NATS__ENABLED", "false")]).expect_err("no NATS, no fleet");
+        assert!(matches!(&err, ConfigError::Invalid { key: "fleet.enabled", .. }), "{err}");
+        assert!(err.to_string().contains("runs on NATS JetStream"), "{err}");
+        for (var, value, key) in [
+            ("COMFY_BRIDGE__FLEET__NAME", "a.b", "fleet.name"),
+            ("COMFY_BRIDGE__FLEET__CAPACITY", "0", "fleet.capacity"),
+            ("COMFY_BRIDGE__FLEET__REPLICAS", "7", "fleet.replicas"),
+            ("COMFY_BRIDGE__FLEET__ACK_WAIT_MS", "10", "fleet.ack_wait_ms"),
+            ("COMFY_BRIDGE__FLEET__MAX_DELIVER", "0", "fleet.max_deliver"),
+            ("COMFY_BRIDGE__BRIDGE__INSTANCE", "fleet", "bridge.instance"),
+        ] {
+            let err = on(&[(var, value)]).expect_err(var);
+            assert!(matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key), "{err}");
+        }
+        let off = env(&[("COMFY_BRIDGE__NATS__ENABLED", "false"), ("COMFY_BRIDGE__FLEET__CAPACITY", "0")]);
+        assert!(Settings::load_with_env(None, off).is_ok(), "a disabled fleet is not checked");
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //!   decides what is retried, replayed, dropped and counted.
 //! * [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`ha`] builds Home Assistant discovery; [`tls`] the
 //!   rustls client configuration.
+//! * [`fleet`] makes the bridge one worker of a fleet on NATS JetStream (its own connection, off the event
+//!   path).
 //! * [`app::run`] wires it together; shutdown cancels the WebSocket task, the command plane and the intakes,
 //!   and everything downstream drains as its input channels close.
 
@@ -31,6 +33,7 @@ pub mod check;
 pub mod comfy;
 pub mod commands;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod homeassistant;
 pub mod json;

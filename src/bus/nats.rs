@@ -92,7 +92,10 @@ pub async fn spawn(
 
 /// A client for `settings.nats` whose connection events go to `event_tx`; it connects in the background.
 /// The client's connection task holds the only sender: the channel closes when that task is gone.
-async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<async_nats::Client, NatsError> {
+pub(crate) async fn connect(
+    settings: &Settings,
+    event_tx: mpsc::Sender<Event>,
+) -> Result<async_nats::Client, NatsError> {
     let cfg = &settings.nats;
     let mut options = ConnectOptions::new()
         .retry_on_initial_connect()
@@ -134,7 +137,9 @@ async fn connect(settings: &Settings, event_tx: mpsc::Sender<Event>) -> Result<a
         options = options
             .user_and_password(user.clone(), cfg.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
     }
-    Ok(options.connect(cfg.url.as_str()).await?)
+    // `nats.url` is a comma-separated list; the client parses a single string as one server.
+    let servers: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+    Ok(options.connect(servers).await?)
 }
 
 /// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever

@@ -253,3 +253,140 @@ impl Drop for NatsServer {
         stop(&mut self.child, false);
     }
 }
+
+/// A nats-server without JetStream (for `check`), on a port it picks itself.
+pub struct PlainNatsServer {
+    /// The client port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PlainNatsServer {
+    /// Starts it and waits until it listens.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("nats.log");
+        let child = Command::new(binary("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", "-1", "-l"])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let mut server = Self { port: 0, _dir: dir, child: Some(child) };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(port) = listening_port(&std::fs::read_to_string(&log).unwrap_or_default()) {
+                wait_for_port(port, &log);
+                server.port = port;
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nats-server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PlainNatsServer {
+    fn drop(&mut self) {
+        stop(&mut self.child, false);
+    }
+}
+
+/// Three nats-servers with JetStream routed into one cluster on loopback ports; each can be killed and
+/// restarted on its ports with its store.
+pub struct NatsCluster {
+    /// Client ports, one per node.
+    pub ports: Vec<u16>,
+    cluster_ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until JetStream has a metadata leader.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = Self {
+            ports: (0..3).map(|_| free_port()).collect(),
+            cluster_ports: (0..3).map(|_| free_port()).collect(),
+            dir,
+            children: vec![None, None, None],
+        };
+        for node in 0..3 {
+            cluster.spawn(node);
+        }
+        for node in 0..3 {
+            wait_for_port(cluster.ports[node], &cluster.log_path(node));
+        }
+        cluster.wait_for_leader();
+        cluster
+    }
+
+    fn log_path(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("n{node}.log"))
+    }
+
+    fn spawn(&mut self, node: usize) {
+        let routes: Vec<String> = self.cluster_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let child = Command::new(binary("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &self.ports[node].to_string(), "-js", "-n", &format!("n{node}")])
+            .arg("-sd")
+            .arg(self.dir.path().join(format!("js{node}")))
+            .args(["--cluster_name", "fleet-test"])
+            .args(["--cluster", &format!("nats://127.0.0.1:{}", self.cluster_ports[node])])
+            .args(["--routes", &routes.join(",")])
+            .arg("-l")
+            .arg(self.log_path(node))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.children[node] = Some(child);
+    }
+
+    fn wait_for_leader(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let led = (0..3).any(|n| {
+                let log = std::fs::read_to_string(self.log_path(n)).unwrap_or_default();
+                log.contains("JetStream cluster new metadata leader") || log.contains("new metadata leader")
+            });
+            if led {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no JetStream metadata leader: {}", std::fs::read_to_string(self.log_path(0)).unwrap_or_default());
+    }
+
+    /// Every node's URL, comma separated (as `nats.url` takes them).
+    pub fn urls(&self) -> String {
+        self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    /// SIGKILL one node.
+    pub fn kill(&mut self, node: usize) {
+        stop(&mut self.children[node], false);
+    }
+
+    /// Starts a killed node again on its ports with its store.
+    pub fn restart(&mut self, node: usize) {
+        self.spawn(node);
+        wait_for_port(self.ports[node], &self.log_path(node));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            stop(child, false);
+        }
+    }
+}
