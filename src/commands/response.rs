@@ -55,6 +55,12 @@ impl Code {
         Code::Busy,
     ];
 
+    /// The request itself is at fault: sending it again cannot succeed (every code but `comfyui_unavailable`
+    /// and `busy`, which say "not now").
+    pub fn is_final(self) -> bool {
+        !matches!(self, Code::ComfyuiUnavailable | Code::Busy)
+    }
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -176,6 +182,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn only_busy_and_unavailable_say_try_again() {
+        let again: Vec<_> = Code::ALL.iter().filter(|c| !c.is_final()).map(|c| c.as_str()).collect();
+        assert_eq!(again, ["comfyui_unavailable", "busy"]);
+    }
 
     #[test]
     fn codes_are_the_interface_names() {

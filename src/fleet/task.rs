@@ -19,20 +19,8 @@ use super::dispatch::{decide, Decision, Room, Seen};
 use super::job::{kv_key, JobRecord, JobState};
 use super::{FleetError, Names, Timing};
 use crate::comfy::http::ComfyHttp;
+use crate::commands::response::Code;
 use crate::config::Settings;
-
-/// Error codes of the bridge's `queue` answer that mean the job itself is wrong: answered, never retried.
-const INVALID: &[&str] = &[
-    "invalid_json",
-    "invalid_request",
-    "unknown_command",
-    "not_allowed",
-    "payload_too_large",
-    "unknown_template",
-    "patch_failed",
-    "comfyui_rejected",
-    "not_found",
-];
 
 /// Tries of a bucket read or write that fails (not a conflict), [`STORE_RETRY`] apart: rides out a NATS
 /// server failing over (20 s: a stream's new leader on a loaded 3-node cluster can take several seconds).
@@ -741,7 +729,8 @@ impl Job {
             Ok(a) if a["status"] == "ok" => a["data"].clone(),
             Ok(a) => {
                 let code = a.pointer("/error/code").and_then(Value::as_str).unwrap_or("unknown").to_string();
-                if INVALID.contains(&code.as_str()) {
+                // A code that says the job itself is wrong: answered, never retried.
+                if Code::ALL.iter().any(|c| c.as_str() == code && c.is_final()) {
                     let mut record = self.record.clone();
                     let message = a.pointer("/error/message").and_then(Value::as_str).unwrap_or_default();
                     record.fail(
