@@ -239,29 +239,25 @@ class Tap:
         self._send_bytes = server.send_bytes
         tap = self
 
-        async def send_json(*args, **kwargs):
-            event, data, sid = _split_send_args(args, kwargs)
-            if sid is TO_TAPS:
-                await tap._fan_out(tap._send_json, event, data)
-                return None
-            result = await tap._send_json(*args, **kwargs)
-            try:
-                await tap._after_send(tap._send_json, event, data, sid)
-            except Exception as exc:
-                tap.errors.failed("mirror text", exc)
-            return result
+        def mirrored(original, what):
+            """`original` (send_json or send_bytes), then the same message to the taps."""
 
-        async def send_bytes(*args, **kwargs):
-            event, data, sid = _split_send_args(args, kwargs)
-            if sid is TO_TAPS:
-                await tap._fan_out(tap._send_bytes, event, data)
-                return None
-            result = await tap._send_bytes(*args, **kwargs)
-            try:
-                await tap._after_send(tap._send_bytes, event, data, sid)
-            except Exception as exc:
-                tap.errors.failed("mirror binary", exc)
-            return result
+            async def send(*args, **kwargs):
+                event, data, sid = _split_send_args(args, kwargs)
+                if sid is TO_TAPS:
+                    await tap._fan_out(original, event, data)
+                    return None
+                result = await original(*args, **kwargs)
+                try:
+                    await tap._after_send(original, event, data, sid)
+                except Exception as exc:
+                    tap.errors.failed(what, exc)
+                return result
+
+            return send
+
+        send_json = mirrored(self._send_json, "mirror text")
+        send_bytes = mirrored(self._send_bytes, "mirror binary")
 
         server.send_json = send_json
         server.send_bytes = send_bytes
