@@ -12,6 +12,7 @@ use crate::comfy::{self, http::ComfyHttp, ws::WsClient};
 use crate::commands::inbox::inbox;
 use crate::commands::task::CommandTask;
 use crate::config::Settings;
+use crate::flow;
 use crate::health::Health;
 use crate::router;
 use crate::tracker::resync;
@@ -22,6 +23,8 @@ const SHUTDOWN_MARGIN: Duration = Duration::from_millis(500);
 
 /// Capacity of each channel on the event path.
 const CHANNEL_CAPACITY: usize = 1024;
+/// Capacity of the channel of the tap extension's messages (`Bus Publish`, `Bus Ask`) to the router.
+const EXTENSION_CAPACITY: usize = 64;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     info!(instance = %settings.bridge.instance, %client_id, "starting comfy-bridge");
 
     let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let ws = WsClient::new(&settings, &client_id, inbound_tx)?;
+    let (extension_tx, extension_rx) = mpsc::channel(EXTENSION_CAPACITY);
+    let ws = WsClient::new(&settings, &client_id, inbound_tx)?.with_extension(extension_tx);
     let http = ComfyHttp::new(&settings)?.with_tap(ws.tap());
     let health = Health::new(&settings, ws.tap());
     if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
@@ -92,6 +96,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let (control_tx, control_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (work_tx, work_rx) = mpsc::unbounded_channel();
     tasks.spawn(resync::run(http.clone(), work_rx, control_tx.clone()));
+    let (images, images_rx) = mpsc::channel(flow::fetch::WAITING);
+    tasks.spawn(flow::fetch::run(http.clone(), images_rx, buses.clone()));
     if requests.is_some() {
         let senders = buses.iter().cloned().collect();
         let commands = CommandTask::new(&settings, &client_id, http, control_tx, senders);
@@ -99,7 +105,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     drop(requests);
 
-    tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses));
+    let extension = router::Extension { messages: extension_rx, images };
+    tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses, Some(extension)));
     tasks.spawn(ws.run(shutdown.clone()));
     if settings.fleet.enabled {
         crate::fleet::spawn(&settings, &tasks, shutdown.clone()).await?;

@@ -144,9 +144,11 @@ async fn answer(mut stream: TcpStream, health: &Health) {
             let status = if ready { "200 OK" } else { "503 Service Unavailable" };
             (status, "application/json", body.to_string())
         }
-        ("GET", "/metrics") => {
-            ("200 OK", "text/plain; version=0.0.4", telemetry::render_metrics() + &crate::comfy::tap::render_metrics())
-        }
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            telemetry::render_metrics() + &crate::comfy::tap::render_metrics() + &crate::flow::render_metrics(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
     };

@@ -19,8 +19,10 @@
 //! * [`bus`] owns the brokers: each publisher is a thin loop over [`bus::delivery::Delivery`], the sans-IO core
 //!   that keeps the outbox (bounded in count and bytes) so lifecycle events survive a broker restart, and
 //!   decides what is retried, replayed, dropped and counted.
-//! * [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`ha`] builds Home Assistant discovery; [`tls`] the
+//! * [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`homeassistant`] builds Home Assistant discovery; [`tls`] the
 //!   rustls client configuration.
+//! * [`flow`] carries what the tap extension's `Bus Publish` and `Bus Ask` nodes send (the router holds its
+//!   pure core; its own task reads published images), and the `answer` command hands answers back.
 //! * [`fleet`] makes the bridge one worker of a fleet on NATS JetStream (its own connection, off the event
 //!   path).
 //! * [`app::run`] wires it together; shutdown cancels the WebSocket task, the command plane and the intakes,
@@ -34,6 +36,7 @@ pub mod comfy;
 pub mod commands;
 pub mod config;
 pub mod fleet;
+pub mod flow;
 pub mod health;
 pub mod homeassistant;
 pub mod json;

@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use comfy_bridge::config::Settings;
+use comfy_bridge::flow::{Ask, AskChange};
 use comfy_bridge::homeassistant::{self as ha, DeviceState};
 use serde_json::{json, Value};
 
@@ -76,7 +77,7 @@ fn configs() -> BTreeMap<(String, String), Value> {
 #[test]
 fn every_config_has_what_its_platform_requires_and_the_documented_entity_id() {
     let all = configs();
-    assert_eq!(all.len(), 15);
+    assert_eq!(all.len(), 17);
     for ((platform, object), config) in &all {
         let what = format!("{platform}.{object}: {config}");
         let has = |key: &str| config[key].as_str().is_some_and(|s| !s.is_empty());
@@ -141,12 +142,35 @@ fn every_template_renders_for_every_state_and_every_result_status() {
     ]
     .map(|r| r.to_string());
 
+    // What the Question sensor reads on `ha/ask`: a question that waits (text or JSON), then none.
+    let mut device = ha::Device::default();
+    let asked = |payload: Value| {
+        AskChange::Waiting(Ask {
+            prompt_id: "p".into(),
+            ask_id: "k".into(),
+            node_id: Some("1".into()),
+            subject: "approve".into(),
+            payload,
+            answer_topic: Some("comfyui/local/answer/k".into()),
+        })
+    };
+    let done = AskChange::Done { prompt_id: "p".into(), ask_id: "k".into(), outcome: "answered".into() };
+    let mut asks = Vec::new();
+    for change in [asked(json!("Publish it?")), done.clone(), asked(json!({"q": 1})), done] {
+        let out = device.ask("local", &change);
+        asks.push(String::from_utf8_lossy(&out[0].payload).into_owned());
+    }
+
     let mut jobs = Vec::new();
     let mut checks: Vec<(String, String, &str)> = Vec::new();
     for ((platform, object), config) in configs() {
         let entity = format!("{platform}.{object}");
         let state_topic = config["state_topic"].as_str().unwrap_or_default();
-        let payloads: &[String] = if state_topic.ends_with("/ha/state") { &states } else { &[] };
+        let payloads: &[String] = match state_topic {
+            t if t.ends_with("/ha/state") => &states,
+            t if t.ends_with("/ha/ask") => &asks,
+            _ => &[],
+        };
         if let Some(template) = config["value_template"].as_str() {
             for payload in payloads {
                 jobs.push((template.to_string(), payload.clone()));
@@ -194,7 +218,15 @@ fn every_template_renders_for_every_state_and_every_result_status() {
         }
         *seen.entry(entity).or_insert(0) += 1;
     }
-    for entity in ["sensor.node", "sensor.last_error", "sensor.last_state", "sensor.queue", "binary_sensor.busy"] {
+    let checked = [
+        "sensor.node",
+        "sensor.last_error",
+        "sensor.last_state",
+        "sensor.queue",
+        "binary_sensor.busy",
+        "sensor.question",
+    ];
+    for entity in checked {
         assert!(seen.contains_key(entity), "{entity} not checked: {seen:?}");
     }
 }

@@ -326,6 +326,7 @@ mod tests {
             class,
             headers: Vec::new(),
             reply: None,
+            reply_to: None,
         })
     }
 

@@ -51,6 +51,9 @@ pub struct Outbound {
     /// A topic or subject used verbatim instead of `route`: a requester's reply topic, or (MQTT only) a Home
     /// Assistant discovery topic outside the base topic.
     pub reply: Option<Reply>,
+    /// Where answers to this message go (a `Bus Ask` question): its NATS reply subject and MQTT v5 response
+    /// topic, rendered like `route`.
+    pub reply_to: Option<Route>,
 }
 
 /// Where a requester asked for its response: a NATS reply subject, or an MQTT v5 response topic with its
@@ -72,6 +75,8 @@ pub enum InquiryKind {
     HomeAssistantSet,
     /// Home Assistant's birth or last-will message (`online` / `offline`).
     HomeAssistantStatus,
+    /// An answer to a `Bus Ask` question on `answer/<ask id>`: `path` is the ask id level, the body the answer.
+    Answer,
 }
 
 /// A message that arrived on a request topic or subject (or a Home Assistant one).
@@ -94,7 +99,16 @@ impl Outbound {
     /// A QoS-1, kept message.
     pub fn lifecycle(route: Route, payload: impl Into<Bytes>, retain: bool) -> Arc<Self> {
         let payload = payload.into();
-        Arc::new(Self { route, payload, qos: 1, retain, class: Class::Lifecycle, headers: Vec::new(), reply: None })
+        Arc::new(Self {
+            route,
+            payload,
+            qos: 1,
+            retain,
+            class: Class::Lifecycle,
+            headers: Vec::new(),
+            reply: None,
+            reply_to: None,
+        })
     }
 }
 

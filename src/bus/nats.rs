@@ -64,8 +64,11 @@ pub async fn spawn(
     if let Some(tx) = requests {
         // Requests come in on a connection of their own: whatever a requester sends that makes the client
         // reconnect (async-nats 0.51 does on a non-UTF-8 subject) costs the event stream nothing.
-        let subject = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix);
-        tasks.spawn(intake_connection(settings.clone(), subject, tx, shutdown).instrument(span.clone()));
+        let subjects = Subjects {
+            requests: Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix),
+            answers: Route::fixed(&settings.bridge.instance, &[topics::ANSWER]).nats_subject(&cfg.subject_prefix),
+        };
+        tasks.spawn(intake_connection(settings.clone(), subjects, tx, shutdown).instrument(span.clone()));
     }
     let limits = Limits {
         count: settings.bridge.outbox_capacity,
@@ -142,9 +145,16 @@ pub(crate) async fn connect(
     Ok(options.connect(servers).await?)
 }
 
+/// What the request intake subscribes to: `<base>.request.>` and `<base>.answer.*` (without the wildcards).
+#[derive(Debug, Clone)]
+struct Subjects {
+    requests: String,
+    answers: String,
+}
+
 /// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever
 /// the old one's connection task is gone (its subscription ends).
-async fn intake_connection(settings: Settings, subject: String, tx: Inbox, shutdown: CancellationToken) {
+async fn intake_connection(settings: Settings, subjects: Subjects, tx: Inbox, shutdown: CancellationToken) {
     let mut attempt = 0;
     while !shutdown.is_cancelled() {
         // Connection events matter to the publisher only; this client's go nowhere.
@@ -152,7 +162,7 @@ async fn intake_connection(settings: Settings, subject: String, tx: Inbox, shutd
         match connect(&settings, event_tx).await {
             Ok(client) => {
                 attempt = 0;
-                intake(client, subject.clone(), tx.clone(), shutdown.clone()).await;
+                intake(client, subjects.clone(), tx.clone(), shutdown.clone()).await;
             }
             Err(e) => {
                 warn!(error = %e, "cannot connect the nats request intake");
@@ -166,32 +176,43 @@ async fn intake_connection(settings: Settings, subject: String, tx: Inbox, shutd
     }
 }
 
-/// Hands every message on the request subjects to `tx` until `shutdown` or the end of the subscription.
-async fn intake(client: async_nats::Client, base: String, tx: Inbox, shutdown: CancellationToken) {
-    let mut subscriber = match client.subscribe(format!("{base}.>")).await {
-        Ok(subscriber) => subscriber,
+/// Hands every message on the request and answer subjects to `tx` until `shutdown` or the end of a
+/// subscription.
+async fn intake(client: async_nats::Client, subjects: Subjects, tx: Inbox, shutdown: CancellationToken) {
+    let subscribe = |subject: String| client.subscribe(subject);
+    let (requests, answers) = match tokio::try_join!(
+        subscribe(format!("{}.>", subjects.requests)),
+        subscribe(format!("{}.*", subjects.answers))
+    ) {
+        Ok(both) => both,
         Err(e) => {
             warn!(error = %e, "cannot subscribe to the request subjects");
             return;
         }
     };
-    let prefix = format!("{base}.");
+    let (request_prefix, answer_prefix) = (format!("{}.", subjects.requests), format!("{}.", subjects.answers));
+    let mut messages = futures_util::stream::select(requests, answers);
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
-            msg = subscriber.next() => match msg {
+            msg = messages.next() => match msg {
                 Some(msg) => msg,
                 None => break,
             },
         };
-        let Some(path) = msg.subject.strip_prefix(&prefix) else { continue };
+        let (kind, path) = if let Some(path) = msg.subject.strip_prefix(&request_prefix) {
+            (InquiryKind::Request, path.replace('.', "/"))
+        } else if let Some(ask_id) = msg.subject.strip_prefix(&answer_prefix) {
+            (InquiryKind::Answer, ask_id.to_string())
+        } else {
+            continue;
+        };
         let reply = msg.reply.map(|to| Reply { to: to.to_string(), correlation: None });
-        let path = path.replace('.', "/");
-        let inquiry = Inquiry { kind: InquiryKind::Request, bus: Bus::Nats, path, payload: msg.payload, reply };
+        let inquiry = Inquiry { kind, bus: Bus::Nats, path, payload: msg.payload, reply };
         // Never waits: what does not fit is answered `busy` or counted.
         tx.offer(inquiry);
     }
-    let _ = subscriber.unsubscribe().await;
+    // Dropping the subscribers unsubscribes.
     debug!("nats request intake stopped");
 }
 
@@ -393,10 +414,24 @@ impl Publisher {
                 self.delivery.refused(msg, "too_large");
                 continue;
             }
+            // A question asks for its answers on a subject of the bridge's own (`answer.<ask id>`).
+            let reply_to = match msg.reply_to.as_ref().map(|route| self.subjects.nats(route)) {
+                Some(Ok(reply_to)) => Some(reply_to),
+                Some(Err(refusal)) => {
+                    self.delivery.refused(msg, refusal.reason());
+                    continue;
+                }
+                None => None,
+            };
             self.publishing = Some(msg.clone());
-            let published = match headers(&msg) {
-                None => self.client.publish(subject, msg.payload.clone()).await,
-                Some(headers) => self.client.publish_with_headers(subject, headers, msg.payload.clone()).await,
+            let payload = msg.payload.clone();
+            let published = match (headers(&msg), reply_to) {
+                (None, None) => self.client.publish(subject, payload).await,
+                (Some(headers), None) => self.client.publish_with_headers(subject, headers, payload).await,
+                (None, Some(reply)) => self.client.publish_with_reply(subject, reply, payload).await,
+                (Some(headers), Some(reply)) => {
+                    self.client.publish_with_reply_and_headers(subject, reply, headers, payload).await
+                }
             };
             self.publishing = None;
             match published {
@@ -497,6 +532,7 @@ mod tests {
             class: super::super::Class::Droppable,
             headers: vec![("Content-Type", "image/png".into()), ("Comfy-Prompt-Id", "p\r\nNats-Msg-Id: x".into())],
             reply: None,
+            reply_to: None,
         };
         let headers = headers(&msg).expect("some headers");
         assert_eq!(headers.iter().count(), 1);

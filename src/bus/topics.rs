@@ -42,6 +42,12 @@ pub const RESULT: &str = "result";
 pub const REQUEST: &str = "request";
 /// Level before a command name, on the way out.
 pub const RESPONSE: &str = "response";
+/// Level before the subject of a `Bus Publish` message.
+pub const FLOW: &str = "flow";
+/// Level before the subject of a `Bus Ask` question.
+pub const ASK: &str = "ask";
+/// Level before the ask id of an answer, on the way in.
+pub const ANSWER: &str = "answer";
 
 /// Longest escaped level kept as it is. 128 bytes hold any real prompt id (a UUID is 36) or node id
 /// (`12:5:3.0.0.1` style paths) even fully escaped, and keep the longest route we build (prefix, instance,
@@ -173,6 +179,17 @@ impl Route {
     /// `response/<command>`: where responses go when the request named no reply topic.
     pub fn for_response(instance: &str, command: &str) -> Self {
         Builder::new(instance, 10 + command.len()).fixed(RESPONSE).escaped(command).done()
+    }
+
+    /// `<first>/<levels…>`, each of `levels` escaped, then `last` when given: what a workflow names
+    /// (`flow/<subject…>/image`, `ask/<subject…>`, `answer/<ask id>`).
+    pub fn for_subject(instance: &str, first: &str, levels: &[&str], last: Option<&str>) -> Self {
+        let len = first.len() + levels.iter().map(|l| l.len() + 1).sum::<usize>() + last.map_or(0, str::len) + 2;
+        let route = levels.iter().fold(Builder::new(instance, len).fixed(first), |b, level| b.escaped(level));
+        match last {
+            Some(last) => route.fixed(last).done(),
+            None => route.done(),
+        }
     }
 
     /// The escaped levels joined by `/`.

@@ -267,6 +267,27 @@ impl ComfyHttp {
         Ok(stats)
     }
 
+    /// `POST /comfy_bridge/answer` (the tap extension's route) with its per-start `secret`: hands `answer` to
+    /// the `Bus Ask` waiting as `ask_id`. `Ok` is the 200 (`accepted`); a 409 (`late`, `unknown`), 403, 400 or
+    /// 413 is [`HttpError::Status`] with the extension's JSON (extension/README.md).
+    pub async fn answer(&self, secret: &str, ask_id: &str, answer: &str) -> Result<(), HttpError> {
+        const ENDPOINT: &str = "POST /comfy_bridge/answer";
+        let request = self.client.post(self.url(&["comfy_bridge", "answer"])).header("X-Comfy-Bridge-Secret", secret);
+        self.send_json(ENDPOINT, request, &json!({"ask_id": ask_id, "answer": answer})).await.map(drop)
+    }
+
+    /// `GET /view`: the bytes of an image ComfyUI saved (`{filename, subfolder, type}` as its outputs name
+    /// them), at most `comfyui.max_body_bytes`.
+    pub async fn view(&self, filename: &str, subfolder: &str, kind: &str) -> Result<Bytes, HttpError> {
+        const ENDPOINT: &str = "GET /view";
+        let mut url = self.url(&["view"]);
+        url.query_pairs_mut()
+            .append_pair("filename", filename)
+            .append_pair("subfolder", subfolder)
+            .append_pair("type", kind);
+        self.send(ENDPOINT, self.client.get(url)).await
+    }
+
     /// The base URL with these path segments appended, each percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();

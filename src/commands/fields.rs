@@ -169,6 +169,11 @@ impl Body {
         }
     }
 
+    /// An optional field of any JSON type.
+    pub(super) fn take_value(&mut self, name: &str) -> Option<Value> {
+        self.take(name).map(Ordered::into_value)
+    }
+
     /// An optional boolean.
     pub(super) fn bool(&mut self, name: &str) -> Result<Option<bool>, Failure> {
         self.typed(name, "a boolean", |v| match v {

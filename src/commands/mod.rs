@@ -1,7 +1,7 @@
 //! Requests from the buses: one file per command, and the task that answers them.
 //!
 //! * Each command is a type in a file of its own ([`queue`], [`patch`], [`templates`], [`interrupt`],
-//!   [`cancel`], [`clear`], [`status`], [`upload`], [`free`]): its name, the fields it takes, how it is parsed
+//!   [`cancel`], [`clear`], [`status`], [`upload`], [`free`], [`answer`]): its name, the fields it takes, how it is parsed
 //!   from a request body and how it is carried out ([`Spec`]). The one list of commands is the `commands!`
 //!   invocation below; it makes the [`Command`] enum, [`COMMANDS`], [`Command::FIELDS`] and the dispatch.
 //!   **Adding a command** is one new file implementing [`Spec`] plus one line there.
@@ -164,6 +164,8 @@ commands! {
     Upload(upload::Upload),
     /// Ask ComfyUI to free memory.
     Free(free::Free),
+    /// Answer a waiting `Bus Ask` node.
+    Answer(answer::Answer),
 }
 
 /// A parsed request.

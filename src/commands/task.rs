@@ -42,6 +42,9 @@ struct Target {
     bus: Bus,
     reply: Option<Reply>,
     command: String,
+    /// Nothing is published for it (a raw answer without a reply topic: there is no `response/answer` for
+    /// those); it is still counted and logged.
+    silent: bool,
 }
 
 /// A finished request: who asked, and what came of it.
@@ -194,8 +197,10 @@ impl CommandTask {
     /// Handles one inquiry up to the point where it needs ComfyUI.
     async fn take(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
         match entry.inquiry.kind {
-            InquiryKind::Request if self.policy.enabled => self.take_request(entry, jobs).await,
-            InquiryKind::Request => telemetry::request_ignored(entry.inquiry.bus, "read_only", &entry.inquiry.path),
+            InquiryKind::Request | InquiryKind::Answer if self.policy.enabled => self.take_request(entry, jobs).await,
+            InquiryKind::Request | InquiryKind::Answer => {
+                telemetry::request_ignored(entry.inquiry.bus, "read_only", &entry.inquiry.path)
+            }
             InquiryKind::HomeAssistantStatus if &entry.inquiry.payload[..] == b"online" => self.announce().await,
             InquiryKind::HomeAssistantStatus => {}
             InquiryKind::HomeAssistantSet => self.home_assistant_set(entry, jobs).await,
@@ -207,7 +212,7 @@ impl CommandTask {
         let Overflow { bus, command, reply, payload, received } = notice;
         let reply = reply.filter(|r| self.replies.check(bus, &r.to).is_ok());
         let command = topics::unescape(&command).unwrap_or(command);
-        let target = Target { bus, reply, command };
+        let target = Target { bus, reply, command, silent: false };
         let id = super::id_of(&payload);
         let failure = Failure::new(Code::Busy, "the bridge has no room for more requests: try again later");
         let outcome = Err(failure);
@@ -249,7 +254,7 @@ impl CommandTask {
                     partial_execution_targets: None,
                     extra_data: None,
                 };
-                let target = Target { bus: Bus::Mqtt, reply: None, command: "queue".into() };
+                let target = Target { bus: Bus::Mqtt, reply: None, command: "queue".into(), silent: false };
                 let span = tracing::info_span!("home_assistant", command = "queue", prompt_id = tracing::field::Empty);
                 let request = Received { target, id: None, started: received, held };
                 self.execute(Command::Queue(queue), request, jobs, span).await;
@@ -269,14 +274,20 @@ impl CommandTask {
             class: Class::Lifecycle,
             headers: Vec::new(),
             reply: Some(Reply { to: topic, correlation: None }),
+            reply_to: None,
         };
         let _ = tx.send(Arc::new(msg)).await;
     }
 
-    /// A request on `request/<command>`.
+    /// A request on `request/<command>`, or a raw answer on `answer/<ask id>` (answered only where its sender
+    /// asked: a reply topic or subject).
     async fn take_request(&mut self, entry: Entry, jobs: &mut JoinSet<Finished>) {
         let Entry { inquiry, received: started, size, held } = entry;
-        let command = super::command_of(&inquiry.path);
+        let raw_answer = inquiry.kind == InquiryKind::Answer;
+        let command = match raw_answer {
+            true => <super::answer::Answer as super::Spec>::NAME.to_string(),
+            false => super::command_of(&inquiry.path),
+        };
         // A refused reply is answered on the default topic, and the request does nothing.
         let (reply, refused) = match inquiry.reply {
             Some(reply) => match self.replies.check(inquiry.bus, &reply.to) {
@@ -285,8 +296,12 @@ impl CommandTask {
             },
             None => (None, None),
         };
-        let target = Target { bus: inquiry.bus, reply, command };
-        let parsed = super::parse_path(&inquiry.path, inquiry.payload, size, self.max_payload_bytes);
+        let silent = raw_answer && reply.is_none();
+        let target = Target { bus: inquiry.bus, reply, command, silent };
+        let parsed = match raw_answer {
+            true => super::answer::parse_raw(&inquiry.path, inquiry.payload, size, self.max_payload_bytes),
+            false => super::parse_path(&inquiry.path, inquiry.payload, size, self.max_payload_bytes),
+        };
         let request = match parsed {
             Ok(request) => request,
             Err(rejected) => {
@@ -428,6 +443,9 @@ impl CommandTask {
     }
 
     async fn send(&self, target: &Target, payload: Bytes) {
+        if target.silent {
+            return debug!(command = %target.command, response = %String::from_utf8_lossy(&payload), "not answered");
+        }
         let Some(tx) = self.buses.get(&target.bus) else { return };
         let msg = Arc::new(Outbound {
             route: Route::for_response(&self.instance, &target.command),
@@ -437,6 +455,7 @@ impl CommandTask {
             class: Class::Lifecycle,
             headers: Vec::new(),
             reply: target.reply.clone(),
+            reply_to: None,
         });
         if tx.send(msg).await.is_err() {
             warn!(bus = target.bus.name(), "response lost: publisher gone");

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Map;
 
+use super::answer::Answer;
 use super::cancel::Cancel;
 use super::clear::Clear;
 use super::free::Free;
@@ -107,6 +108,7 @@ fn ok_minimal(name: &str) -> Request {
     let payload = match name {
         "queue" | "patch" => r#"{"template": "t", "merge": {}}"#,
         "cancel" => r#"{"prompt_id": "p"}"#,
+        "answer" => r#"{"ask_id": "a", "answer": ""}"#,
         "upload" => r#"{"filename": "f", "data_base64": ""}"#,
         _ => "",
     };
@@ -439,6 +441,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         upload,
         (any::<bool>(), any::<bool>())
             .prop_map(|(unload_models, free_memory)| Command::Free(Free { unload_models, free_memory })),
+        ("[A-Za-z0-9_-]{1,22}", ".{0,12}").prop_map(|(ask_id, answer)| Command::Answer(Answer { ask_id, answer })),
     ]
 }
 
@@ -493,6 +496,10 @@ fn encode(request: &Request) -> String {
         Command::Free(Free { unload_models, free_memory }) => {
             fields.push(("unload_models".into(), json!(unload_models)));
             fields.push(("free_memory".into(), json!(free_memory)));
+        }
+        Command::Answer(Answer { ask_id, answer }) => {
+            fields.push(("ask_id".into(), json!(ask_id)));
+            fields.push(("answer".into(), json!(answer)));
         }
         Command::Templates(_) | Command::Clear(_) | Command::Status(_) => {}
     }

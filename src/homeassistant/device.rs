@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::{route, state_text};
 use crate::bus::Outbound;
+use crate::flow::AskChange;
 
 /// Least time between two device states that differ only in progress.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -18,6 +19,8 @@ pub struct Device {
     last: DeviceState,
     published: DeviceState,
     at: Option<Instant>,
+    /// The `Bus Ask` the Question sensor shows.
+    asking: Option<String>,
 }
 
 impl Device {
@@ -69,6 +72,40 @@ impl Device {
         });
         out.push(Outbound::lifecycle(route(instance, &["finished"]), event.to_string(), false));
         out
+    }
+}
+
+impl Device {
+    /// Home Assistant's view of a `Bus Ask`: `ha/ask` (retained; the Question sensor and its attributes) says
+    /// what waits for an answer, and the `asked` event fires for each new question, with the topic to answer on.
+    pub fn ask(&mut self, instance: &str, change: &AskChange) -> Vec<Arc<Outbound>> {
+        match change {
+            AskChange::Waiting(ask) => {
+                if self.asking.as_deref() == Some(ask.ask_id.as_str()) {
+                    return Vec::new();
+                }
+                self.asking = Some(ask.ask_id.clone());
+                let question = match &ask.payload {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                let mut body = json!({
+                    "waiting": true, "question": state_text(&question), "ask_id": ask.ask_id, "subject": ask.subject,
+                    "prompt_id": ask.prompt_id, "node_id": ask.node_id, "answer_topic": ask.answer_topic,
+                    "payload": ask.payload,
+                });
+                let state = Outbound::lifecycle(route(instance, &["ask"]), body.to_string(), true);
+                body["event_type"] = json!("asked");
+                let event = Outbound::lifecycle(route(instance, &["asked"]), body.to_string(), false);
+                vec![state, event]
+            }
+            AskChange::Done { ask_id, outcome, .. } if self.asking.as_deref() == Some(ask_id.as_str()) => {
+                self.asking = None;
+                let body = json!({"waiting": false, "question": null, "ask_id": ask_id, "outcome": outcome});
+                vec![Outbound::lifecycle(route(instance, &["ask"]), body.to_string(), true)]
+            }
+            AskChange::Done { .. } => Vec::new(),
+        }
     }
 }
 

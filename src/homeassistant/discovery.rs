@@ -93,6 +93,19 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
             json!({"name": "Prompt finished", "state_topic": topic(route(inst, &["finished"])),
                    "event_types": FINISHED_TYPES}),
         ),
+        (
+            "sensor",
+            "question",
+            json!({"name": "Question", "state_topic": topic(route(inst, &["ask"])),
+                   "value_template": "{{ value_json.question }}",
+                   "json_attributes_topic": topic(route(inst, &["ask"]))}),
+        ),
+        (
+            "event",
+            "asked",
+            json!({"name": "Workflow asked", "state_topic": topic(route(inst, &["asked"])),
+                   "event_types": ["asked"]}),
+        ),
     ];
     let command_entities = [
         (
@@ -169,7 +182,7 @@ mod tests {
     #[test]
     fn every_entity_belongs_to_one_device_with_both_availabilities() {
         let all = configs(true);
-        assert_eq!(all.len(), 15);
+        assert_eq!(all.len(), 17);
         let mut ids: Vec<&str> = all.iter().map(|(_, c)| c["unique_id"].as_str().expect("id")).collect();
         ids.sort();
         ids.dedup();
@@ -197,6 +210,6 @@ mod tests {
             let command = topic.contains("/button/") || topic.contains("/select/") || topic.contains("/text/");
             assert_eq!(config.is_null(), command, "{topic}: cleared exactly when it is a command entity");
         }
-        assert_eq!(read_only.iter().filter(|(_, c)| !c.is_null()).count(), 10);
+        assert_eq!(read_only.iter().filter(|(_, c)| !c.is_null()).count(), 12);
     }
 }

@@ -17,6 +17,7 @@
 //! | select `template`, text `prompt` | `ha/template/set`, `ha/prompt/set`; state on `ha/template`, `ha/prompt` |
 //! | image `last image` | `ha/image_url` |
 //! | event `finished` | `ha/finished` (not retained) |
+//! | sensor question (the waiting `Bus Ask`, with `ask_id` and `answer_topic` as attributes), event `asked` | `ha/ask` (retained), `ha/asked` (not retained) |
 //!
 //! Each config names its entity id (`default_entity_id`, Home Assistant 2025.10 and later; `object_id`, which
 //! older releases read, was removed in 2026.4 and is not sent) and the software that published it (`origin`).

@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 use crate::bus::topics::{self, Route};
 use crate::bus::{Bus, Class, Outbound};
 use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
+use crate::comfy::tap;
 use crate::comfy::Inbound;
 use crate::config::Settings;
+use crate::flow::{self, AskChange, Fetch, Flow};
 use crate::health::{Health, Part};
 use crate::homeassistant::{self, Device};
 use crate::json::{json_str, json_u64};
@@ -47,6 +49,8 @@ pub struct Router {
     routes: RouteCache,
     /// `preview`, the latest preview of any node.
     latest_preview: Route,
+    /// What `Bus Publish` and `Bus Ask` nodes send.
+    flow: Flow,
 }
 
 /// A small direct-mapped cache of event routes by (type, prompt id, node id): [`ROUTE_SLOTS`] entries, each
@@ -166,6 +170,7 @@ impl Router {
             queue_remaining: 0,
             routes: RouteCache::new(),
             latest_preview: Route::fixed(&settings.bridge.instance, &[topics::PREVIEW]),
+            flow: Flow::new(settings),
         }
     }
 
@@ -214,6 +219,35 @@ impl Router {
         self.apply(effects)
     }
 
+    /// A message of the tap extension (`Bus Publish`, `Bus Ask`): its bus messages, and the image to read
+    /// for them if there is one.
+    pub fn extension(&mut self, message: &tap::Message, now: Instant) -> (Vec<Arc<Outbound>>, Option<Fetch>) {
+        self.seq += 1;
+        let ts = crate::comfy::ws::now_ms();
+        let prompt_id = Flow::about(message).and_then(|(_, p)| p);
+        let (request_id, client_id) = prompt_id.map_or((None, None), |p| self.tracker.envelope_ids(p));
+        let ids = flow::Ids { seq: self.seq, ts, request_id, client_id };
+        let handled = match self.flow.handle(message, ids) {
+            Ok(handled) => handled,
+            Err(why) => {
+                telemetry::frame_skipped("bad_extension_message", &why);
+                return (Vec::new(), None);
+            }
+        };
+        let mut out = handled.messages;
+        if let Some(change) = handled.ask {
+            let effects = match &change {
+                AskChange::Waiting(ask) => self.tracker.ask_started(&ask.prompt_id, &ask.ask_id, &ask.subject, now),
+                AskChange::Done { prompt_id, ask_id, .. } => self.tracker.ask_ended(prompt_id, ask_id, now),
+            };
+            self.apply_into(effects, &mut out);
+            if let Some(device) = &mut self.device {
+                out.extend(device.ask(&self.instance, &change));
+            }
+        }
+        (out, handled.fetch)
+    }
+
     /// Turns tracker effects into messages, and remembers the reads it asked for.
     fn apply(&mut self, effects: tracker::Effects) -> Vec<Arc<Outbound>> {
         let mut out = Vec::new();
@@ -246,6 +280,7 @@ impl Router {
                 class,
                 headers: Vec::new(),
                 reply: None,
+                reply_to: None,
             })
         }));
         out.extend(device);
@@ -325,7 +360,16 @@ impl Router {
         };
         tracing::debug!("routed");
         let retain = event.kind == Kind::Status;
-        out.push(Arc::new(Outbound { route, payload, qos, retain, class, headers: Vec::new(), reply: None }));
+        out.push(Arc::new(Outbound {
+            route,
+            payload,
+            qos,
+            retain,
+            class,
+            headers: Vec::new(),
+            reply: None,
+            reply_to: None,
+        }));
         self.apply_into(effects, out);
     }
 
@@ -451,6 +495,7 @@ impl Router {
                 class: Class::Droppable,
                 headers: headers.clone(),
                 reply: None,
+                reply_to: None,
             })
         };
         let mut out = Vec::with_capacity(2);
@@ -478,6 +523,7 @@ impl Router {
             class: Class::Droppable,
             headers: Vec::new(),
             reply: None,
+            reply_to: None,
         })]
     }
 }
@@ -516,10 +562,19 @@ fn optional_str(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
     }
 }
 
-/// The router task: reads [`Inbound`] until the WebSocket task is gone, and [`Control`] messages, and fans
-/// each resulting message out to every bus. Control goes first, so a prompt the command plane announced is
-/// known before any event about it. Dropping the bus senders on return is what tells the publishers to drain
-/// and stop; dropping `work_tx` stops the resync worker.
+/// The tap extension's messages in, and the images of `Bus Publish` out ([`crate::flow`]).
+pub struct Extension {
+    /// What the WebSocket task hands over (`comfy_bridge.publish`, `.ask`, `.ask_done`).
+    pub messages: mpsc::Receiver<tap::Message>,
+    /// To the task that reads images from ComfyUI ([`flow::fetch::run`]).
+    pub images: mpsc::Sender<Fetch>,
+}
+
+/// The router task: reads [`Inbound`] until the WebSocket task is gone, [`Control`] messages and the
+/// extension's messages, and fans each resulting message out to every bus. Control goes first, so a prompt the
+/// command plane announced is known before any event about it; events go before the extension's messages, so
+/// a node's `executing` comes before the ask it makes. Dropping the bus senders on return is what tells the
+/// publishers to drain and stop; dropping `work_tx` stops the resync worker.
 pub async fn run(
     settings: Settings,
     health: Arc<Health>,
@@ -527,8 +582,13 @@ pub async fn run(
     mut control_rx: mpsc::Receiver<Control>,
     work_tx: mpsc::UnboundedSender<Work>,
     buses: Vec<(Bus, mpsc::Sender<Arc<Outbound>>)>,
+    extension: Option<Extension>,
 ) {
     let mut router = Router::new(&settings);
+    let (mut extension_rx, images) = match extension {
+        Some(Extension { messages, images }) => (Some(messages), Some(images)),
+        None => (None, None),
+    };
     let mut control_open = true;
     let mut batch = Vec::with_capacity(BATCH);
     let mut out = Vec::new();
@@ -557,6 +617,16 @@ pub async fn run(
                     router.route_into(inbound, Instant::now(), &mut out);
                 }
             },
+            message = recv(&mut extension_rx) => match message {
+                Some(message) => {
+                    let (messages, fetch) = router.extension(&message, Instant::now());
+                    out = messages;
+                    if let (Some(fetch), Some(images)) = (fetch, &images) {
+                        flow::fetch::offer(images, fetch);
+                    }
+                }
+                None => extension_rx = None,
+            },
         }
         let work = router.take_work();
         if !work.is_empty() {
@@ -569,6 +639,14 @@ pub async fn run(
         }
     }
     tracing::debug!("router stopped");
+}
+
+/// The next message of an optional channel; never ready without one.
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits while a bus is busy: its publisher stops taking messages only while its broker is connected and

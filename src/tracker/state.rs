@@ -154,6 +154,8 @@ struct Prompt {
     last_state: Option<Instant>,
     /// When its last execution event came, until `executing: null` ends it.
     last_event_ms: Option<u64>,
+    /// The `Bus Ask` it waits on: (ask id, subject).
+    ask: Option<(String, String)>,
 }
 
 impl Prompt {
@@ -180,6 +182,7 @@ impl Prompt {
             error: None,
             last_state: None,
             last_event_ms: None,
+            ask: None,
         }
     }
 
@@ -214,7 +217,11 @@ impl Prompt {
     fn state_object(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("prompt_id".into(), json!(self.id));
-        obj.insert("state".into(), json!(self.phase.as_str()));
+        let ask = self.ask.as_ref().filter(|_| self.phase == Phase::Running);
+        obj.insert("state".into(), json!(if ask.is_some() { "waiting" } else { self.phase.as_str() }));
+        if let Some((ask_id, subject)) = ask {
+            obj.insert("ask".into(), json!({"ask_id": ask_id, "subject": subject}));
+        }
         let mut put = |key: &str, value: Option<Value>| {
             if let Some(value) = value {
                 obj.insert(key.into(), value);
@@ -563,6 +570,34 @@ impl Tracker {
         self.finished_ids.contains_key(prompt_id)
     }
 
+    /// A `Bus Ask` node of `pid` waits for an answer: its `state` says `waiting`, with the ask's id and
+    /// subject, until [`Tracker::ask_ended`] (or the prompt ends).
+    pub fn ask_started(&mut self, pid: &str, ask_id: &str, subject: &str, now: Instant) -> Effects {
+        if self.is_finished(pid) || !self.admit(pid, Phase::Running, now, false) {
+            return Effects::default();
+        }
+        let Some(prompt) = self.prompts.get_mut(pid) else { return Effects::default() };
+        if prompt.ask.as_ref().is_some_and(|(id, _)| id == ask_id) {
+            return Effects::default();
+        }
+        if prompt.phase == Phase::Queued {
+            prompt.phase = Phase::Running;
+        }
+        prompt.ask = Some((ask_id.to_string(), subject.to_string()));
+        state_update(prompt, pid, true, now)
+    }
+
+    /// The ask `ask_id` of `pid` ended: the prompt runs on (or ends by its own events).
+    pub fn ask_ended(&mut self, pid: &str, ask_id: &str, now: Instant) -> Effects {
+        match self.prompts.get_mut(pid) {
+            Some(prompt) if prompt.ask.as_ref().is_some_and(|(id, _)| id == ask_id) => {
+                prompt.ask = None;
+                state_update(prompt, pid, true, now)
+            }
+            _ => Effects::default(),
+        }
+    }
+
     /// A text event from ComfyUI.
     pub fn on_event(&mut self, event: &TextEvent, now_ms: u64, now: Instant) -> Effects {
         let Some(pid) = event.prompt_id() else { return Effects::default() };
@@ -870,6 +905,8 @@ fn on_prompt_event(
                     prompt.done.insert(previous);
                 }
                 lifecycle |= prompt.current.as_ref().map(|(d, _)| d) != Some(&display);
+                // A node that runs on is past any ask (its `ask_done` may have been lost with a tap socket).
+                lifecycle |= prompt.ask.take().is_some();
                 prompt.current = Some((display, workflow_node));
                 prompt.progress = None;
             }

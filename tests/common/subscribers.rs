@@ -33,6 +33,8 @@ pub struct NatsMsg {
     pub payload: Bytes,
     /// Headers, in order.
     pub headers: Vec<(String, String)>,
+    /// The reply subject, when the message asks for one.
+    pub reply: Option<String>,
 }
 
 /// A stream of messages with bounded waits.
@@ -175,7 +177,8 @@ pub async fn nats_subscribe(server: &NatsServer, subject: &str) -> NatsSub {
                 .flat_map(|h| h.iter())
                 .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
                 .collect();
-            if tx.send(NatsMsg { subject: m.subject.to_string(), payload: m.payload, headers }).is_err() {
+            let reply = m.reply.map(|r| r.to_string());
+            if tx.send(NatsMsg { subject: m.subject.to_string(), payload: m.payload, headers, reply }).is_err() {
                 return;
             }
         }

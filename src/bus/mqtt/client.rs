@@ -19,16 +19,19 @@ pub(super) struct Extras {
     pub(super) correlation: Option<Bytes>,
     /// MQTT v5 message expiry, in seconds.
     pub(super) expiry: Option<u32>,
+    /// MQTT v5 response topic.
+    pub(super) response_topic: Option<String>,
 }
 
 impl Client {
     pub(super) fn try_publish(&self, topic: String, payload: Bytes, extras: Extras) -> bool {
-        let Extras { qos, retain, correlation, expiry } = extras;
+        let Extras { qos, retain, correlation, expiry, response_topic } = extras;
         match self {
-            Self::V5(c) if correlation.is_some() || expiry.is_some() => {
+            Self::V5(c) if correlation.is_some() || expiry.is_some() || response_topic.is_some() => {
                 let properties = PublishProperties {
                     correlation_data: correlation,
                     message_expiry_interval: expiry,
+                    response_topic,
                     ..Default::default()
                 };
                 c.try_publish_with_properties(topic, v5_qos(qos), retain, payload, properties).is_ok()

@@ -91,6 +91,8 @@ impl EventSource for rumqttc::EventLoop {
 pub(super) struct Intake {
     /// `<base>/<inst>/request/`, when commands are on.
     pub(super) prefix: Option<String>,
+    /// `<base>/<inst>/answer/`, when commands are on: answers to `Bus Ask` questions.
+    pub(super) answers: Option<String>,
     /// With Home Assistant discovery: `<base>/<inst>/ha/` and `<discovery prefix>/status`.
     pub(super) home_assistant: Option<(String, String)>,
     pub(super) tx: Inbox,
@@ -100,6 +102,7 @@ impl Intake {
     /// The topic filters to subscribe to.
     pub(super) fn filters(&self) -> Vec<String> {
         let mut filters: Vec<String> = self.prefix.iter().map(|p| format!("{p}#")).collect();
+        filters.extend(self.answers.iter().map(|a| format!("{a}+")));
         if let Some((entities, status)) = &self.home_assistant {
             filters.push(format!("{entities}+/set"));
             filters.push(status.clone());
@@ -110,6 +113,8 @@ impl Intake {
     fn take(&self, topic: String, payload: Bytes, retain: bool, reply: Option<Reply>) {
         let (kind, path) = if let Some(path) = self.prefix.as_deref().and_then(|p| topic.strip_prefix(p)) {
             (InquiryKind::Request, path)
+        } else if let Some(ask_id) = self.answers.as_deref().and_then(|a| topic.strip_prefix(a)) {
+            (InquiryKind::Answer, ask_id)
         } else {
             match &self.home_assistant {
                 Some((_, status)) if topic == *status => (InquiryKind::HomeAssistantStatus, ""),

@@ -109,8 +109,12 @@ pub fn spawn(
         let entities = crate::homeassistant::route(&settings.bridge.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
         (entities, format!("{}/status", settings.homeassistant.discovery_prefix))
     });
-    let prefix = settings.commands.enabled.then_some(request_prefix);
-    let intake = requests.map(|tx| Intake { prefix, home_assistant, tx });
+    let answers = Route::fixed(&settings.bridge.instance, &[topics::ANSWER]).mqtt_topic(&cfg.base_topic) + "/";
+    let (prefix, answers) = match settings.commands.enabled {
+        true => (Some(request_prefix), Some(answers)),
+        false => (None, None),
+    };
+    let intake = requests.map(|tx| Intake { prefix, answers, home_assistant, tx });
     let subscriptions = intake.as_ref().map(Intake::filters).unwrap_or_default();
     let span = tracing::info_span!("mqtt", url = %cfg.url);
     let client = if cfg.protocol == crate::config::MqttProtocol::V311 {

@@ -112,7 +112,9 @@ impl Publisher {
                     continue;
                 }
             };
-            let extra = correlation.as_ref().map_or(0, Bytes::len);
+            // A question names where its answers go (MQTT v5 only; the body says it too).
+            let response_topic = msg.reply_to.as_ref().and_then(|route| self.topics.mqtt(route).ok());
+            let extra = correlation.as_ref().map_or(0, Bytes::len) + response_topic.as_ref().map_or(0, String::len);
             if topic.len() + msg.payload.len() + extra + 16 > self.max_packet_bytes {
                 self.delivery.refused(msg, "too_large");
                 continue;
@@ -120,7 +122,7 @@ impl Publisher {
             let expiry = self.online_expiry.filter(|_| {
                 msg.retain && msg.reply.is_none() && &msg.payload[..] == b"online" && msg.route == self.availability
             });
-            let extras = Extras { qos: msg.qos, retain: msg.retain, correlation, expiry };
+            let extras = Extras { qos: msg.qos, retain: msg.retain, correlation, expiry, response_topic };
             // The topic is valid, so rumqttc can refuse only because its request channel is full.
             match self.client.try_publish(topic, msg.payload.clone(), extras) {
                 true => self.delivery.sent(msg),

@@ -377,3 +377,29 @@ fn foreign_ids_too_long_are_not_tracked_and_outputs_held_are_bounded() {
     let kept = result["outputs"]["9"]["images"].as_array().map_or(0, Vec::len);
     assert!(kept > 0 && kept * 16_000 <= MAX_OUTPUT_BYTES, "{kept} images kept");
 }
+
+#[test]
+fn a_waiting_ask_shows_in_the_state_until_it_ends_or_the_next_node_runs() {
+    let mut tracker = Tracker::new(BASE);
+    let now = Instant::now();
+    let event = |text: &str| parse_text(text).expect("frame");
+    tracker.on_event(&event(r#"{"type":"execution_start","data":{"prompt_id":"p"}}"#), 1, now);
+    let started = tracker.ask_started("p", "k1", "approve", now);
+    let state = parse(&started.updates[0]);
+    assert_eq!(
+        (state["state"].as_str(), &state["ask"]),
+        (Some("waiting"), &json!({"ask_id": "k1", "subject": "approve"}))
+    );
+    assert!(started.updates[0].lifecycle);
+    assert!(tracker.ask_started("p", "k1", "approve", now).updates.is_empty(), "the same ask again says nothing");
+    assert!(tracker.ask_ended("p", "other", now).updates.is_empty(), "another ask's end changes nothing");
+    let ended = parse(&tracker.ask_ended("p", "k1", now).updates[0]);
+    assert_eq!(ended["state"], "running");
+    assert!(ended.get("ask").is_none());
+
+    // An ask whose end was never heard stops at the next node.
+    tracker.ask_started("p", "k2", "approve", now);
+    let next = tracker.on_event(&event(r#"{"type":"executing","data":{"node":"9","prompt_id":"p"}}"#), 2, now);
+    assert_eq!(states(&next.updates).last().expect("state")["state"], "running");
+    assert!(tracker.ask_started("done-already", "k", "s", now).updates.len() == 1, "an ask names its prompt");
+}
