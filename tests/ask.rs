@@ -245,3 +245,30 @@ async fn home_assistant_shows_the_question_and_where_to_answer() {
     assert_eq!(json(&done.payload)["outcome"], "answered");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn an_approval_shows_its_image_and_a_no_cancels_the_prompt() {
+    let (broker, nats) = (Mosquitto::start(), NatsServer::start());
+    let mut asks = mqtt_subscribe(&broker, "comfyui/local/ask/#").await;
+    let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
+    let (sim, daemon) = setup(&broker, &nats, |_| {}).await;
+    let approve = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "Bus Ask", "inputs": {"subject": "approve", "payload": "Keep this one?", "timeout_seconds": 30,
+              "on_timeout": "error", "default": "", "image": ["1", 0]}},
+        "3": {"class_type": "Bus Publish", "inputs": {"subject": "approved", "payload": ["2", 0]}},
+    });
+    let pid = sim.queue_as(&approve, Some("browser")).expect("queued");
+    let got = asks.collect_until(|m| m.topic == "comfyui/local/ask/approve/image", WAIT).await;
+    let question = json(&got.iter().find(|m| m.topic == "comfyui/local/ask/approve").expect("question").payload);
+    let url = question["image"]["url"].as_str().expect("the image's /view url");
+    assert!(url.starts_with(&sim.url()) && url.contains("comfy_bridge_2.png"), "{url}");
+    assert!(got.last().expect("image").payload.starts_with(b"\x89PNG"));
+    // What the approval flow does with "no": cancel the prompt, which ends the wait at once.
+    let client = nats_client(&nats).await;
+    let response = nats_request(&client, "comfyui.local.request.cancel", json!({"prompt_id": pid}).to_string()).await;
+    assert_eq!(response["data"]["cancelled"], true, "{response}");
+    assert_eq!(json(&results.expect(|m| m.topic.contains(&pid), WAIT).await.payload)["status"], "interrupted");
+    assert!(sim.accepted_answers().is_empty());
+    daemon.stop().await;
+}

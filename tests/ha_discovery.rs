@@ -152,6 +152,7 @@ fn every_template_renders_for_every_state_and_every_result_status() {
             subject: "approve".into(),
             payload,
             answer_topic: Some("comfyui/local/answer/k".into()),
+            image_url: None,
         })
     };
     let done = AskChange::Done { prompt_id: "p".into(), ask_id: "k".into(), outcome: "answered".into() };

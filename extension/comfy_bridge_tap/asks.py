@@ -74,6 +74,7 @@ class Ask:
         self.subject = subject
         self.payload = payload
         self.timeout_seconds = timeout_seconds
+        self.image = None
         self.answer = None
         self.event = threading.Event()
 
@@ -86,6 +87,7 @@ class Ask:
             "subject": self.subject,
             "payload": self.payload,
             "timeout_seconds": self.timeout_seconds,
+            **({"image": self.image} if self.image is not None else {}),
         }
 
     def done_message(self, outcome):

@@ -111,6 +111,9 @@ class BusAsk:
                     {"default": "", "multiline": True, "tooltip": "Answer used when on_timeout is default."},
                 ),
             },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "Sent with the question (the first image of the batch, as a PNG)."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -124,12 +127,14 @@ class BusAsk:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # ask again on every run
 
-    def ask(self, subject, payload, timeout_seconds, on_timeout, default, unique_id=None):
+    def ask(self, subject, payload, timeout_seconds, on_timeout, default, image=None, unique_id=None):
         tap = _tap.current()
         subject = _subject(subject)
         timeout_seconds = float(timeout_seconds)
         prompt_id, node_id = tap.current_ids(unique_id)
         ask = tap.registry.open(prompt_id, node_id, subject, asks.parse_payload(payload), timeout_seconds)
+        if image is not None and tap.image_saver is not None:
+            ask.image = tap.image_saver(image)
         outcome = asks.FAILED
         try:
             tap.send_to_taps(ASK, ask.message())

@@ -132,6 +132,17 @@ class AskTests(NodeTestCase):
         )
         self.assertEqual(since(browser, b0), [])
 
+    async def test_ask_with_an_image_names_its_png_in_the_question(self):
+        bridge = await self.h.bridge()
+        image = object()
+        node = self.in_worker(BusAsk().ask, "approve", "ok?", 10.0, "error", "", image=image, unique_id="7")
+        question = await self.next_message(bridge, "comfy_bridge.ask")
+        ref = {"filename": "comfy_bridge_temp_x_00001_.png", "subfolder": "", "type": "temp"}
+        self.assertEqual(question["image"], ref)
+        self.assertEqual(self.h.saved_images, [image])
+        self.assertEqual(await self.answer(question["ask_id"], "yes"), (200, {"accepted": True}))
+        self.assertEqual(await self.finish(node), ("yes", "yes"))
+
     async def test_second_answer_gets_409_and_the_first_wins(self):
         bridge = await self.h.bridge()
         node = self.ask()

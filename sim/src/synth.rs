@@ -112,12 +112,15 @@ fn bus_node(t: f64, id: &str, node: &Value) -> Option<Frame> {
             Some(Frame { t, body: FrameBody::Text(json!({"type": "comfy_bridge.publish", "data": data})) })
         }
         "Bus Ask" => {
-            let data = json!({
+            let mut data = json!({
                 "prompt_id": ID, "node_id": id, "subject": subject, "payload": payload,
                 "timeout_seconds": inputs["timeout_seconds"].as_f64().unwrap_or(60.0),
                 "on_timeout": inputs["on_timeout"].as_str().unwrap_or("error"),
                 "default": inputs["default"].as_str().unwrap_or(""),
             });
+            if inputs["image"].is_array() {
+                data["image"] = json!({"filename": format!("comfy_bridge_{id}.png"), "subfolder": "", "type": "temp"});
+            }
             Some(Frame { t, body: FrameBody::Text(json!({"type": "comfy_bridge.ask", "data": data})) })
         }
         _ => None,

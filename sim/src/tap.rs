@@ -110,10 +110,13 @@ pub(crate) async fn ask(shared: &Shared, prompt_id: &str, spec: &Value, cancel: 
     let node_id = spec["node_id"].clone();
     let subject = spec["subject"].as_str().unwrap_or("prompt").to_string();
     let timeout = spec["timeout_seconds"].as_f64().filter(|t| t.is_finite() && *t >= 0.0).unwrap_or(60.0);
-    let message = json!({
+    let mut message = json!({
         "ask_id": ask_id, "prompt_id": prompt_id, "node_id": node_id, "subject": subject,
         "payload": spec["payload"], "timeout_seconds": timeout,
     });
+    if spec["image"].is_object() {
+        message["image"] = spec["image"].clone();
+    }
     let answered = Arc::new(Notify::new());
     shared
         .lock()

@@ -3,8 +3,9 @@
 //!
 //! * [`Flow`] (pure, held by the router) turns the extension's messages into bus messages:
 //!   `comfy_bridge.publish` becomes an envelope on `flow/<subject…>` and a [`Fetch`] of its image for
-//!   `flow/<subject…>/image`; `comfy_bridge.ask` becomes the question on `ask/<subject…>`, published once per
-//!   ask id and asked with request-reply on NATS (reply subject `answer.<ask id>`). An ask and its
+//!   `flow/<subject…>/image`; `comfy_bridge.ask` becomes the question on `ask/<subject…>` (its image on
+//!   `ask/<subject…>/image`), published once per ask id and asked with request-reply on NATS (reply subject
+//!   `answer.<ask id>`). An ask and its
 //!   `comfy_bridge.ask_done` also tell the tracker (the prompt's `state` is `waiting`) and Home Assistant
 //!   ([`AskChange`]).
 //! * [`fetch`]: the task that reads a published image from ComfyUI's `/view` and publishes its bytes.
@@ -24,6 +25,7 @@ pub use self::fetch::Fetch;
 use crate::bus::topics::{self, Route};
 use crate::bus::{Class, Outbound};
 use crate::comfy::tap::Message;
+use crate::comfy::urls::view_url;
 use crate::config::Settings;
 
 /// Most levels a subject may have.
@@ -87,6 +89,8 @@ pub struct Ask {
     pub payload: Value,
     /// Where to answer on MQTT, when MQTT is on: `<base>/<inst>/answer/<ask id>`.
     pub answer_topic: Option<String>,
+    /// The `/view` URL of the image sent with the question, if any.
+    pub image_url: Option<String>,
 }
 
 /// The envelope fields the router knows: the frame's sequence number and receipt time, and the prompt's
@@ -107,6 +111,8 @@ pub struct Ids<'a> {
 #[derive(Debug)]
 pub struct Flow {
     instance: String,
+    /// `comfyui.public_url`: images are named with their `/view` URL on it.
+    public_base: String,
     /// `<base>/<inst>/answer/` with MQTT on.
     mqtt_answers: Option<String>,
     /// `<prefix>.<inst>.answer.` with NATS on.
@@ -121,6 +127,7 @@ impl Flow {
         let answers = Route::fixed(&settings.bridge.instance, &[topics::ANSWER]);
         Self {
             instance: settings.bridge.instance.clone(),
+            public_base: settings.public_base().to_string(),
             mqtt_answers: settings.mqtt.enabled.then(|| answers.mqtt_topic(&settings.mqtt.base_topic) + "/"),
             nats_answers: settings.nats.enabled.then(|| answers.nats_subject(&settings.nats.subject_prefix) + "."),
             asked: HashSet::new(),
@@ -177,9 +184,9 @@ impl Flow {
         COUNTERS.published.fetch_add(1, Relaxed);
         let subject = levels.join("/");
         let mut body = json!({ "subject": subject, "payload": data["payload"] });
-        let image = image(&data["image"]);
-        if let Some(image) = &image {
-            body["image"] = json!({ "filename": image.0, "subfolder": image.1, "type": image.2 });
+        let fetch = self.image(&data["image"], topics::FLOW, levels, prompt_id, node_id.as_deref());
+        if let Some((_, described)) = &fetch {
+            body["image"] = described.clone();
         }
         let mut envelope = Map::new();
         envelope.insert("type".into(), json!("publish"));
@@ -187,19 +194,30 @@ impl Flow {
         put_ids(&mut envelope, &self.instance, prompt_id, node_id.as_deref(), ids);
         let route = Route::for_subject(&self.instance, topics::FLOW, levels, None);
         let message = Outbound::lifecycle(route, Value::Object(envelope).to_string(), false);
-        let fetch = image.map(|(filename, subfolder, kind)| {
-            let mut headers =
-                vec![("Content-Type", "image/png".to_string()), ("Comfy-Prompt-Id", prompt_id.to_string())];
-            headers.extend(node_id.clone().map(|n| ("Comfy-Node-Id", n)));
-            Fetch {
-                route: Route::for_subject(&self.instance, topics::FLOW, levels, Some("image")),
-                filename,
-                subfolder,
-                kind,
-                headers,
-            }
-        });
-        Handled { messages: vec![message], fetch, ask: None }
+        Handled { messages: vec![message], fetch: fetch.map(|(fetch, _)| fetch), ask: None }
+    }
+
+    /// The read of a node's image for `<first>/<subject…>/image`, and the image as messages describe it
+    /// (`{filename, subfolder, type, url}`); `None` without a usable image.
+    fn image(
+        &self,
+        value: &Value,
+        first: &str,
+        levels: &[&str],
+        prompt_id: &str,
+        node_id: Option<&str>,
+    ) -> Option<(Fetch, Value)> {
+        let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
+        let filename = text("filename").filter(|f| !f.is_empty())?;
+        let (subfolder, kind) = (text("subfolder").unwrap_or_default(), text("type").unwrap_or_else(|| "temp".into()));
+        let mut described = json!({ "filename": filename, "subfolder": subfolder, "type": kind });
+        if let Some(url) = view_url(&self.public_base, &described) {
+            described["url"] = json!(url);
+        }
+        let mut headers = vec![("Content-Type", "image/png".to_string()), ("Comfy-Prompt-Id", prompt_id.to_string())];
+        headers.extend(node_id.map(|n| ("Comfy-Node-Id", n.to_string())));
+        let route = Route::for_subject(&self.instance, first, levels, Some("image"));
+        Some((Fetch { route, filename, subfolder, kind, headers }, described))
     }
 
     fn ask(
@@ -213,6 +231,7 @@ impl Flow {
     ) -> Handled {
         let answers = Route::for_subject(&self.instance, topics::ANSWER, &[ask_id], None);
         let answer_topic = self.mqtt_answers.as_ref().map(|prefix| format!("{prefix}{}", answers.last()));
+        let fetch = self.image(&data["image"], topics::ASK, levels, prompt_id, node_id.as_deref());
         let ask = Ask {
             prompt_id: prompt_id.to_string(),
             ask_id: ask_id.to_string(),
@@ -220,6 +239,7 @@ impl Flow {
             subject: levels.join("/"),
             payload: data["payload"].clone(),
             answer_topic: answer_topic.clone(),
+            image_url: fetch.as_ref().and_then(|(_, d)| d["url"].as_str().map(str::to_string)),
         };
         let change = Some(AskChange::Waiting(ask.clone()));
         if !self.first_time(ask_id) {
@@ -240,6 +260,9 @@ impl Flow {
         question.insert("payload".into(), ask.payload);
         question.insert("timeout_seconds".into(), data["timeout_seconds"].clone());
         question.insert("reply_to".into(), Value::Object(reply_to));
+        if let Some((_, described)) = &fetch {
+            question.insert("image".into(), described.clone());
+        }
         put_ids(&mut question, &self.instance, prompt_id, node_id.as_deref(), ids);
         let route = Route::for_subject(&self.instance, topics::ASK, levels, None);
         let message = Arc::new(Outbound {
@@ -252,7 +275,7 @@ impl Flow {
             reply: None,
             reply_to: Some(answers),
         });
-        Handled { messages: vec![message], fetch: None, ask: change }
+        Handled { messages: vec![message], fetch: fetch.map(|(fetch, _)| fetch), ask: change }
     }
 
     /// Whether `ask_id` is new; remembers it.
@@ -317,13 +340,6 @@ fn ask_id(value: &Value) -> Result<&str, &'static str> {
         && id.len() <= crate::commands::answer::MAX_ASK_ID
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     valid.then_some(id).ok_or("bad ask_id")
-}
-
-/// The `{filename, subfolder, type}` of a published image, when there is a usable one.
-fn image(value: &Value) -> Option<(String, String, String)> {
-    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
-    let filename = text("filename").filter(|f| !f.is_empty())?;
-    Some((filename, text("subfolder").unwrap_or_default(), text("type").unwrap_or_else(|| "temp".into())))
 }
 
 /// The flow's counters, for `/metrics`.

@@ -35,6 +35,8 @@ fn a_publish_is_an_envelope_on_flow_with_its_subject_escaped_and_its_image_fetch
     assert_eq!(envelope["data"]["subject"], "garden/cam 1");
     assert_eq!(envelope["data"]["payload"], json!({"n": 1}));
     assert_eq!(envelope["data"]["image"]["filename"], "comfy_bridge_5.png");
+    let url = envelope["data"]["image"]["url"].as_str().expect("a /view url");
+    assert!(url.ends_with("/view?filename=comfy_bridge_5.png&subfolder=&type=temp"), "{url}");
     assert_eq!((&envelope["prompt_id"], &envelope["node_id"]), (&json!("p1"), &json!("5")));
     assert_eq!(
         (&envelope["seq"], &envelope["ts"], &envelope["request_id"]),
@@ -129,4 +131,16 @@ fn the_metrics_name_every_outcome() {
     }
     assert!(!metrics.contains("comfy_bridge_answers_total{outcome=\"late\"} 0"), "{metrics}");
     assert!(metrics.contains("comfy_bridge_flow_images_total{outcome=\"dropped\"}"));
+}
+
+#[test]
+fn an_ask_with_an_image_shows_it_and_has_it_read_for_ask_image() {
+    let data = json!({"ask_id": "k", "prompt_id": "p", "node_id": "4", "subject": "approve", "payload": "keep it?",
+                      "image": {"filename": "comfy_bridge_4.png", "subfolder": "", "type": "temp"}});
+    let handled = flow().handle(&message("ask", data), ids()).expect("valid");
+    let question = body(&handled.messages[0]);
+    assert!(question["image"]["url"].as_str().is_some_and(|u| u.contains("filename=comfy_bridge_4.png")), "{question}");
+    assert_eq!(handled.fetch.expect("the image is read").route.as_str(), "local/ask/approve/image");
+    let Some(AskChange::Waiting(ask)) = handled.ask else { panic!("waiting") };
+    assert_eq!(ask.image_url.as_deref(), question["image"]["url"].as_str());
 }

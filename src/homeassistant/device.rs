@@ -92,6 +92,7 @@ impl Device {
                 let mut body = json!({
                     "waiting": true, "question": state_text(&question), "ask_id": ask.ask_id, "subject": ask.subject,
                     "prompt_id": ask.prompt_id, "node_id": ask.node_id, "answer_topic": ask.answer_topic,
+                    "image_url": ask.image_url,
                     "payload": ask.payload,
                 });
                 let state = Outbound::lifecycle(route(instance, &["ask"]), body.to_string(), true);
