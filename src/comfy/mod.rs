@@ -2,6 +2,7 @@
 
 pub mod event;
 pub mod http;
+pub mod jobs;
 pub mod queue;
 pub mod tap;
 pub mod urls;

@@ -228,6 +228,7 @@ impl WsClient {
             .map_err(|_| WsError::ConnectTimeout)?
             .map_err(WsError::Connect)?;
         socket.send(Message::text(FEATURE_FLAGS)).await.map_err(WsError::Socket)?;
+        self.tap.connected();
         info!("connected to comfyui");
         self.send(Inbound::Connected).await;
         let result = self.read_loop(&mut socket, shutdown).await;
