@@ -377,3 +377,32 @@ fn foreign_ids_too_long_are_not_tracked_and_outputs_held_are_bounded() {
     let kept = result["outputs"]["9"]["images"].as_array().map_or(0, Vec::len);
     assert!(kept > 0 && kept * 16_000 <= MAX_OUTPUT_BYTES, "{kept} images kept");
 }
+
+#[test]
+fn a_history_entry_without_its_outputs_yet_is_read_once_more() {
+    let history = fixture("history.success.json");
+    let (pid, full) = history.as_object().and_then(|h| h.iter().next()).expect("entry");
+    assert!(full["prompt"][4].as_array().is_some_and(|o| !o.is_empty()), "the fixture names its output nodes");
+    let mut early = full.clone();
+    early["outputs"] = json!({});
+    let now = Instant::now();
+    let mut tracker = Tracker::new(BASE);
+    tracker.on_recent_history(&[], 1, now);
+
+    // Seen in recent history right after execution_success: no result yet, a lookup instead.
+    let effects = tracker.on_recent_history(&[(pid.clone(), early.clone())], 2, now);
+    assert!(effects.updates.is_empty(), "{:?}", effects.updates);
+    assert_eq!(effects.lookups, [pid.as_str()]);
+    let updates = tracker.on_history(pid, Some(full), 3).updates;
+    let result = &results(&updates)[0];
+    assert_eq!(result["status"], "success");
+    assert!(result["outputs"].as_object().is_some_and(|o| !o.is_empty()), "{result}");
+
+    // Only once: an entry still without outputs then ends the prompt as it is.
+    let mut tracker = Tracker::new(BASE);
+    tracker.on_recent_history(&[], 1, now);
+    assert_eq!(tracker.on_recent_history(&[(pid.clone(), early.clone())], 2, now).lookups, [pid.as_str()]);
+    let updates = tracker.on_history(pid, Some(&early), 3).updates;
+    assert_eq!(results(&updates).len(), 1);
+    assert_eq!(results(&updates)[0]["outputs"], json!({}));
+}
