@@ -1,5 +1,6 @@
 //! Everything that speaks ComfyUI. Knows nothing about MQTT or NATS.
 
+pub mod deaf;
 pub mod event;
 pub mod http;
 pub mod jobs;
