@@ -73,10 +73,16 @@ pub fn heard_text(text: &str) -> Heard {
     }
 }
 
-/// The value of the first `"type": "<value>"` in the frame's head, unescaped values only.
+/// The value of the first `"type": "<value>"` in the frame's head, else its tail (a writer that sorts keys puts
+/// `type` after `data`); unescaped values only.
 fn type_of(text: &str) -> Option<&str> {
     let head = &text[..floor_char_boundary(text, HEAD)];
-    let after = &head[head.find("\"type\"")? + 6..];
+    let tail = &text[ceil_char_boundary(text, text.len().saturating_sub(HEAD))..];
+    type_in(head).or_else(|| type_in(tail))
+}
+
+fn type_in(part: &str) -> Option<&str> {
+    let after = &part[part.find("\"type\"")? + 6..];
     let after = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
     let value = &after[..after.find('"')?];
     (!value.contains('\\')).then_some(value)
@@ -84,6 +90,10 @@ fn type_of(text: &str) -> Option<&str> {
 
 fn floor_char_boundary(text: &str, at: usize) -> usize {
     (0..=at.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0)
+}
+
+fn ceil_char_boundary(text: &str, at: usize) -> usize {
+    (at.min(text.len())..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len())
 }
 
 /// What one connection has heard, and when a deaf socket is to be suspected. No I/O.
@@ -160,6 +170,8 @@ mod tests {
         }
         assert_eq!(heard_text(r#"{"type": "assets.seed.started", "data": {}}"#), broadcast(None));
         assert_eq!(heard_text(r#"{"type":"logs","data":{}}"#), broadcast(None));
+        let sorted = r#"{"data":{"status":{"exec_info":{"queue_remaining":1}}},"type":"status"}"#;
+        assert_eq!(heard_text(sorted), broadcast(Some(true)), "a writer that sorts keys");
         assert_eq!(heard_text("not json at all"), broadcast(None));
         assert_eq!(heard_text(&format!("{{\"type\": \"{}ü\"", "x".repeat(60))), broadcast(None), "cut mid-char");
         let binary = |t: u8| heard(&Message::binary(vec![0, 0, 0, t, 0, 0, 0, 1]));
