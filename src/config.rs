@@ -189,6 +189,9 @@ pub struct ComfySettings {
     pub reconnect_max_ms: u64,
     /// Interval of WebSocket pings; a connection that does not answer within two intervals is dropped.
     pub ping_interval_ms: u64,
+    /// A socket counts as deaf when one of the bridge's prompts runs and broadcasts keep coming, but nothing
+    /// addressed to the bridge has for this long (ComfyUI issue 16010); it is replaced by a fresh one. 0: off.
+    pub deaf_after_ms: u64,
     /// Longest an HTTP request to ComfyUI may take, in milliseconds (uploads get four times as long).
     pub request_timeout_ms: u64,
     /// PEM file of the CA that signed an `https` ComfyUI's (or its proxy's) certificate; unset: public roots.
@@ -209,6 +212,7 @@ impl Default for ComfySettings {
             headers: BTreeMap::new(),
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
+            deaf_after_ms: 30_000,
             request_timeout_ms: 30_000,
             ca_file: None,
             max_body_bytes: 32 * 1024 * 1024,

@@ -44,6 +44,11 @@ enum Command {
         /// nodes in a queued workflow send their messages and wait for answers.
         #[arg(long)]
         tap: bool,
+        /// The ComfyUI version to play: 0.3.64 (the recordings); a newer one (e.g. 0.4.0) also serves the jobs
+        /// API, refuses prompt ids that are not lowercase UUIDs, and adds outputs to history only after
+        /// `execution_success`.
+        #[arg(long, default_value = "0.3.64")]
+        comfyui_version: comfy_sim::ComfyVersion,
     },
     /// The tap: the ComfyUI extension that lets the bridge see every prompt (and runs Bus Publish / Bus Ask).
     Tap {
@@ -122,9 +127,9 @@ fn main() -> anyhow::Result<()> {
             print!("{}", checked.report);
             anyhow::ensure!(checked.problems == 0, "{} problem(s) found", checked.problems);
         }
-        Command::Simulate { listen, transcript, speed, autoplay, tap } => {
+        Command::Simulate { listen, transcript, speed, autoplay, tap, comfyui_version } => {
             comfy_bridge::telemetry::init("info", false);
-            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay, tap };
+            let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay, tap, comfyui_version };
             runtime
                 .block_on(async {
                     let shutdown = CancellationToken::new();

@@ -185,6 +185,21 @@ pub fn reconnecting(component: &'static str, attempt: u32, error: &dyn std::fmt:
     }
 }
 
+/// WebSocket connections to ComfyUI found deaf and replaced (ComfyUI issue 16010).
+pub static DEAF_SOCKETS: AtomicU64 = AtomicU64::new(0);
+
+/// The WebSocket to ComfyUI was found deaf: a prompt of the bridge runs and broadcasts come, but nothing
+/// addressed to the bridge has for `silent`; it is replaced by a fresh socket.
+pub fn deaf_socket(silent: Duration, prompt_id: &str) {
+    let total = DEAF_SOCKETS.fetch_add(1, Relaxed) + 1;
+    tracing::warn!(
+        silent_ms = silent.as_millis() as u64,
+        prompt_id,
+        total,
+        "comfyui websocket is deaf (broadcasts arrive, the running prompt's events do not): reconnecting"
+    );
+}
+
 /// How long a window of the warning rate limit lasts.
 pub const WARN_WINDOW: Duration = Duration::from_secs(10);
 /// Warnings of one kind logged per [`WARN_WINDOW`] before the rest are only counted.
@@ -397,6 +412,7 @@ pub fn render_metrics() -> String {
     );
     let reconnects: Vec<_> = l.reconnects.iter().map(|(k, v)| (format!("{{component=\"{k}\"}}"), *v)).collect();
     metric("reconnects_total", "counter", "Reconnect attempts, by connection.", &reconnects);
+    metric("deaf_sockets_total", "counter", "ComfyUI WebSockets found deaf and replaced.", &one(&DEAF_SOCKETS));
     let requests: Vec<_> = l
         .requests
         .iter()

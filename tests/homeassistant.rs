@@ -31,9 +31,9 @@ async fn discovery_configs_state_and_entity_commands_work_like_home_assistant_ex
     };
     let daemon = Daemon::builder(&sim).mqtt(&broker).with(configure).start().await;
 
-    // Fifteen entities of one device, each valid for its component.
+    // Seventeen entities of one device, each valid for its component.
     let mut configs = BTreeMap::new();
-    while configs.len() < 15 {
+    while configs.len() < 17 {
         let msg = discovery.next(WAIT).await.unwrap_or_else(|| panic!("configs so far: {:?}", configs.keys()));
         configs.insert(msg.topic.clone(), json(&msg.payload));
     }

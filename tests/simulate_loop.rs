@@ -17,7 +17,13 @@ async fn looped_prompts_end_success_not_cancelled() {
     let broker = Mosquitto::start();
     let transcripts = ["a_success", "b_cached", "f_three_prompts"].map(fixtures::transcript);
     // Fast, but slow enough that the bridge reads the queue while prompts run (the 16 ms of the report).
-    let opts = SimOptions { transcripts: transcripts.to_vec(), speed: 8.0, autoplay: true, tap: false };
+    let opts = SimOptions {
+        transcripts: transcripts.to_vec(),
+        speed: 8.0,
+        autoplay: true,
+        tap: false,
+        ..SimOptions::default()
+    };
     let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("simulator starts");
     let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
     let daemon = Daemon::builder(&sim).mqtt(&broker).start().await;

@@ -44,7 +44,8 @@ pub(crate) fn server_features(shared: &Shared) -> Value {
     flags
 }
 
-/// Route one request. Unknown routes are 404, among them `GET /api/jobs`, as on ComfyUI 0.3.64 (docs/PROTOCOL.md §11).
+/// Route one request. Unknown routes are 404, among them `GET /api/jobs` when playing 0.3.64 (docs/PROTOCOL.md
+/// §11); newer versions serve the jobs API under `/api` only.
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
     let delay = shared.http_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
     if delay > 0 {
@@ -53,6 +54,11 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     shared.lock().requests.push((req.method.clone(), req.path.clone(), body.clone()));
     let path = req.path.as_str();
+    if shared.version.is_newer() && req.api {
+        if let Some(response) = jobs_route(shared, &req) {
+            return response;
+        }
+    }
     match (req.method.as_str(), path) {
         ("POST", "/prompt") => post_prompt(shared, &req.body),
         ("GET", "/prompt") => {
@@ -70,7 +76,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
             Response::empty()
         }
         ("POST", "/free") => Response::empty(),
-        ("GET", "/system_stats") => Response::json(200, &system_stats()),
+        ("GET", "/system_stats") => Response::json(200, &system_stats(shared)),
         ("GET", "/features") => Response::json(200, &server_features(shared)),
         ("POST", "/comfy_bridge/answer") if shared.tap => super::tap::answer(shared, &req),
         ("GET", "/view")
@@ -84,6 +90,21 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request) -> Response {
         ("GET", p) if p == "/object_info" || p.starts_with("/object_info/") => Response::json(200, &json!({})),
         _ => Response::text(404, "404: Not Found"),
     }
+}
+
+/// The jobs API of newer versions: `GET /api/jobs`, `GET /api/jobs/{id}`, `POST /api/jobs/{id}/cancel`.
+fn jobs_route(shared: &Shared, req: &Request) -> Option<Response> {
+    let rest = req.path.strip_prefix("/jobs")?;
+    let id = rest.strip_prefix('/').map(percent_decode);
+    Some(match (req.method.as_str(), id) {
+        ("GET", None) if rest.is_empty() => super::jobs::list(shared, req),
+        ("GET", Some(id)) if !id.contains('/') => super::jobs::one(shared, &id),
+        ("POST", Some(id)) => match id.strip_suffix("/cancel").filter(|id| !id.is_empty() && !id.contains('/')) {
+            Some(id) => super::jobs::cancel(shared, id),
+            None => return None,
+        },
+        _ => return None,
+    })
 }
 
 /// aiohttp's answer to an unhandled exception in a handler.
@@ -141,8 +162,12 @@ pub(crate) fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
     };
     let id = match &body["prompt_id"] {
         Value::Null => super::frames::new_uuid(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) if !shared.version.is_newer() || super::jobs::is_canonical_uuid(s) => s.clone(),
+        other if !shared.version.is_newer() => other.to_string(),
+        _ => {
+            let details = "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the server generate one";
+            return rejected("invalid_prompt_id", "prompt_id must be a valid UUID", details);
+        }
     };
     let client_id = body["client_id"].as_str().map(str::to_string);
     let job = Job {
@@ -150,7 +175,7 @@ pub(crate) fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
         sort_key,
         id: id.clone(),
         prompt: prompt.clone(),
-        extra_data: extra_data(&body, client_id.as_deref()),
+        extra_data: extra_data(&body, client_id.as_deref(), shared.version.is_newer()),
         client_id,
         scenario,
         cancel: CancellationToken::new(),
@@ -161,10 +186,14 @@ pub(crate) fn post_prompt(shared: &Arc<Shared>, raw: &[u8]) -> Response {
     Response::json(200, &json!({"prompt_id": id, "number": number, "node_errors": {}}))
 }
 
-fn extra_data(body: &Value, client_id: Option<&str>) -> Value {
+/// The stored `extra_data`: the posted one with the submitter's `client_id`; newer servers stamp `create_time`.
+fn extra_data(body: &Value, client_id: Option<&str>, newer: bool) -> Value {
     let mut extra = body["extra_data"].as_object().cloned().unwrap_or_default();
     if let Some(cid) = client_id {
         extra.insert("client_id".into(), json!(cid));
+    }
+    if newer {
+        extra.insert("create_time".into(), json!(super::frames::now_ms()));
     }
     Value::Object(extra)
 }
@@ -184,11 +213,16 @@ fn pick_scenario(shared: &Shared, prompt: &Value) -> Option<Arc<super::Scenario>
     }
 }
 
-fn get_queue(shared: &Shared) -> Response {
-    let st = shared.lock();
+/// The running and the pending queue items, as `GET /queue` lists them (pending unsorted).
+pub(crate) fn queue_items(st: &super::State) -> (Vec<Value>, Vec<Value>) {
     let played = |running: bool| st.played.iter().filter(move |p| p.running == running).map(|p| p.item.clone());
     let running: Vec<Value> = st.running.iter().map(Job::queue_item).chain(played(true)).collect();
     let pending: Vec<Value> = st.pending.iter().map(Job::queue_item).chain(played(false)).collect();
+    (running, pending)
+}
+
+fn get_queue(shared: &Shared) -> Response {
+    let (running, pending) = queue_items(&shared.lock());
     Response::json(200, &json!({"queue_running": running, "queue_pending": pending}))
 }
 
@@ -244,11 +278,11 @@ fn post_history(shared: &Shared, body: &Value) -> Response {
     Response::empty()
 }
 
-fn system_stats() -> Value {
+fn system_stats(shared: &Shared) -> Value {
     json!({
         "system": {
             "os": std::env::consts::OS, "ram_total": 0, "ram_free": 0,
-            "comfyui_version": "0.3.64-sim", "required_frontend_version": "",
+            "comfyui_version": format!("{}-sim", shared.version), "required_frontend_version": "",
             "installed_templates_version": "", "required_templates_version": "",
             "python_version": "simulated", "pytorch_version": "simulated",
             "embedded_python": false, "argv": ["comfy-bridge", "simulate"]

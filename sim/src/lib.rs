@@ -11,6 +11,9 @@
 
 mod frames;
 mod http;
+mod jobs;
+#[cfg(test)]
+mod newer_tests;
 mod queue;
 mod server;
 mod synth;
@@ -19,8 +22,9 @@ mod tap;
 mod tests;
 mod transcript;
 mod upload;
+mod version;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -36,6 +40,7 @@ use frames::{Payload, Target};
 use transcript::Scenario;
 
 pub use tap::VERSION as TAP_VERSION;
+pub use version::{ComfyVersion, VersionError};
 
 /// Options for [`Simulator::start`].
 #[derive(Debug, Clone, Default)]
@@ -51,6 +56,10 @@ pub struct SimOptions {
     /// whose first message asks for `comfy_bridge_tap` get its hello and a copy of what is sent to other
     /// sockets, `Bus Publish` / `Bus Ask` nodes send its messages, and `POST /comfy_bridge/answer` answers.
     pub tap: bool,
+    /// The ComfyUI version played (default 0.3.64, the recordings'). Newer versions serve the jobs API
+    /// (`/api/jobs`), refuse a `prompt_id` that is not a lowercase UUID with 400, and write a finished prompt's
+    /// history entry without its outputs first, adding them a moment after `execution_success`.
+    pub comfyui_version: ComfyVersion,
 }
 
 /// Errors of [`Simulator::play`].
@@ -84,6 +93,8 @@ pub(crate) struct Client {
     pub preview_metadata: bool,
     /// Whether the socket is a tap (its first message asked for `comfy_bridge_tap`, and the tap is on).
     pub tap: bool,
+    /// Deaf ([`Simulator::deafen_next_reconnect`]): gets broadcasts, but nothing sent to its client id.
+    pub deaf: bool,
 }
 
 /// Mutable simulator state.
@@ -107,6 +118,8 @@ pub(crate) struct State {
     pub uploads: HashMap<String, Vec<u8>>,
     /// The tap extension's asks.
     pub asks: tap::Asks,
+    /// Client ids that have had a socket, so a reconnect with the same id is known as one.
+    pub seen_clients: HashSet<String>,
 }
 
 impl State {
@@ -135,6 +148,10 @@ pub(crate) struct Shared {
     pub tap: bool,
     /// The extension's per-start secret (sent to tap sockets only).
     pub secret: String,
+    /// The ComfyUI version played.
+    pub version: ComfyVersion,
+    /// The next socket that reconnects with a client id seen before goes deaf.
+    pub deafen_next: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -163,7 +180,7 @@ impl Shared {
             Target::All => st.clients.values().for_each(send_one),
             Target::Only(id) => {
                 let target = st.clients.get(id);
-                target.into_iter().for_each(send_one);
+                target.filter(|c| !c.deaf).into_iter().for_each(send_one);
                 if !target.is_some_and(|c| c.tap) {
                     // The bytes the target gets (type-4 previews when it negotiated them), unchanged.
                     taps().for_each(|c| send_as(c, target.map_or(c.preview_metadata, |t| t.preview_metadata)));
@@ -237,6 +254,8 @@ impl Simulator {
             http_delay_ms: AtomicU64::new(0),
             tap: opts.tap,
             secret: tap::token(32),
+            version: opts.comfyui_version,
+            deafen_next: std::sync::atomic::AtomicBool::new(false),
         });
         spawn_guarded(&shared, server::accept_loop(shared.clone(), listener));
         spawn_guarded(&shared, queue::worker(shared.clone()));
@@ -327,6 +346,19 @@ impl Simulator {
     /// While `refuse` is set, WebSocket upgrades get 503: clients cannot reconnect, HTTP still works.
     pub fn refuse_websockets(&self, refuse: bool) {
         self.shared.refuse_websockets.store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The next socket that connects with a client id that had a socket before goes deaf, as the new socket
+    /// can on ComfyUI (its issue 16010: the old handler's cleanup unregisters the new socket): it keeps
+    /// getting broadcasts (`status`, custom events) but nothing sent to its client id, not even its own
+    /// prompts' events. Only that one socket: a later reconnect is heard again.
+    pub fn deafen_next_reconnect(&self) {
+        self.shared.deafen_next.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The ComfyUI version played.
+    pub fn comfyui_version(&self) -> ComfyVersion {
+        self.shared.version
     }
 
     /// From now on every HTTP request waits `delay` before it is handled (a slow or overloaded ComfyUI).

@@ -14,6 +14,8 @@ use super::Shared;
 
 /// History is capped like ComfyUI's.
 const MAX_HISTORY: usize = 10_000;
+/// How long a newer version's history entry lacks its outputs after the prompt's terminal event.
+pub(crate) const HISTORY_LAG: Duration = Duration::from_millis(150);
 
 /// A queued prompt.
 #[derive(Debug, Clone)]
@@ -34,7 +36,7 @@ pub(crate) struct Job {
 impl Job {
     /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
     pub fn queue_item(&self) -> Value {
-        json!([self.number, self.id, self.prompt, self.extra_data, []])
+        json!([self.number, self.id, self.prompt, self.extra_data, super::synth::output_nodes(&self.prompt)])
     }
 }
 
@@ -69,11 +71,24 @@ struct Replay<'a> {
     current_node: Option<String>,
     /// A live `status` was sent after the terminal event.
     status_sent: bool,
+    /// A newer version's queued prompt: its queue item, for the history entry written at its terminal event.
+    early: Option<Value>,
+    /// That entry was written (without outputs).
+    early_written: bool,
 }
 
 impl<'a> Replay<'a> {
     fn new(shared: &'a Shared, map: HashMap<String, String>, routing: Option<Option<String>>) -> Self {
-        Replay { shared, map, routing, records: HashMap::new(), current_node: None, status_sent: false }
+        Replay {
+            shared,
+            map,
+            routing,
+            records: HashMap::new(),
+            current_node: None,
+            status_sent: false,
+            early: None,
+            early_written: false,
+        }
     }
 
     /// Play frames with recorded timing; returns true if cancelled.
@@ -158,6 +173,9 @@ impl<'a> Replay<'a> {
         let FrameBody::Text(v) = &body else { return };
         self.record(v);
         self.shared.send(&self.target(&body), &Payload::Text(v.to_string()));
+        if matches!(v["type"].as_str(), Some("execution_success" | "execution_error" | "execution_interrupted")) {
+            self.write_early(v);
+        }
         let terminal = matches!(v["type"].as_str(), Some("execution_success" | "execution_error"));
         if terminal && self.routing.is_some() {
             let pending = self.shared.lock().pending.len();
@@ -195,6 +213,21 @@ impl<'a> Replay<'a> {
         if self.routing.is_none() {
             played_event(self.shared, pid, kind, rec);
         }
+    }
+
+    /// A newer version, right after a prompt's terminal event: the prompt leaves the queue and its history
+    /// entry appears, still without outputs (they follow [`HISTORY_LAG`] later, see [`finish_job`]).
+    fn write_early(&mut self, v: &Value) {
+        let (Some(item), false) = (&self.early, self.early_written) else { return };
+        let Some(rec) = v["data"]["prompt_id"].as_str().and_then(|pid| self.records.get(pid)) else { return };
+        let mut entry = history_entry(item.clone(), rec);
+        entry["outputs"] = json!({});
+        entry["meta"] = json!({});
+        let mut st = self.shared.lock();
+        st.running = None;
+        let id = item[1].as_str().unwrap_or_default().to_string();
+        push_history(&mut st.history, id, entry);
+        self.early_written = true;
     }
 
     /// Emit what ComfyUI sends when a running prompt is interrupted.
@@ -261,20 +294,30 @@ fn next_job(shared: &Shared) -> Option<Job> {
     Some(job)
 }
 
-/// Replay a job; returns its record and whether the final `status` was already sent.
-async fn run_job(shared: &Shared, job: &Job) -> (Record, bool) {
+/// How a replayed job ended: its record, whether the final `status` was already sent, and whether its history
+/// entry was already written without outputs (newer versions).
+struct Ended {
+    record: Record,
+    status_sent: bool,
+    early: bool,
+}
+
+/// Replay a job.
+async fn run_job(shared: &Shared, job: &Job) -> Ended {
     let recorded = recorded_id(&job.scenario, &job.prompt).unwrap_or_default();
     let frames = job_frames(&job.scenario, &recorded);
     let map = HashMap::from([(recorded, job.id.clone())]);
     let mut replay = Replay::new(shared, map, Some(job.client_id.clone()));
+    replay.early = shared.version.is_newer().then(|| job.queue_item());
     if replay.run(&frames, &job.cancel).await {
         replay.interrupted(job);
     }
     let record = replay.records.remove(&job.id).unwrap_or_default();
-    (record, replay.status_sent)
+    Ended { record, status_sent: replay.status_sent, early: replay.early_written }
 }
 
-fn finish_job(shared: &Shared, job: &Job, (mut record, status_sent): (Record, bool)) {
+fn finish_job(shared: &Arc<Shared>, job: &Job, ended: Ended) {
+    let Ended { mut record, status_sent, early } = ended;
     if record.messages.is_empty() {
         let ts = frames::now_ms();
         record.messages.push(json!(["execution_start", {"prompt_id": job.id, "timestamp": ts}]));
@@ -282,7 +325,17 @@ fn finish_job(shared: &Shared, job: &Job, (mut record, status_sent): (Record, bo
         record.completed = true;
     }
     let entry = history_entry(job.queue_item(), &record);
-    {
+    if early {
+        // The outputs reach the entry only now, after `execution_success` (ComfyUI issue 11540).
+        let (shared2, id) = (shared.clone(), job.id.clone());
+        super::spawn_guarded(shared, async move {
+            tokio::time::sleep(HISTORY_LAG).await;
+            let mut st = shared2.lock();
+            if let Some(slot) = st.history.iter_mut().find(|(k, _)| *k == id) {
+                slot.1 = entry;
+            }
+        });
+    } else {
         let mut st = shared.lock();
         st.running = None;
         push_history(&mut st.history, job.id.clone(), entry);
@@ -347,7 +400,8 @@ pub(crate) async fn play_all(shared: &Shared, sc: &Scenario) -> String {
             let prompt = sc.posts.iter().find(|p| &p.prompt_id == old).map_or_else(|| json!({}), |p| p.prompt.clone());
             let number = st.counter;
             st.counter += 1;
-            st.played.push(Played { id: id.clone(), item: json!([number, id, prompt, {}, []]), running: false });
+            let outputs = super::synth::output_nodes(&prompt);
+            st.played.push(Played { id: id.clone(), item: json!([number, id, prompt, {}, outputs]), running: false });
         }
     }
     let frames: Vec<&Frame> = sc.frames.iter().collect();

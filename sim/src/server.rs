@@ -24,6 +24,8 @@ pub(crate) struct Request {
     pub method: String,
     /// Path without query and without the `/api` prefix.
     pub path: String,
+    /// Whether the path had the `/api` prefix (routes of newer versions exist only there).
+    pub api: bool,
     /// Raw query string (without `?`).
     pub query: String,
     /// Lower-case header names.
@@ -127,15 +129,15 @@ fn parse_head(head: &[u8]) -> Result<Request, &'static str> {
         _ => return Err("bad request line"),
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let path = match path.strip_prefix("/api") {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_string(),
-        _ => path.to_string(),
+    let (path, api) = match path.strip_prefix("/api") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => (rest.to_string(), true),
+        _ => (path.to_string(), false),
     };
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Ok(Request { method, path, query: query.to_string(), headers, body: Vec::new() })
+    Ok(Request { method, path, api, query: query.to_string(), headers, body: Vec::new() })
 }
 
 async fn write_response(stream: &mut TcpStream, resp: &http::Response) -> std::io::Result<()> {
@@ -191,7 +193,16 @@ fn register(shared: &Shared, id: &str) -> (u64, mpsc::UnboundedReceiver<Out>) {
     let mut st = shared.lock();
     let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": st.queue_remaining()}}, "sid": id}});
     let _ = tx.send(Out::Msg(Message::text(hello.to_string())));
-    let client = Client { conn, tx, preview_metadata: false, tap: false };
+    // Bounded: a simulator run by hand for days sees many anonymous sockets.
+    if st.seen_clients.len() >= 10_000 {
+        st.seen_clients.clear();
+    }
+    let reconnect = !st.seen_clients.insert(id.to_string());
+    let deaf = reconnect && shared.deafen_next.swap(false, Ordering::Relaxed);
+    if deaf {
+        tracing::debug!(client_id = %id, "this socket is deaf: it gets broadcasts only");
+    }
+    let client = Client { conn, tx, preview_metadata: false, tap: false, deaf };
     st.clients.insert(id.to_string(), client);
     (conn, rx)
 }

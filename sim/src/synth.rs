@@ -128,6 +128,14 @@ fn bus_node(t: f64, id: &str, node: &Value) -> Option<Frame> {
 }
 
 /// What an output node reports: images named like ComfyUI names them.
+/// The ids of a prompt's output nodes, as ComfyUI lists them in a queue item's `outputs_to_execute`: without a
+/// node catalogue, the `Save…` and `Preview…` nodes.
+pub(crate) fn output_nodes(prompt: &Value) -> Vec<String> {
+    let nodes = prompt.as_object().into_iter().flatten();
+    let class = |n: &Value| n["class_type"].as_str().map(|c| c.starts_with("Save") || c.starts_with("Preview"));
+    nodes.filter(|(_, n)| class(n) == Some(true)).map(|(id, _)| id.clone()).collect()
+}
+
 fn output(node: &Value) -> Option<Value> {
     let class = node["class_type"].as_str()?;
     let kind = match class {

@@ -15,9 +15,9 @@ use super::frames::parse_type4;
 use super::transcript;
 use super::{SimOptions, Simulator};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-fn fixtures() -> PathBuf {
+pub(super) fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transcripts")
 }
 
@@ -26,7 +26,7 @@ async fn start(speed: f64) -> Simulator {
     Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("start")
 }
 
-async fn recv(ws: &mut Ws) -> Message {
+pub(super) async fn recv(ws: &mut Ws) -> Message {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
@@ -39,7 +39,7 @@ async fn recv(ws: &mut Ws) -> Message {
     }
 }
 
-async fn recv_json(ws: &mut Ws) -> Value {
+pub(super) async fn recv_json(ws: &mut Ws) -> Value {
     match recv(ws).await {
         Message::Text(t) => serde_json::from_str(t.as_str()).expect("json"),
         other => panic!("expected text, got {other:?}"),
@@ -47,7 +47,7 @@ async fn recv_json(ws: &mut Ws) -> Value {
 }
 
 /// Connect, negotiate feature flags, check the two hello frames.
-async fn connect(sim: &Simulator, id: &str) -> Ws {
+pub(super) async fn connect(sim: &Simulator, id: &str) -> Ws {
     let url = format!("ws://{}/ws?clientId={id}", sim.addr());
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
     let hello = recv_json(&mut ws).await;
@@ -63,7 +63,7 @@ async fn connect(sim: &Simulator, id: &str) -> Ws {
 }
 
 /// Minimal HTTP/1.1 client: returns (status, body as JSON or Null).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+pub(super) async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).await.expect("tcp");
     let body = body.unwrap_or("");
     let req = format!(
@@ -80,7 +80,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) ->
 }
 
 /// Collect frames until `executing` with `node: null` for `id`.
-async fn until_done(ws: &mut Ws, id: &str) -> Vec<Message> {
+pub(super) async fn until_done(ws: &mut Ws, id: &str) -> Vec<Message> {
     let mut out = Vec::new();
     loop {
         let msg = recv(ws).await;
@@ -98,7 +98,7 @@ async fn until_done(ws: &mut Ws, id: &str) -> Vec<Message> {
     }
 }
 
-fn frame_types(frames: &[Message]) -> Vec<String> {
+pub(super) fn frame_types(frames: &[Message]) -> Vec<String> {
     frames
         .iter()
         .map(|m| match m {
@@ -233,8 +233,13 @@ async fn disconnect_and_raw_frames() {
 
 #[tokio::test]
 async fn autoplay_streams_to_connected_socket() {
-    let opts =
-        SimOptions { transcripts: vec![fixtures().join("a_success.jsonl")], speed: 0.0, autoplay: true, tap: false };
+    let opts = SimOptions {
+        transcripts: vec![fixtures().join("a_success.jsonl")],
+        speed: 0.0,
+        autoplay: true,
+        tap: false,
+        ..SimOptions::default()
+    };
     let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("start");
     let url = format!("ws://{}/ws?clientId=auto", sim.addr());
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");

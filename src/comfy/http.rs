@@ -1,4 +1,5 @@
-//! ComfyUI's HTTP API (docs/PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload.
+//! ComfyUI's HTTP API (docs/PROTOCOL.md §8): queue prompts, read the queue and history, interrupt, upload; and
+//! on newer servers the jobs API (§11), whose presence is probed once per WebSocket connection.
 //!
 //! [`ComfyHttp`] is a cheap handle on one `reqwest::Client` (a connection pool), so every task that talks to
 //! ComfyUI clones it. Every call names its endpoint in its [`HttpError`]: `Unavailable` when ComfyUI cannot be
@@ -16,6 +17,7 @@ use reqwest::{RequestBuilder, Url};
 use serde_json::{json, Value};
 use tracing::debug;
 
+use super::jobs::Job;
 use super::queue::QueueSnapshot;
 use crate::config::Settings;
 
@@ -27,6 +29,9 @@ const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const UPLOAD_TIMEOUT_FACTOR: u32 = 4;
 /// Longest body excerpt kept in [`HttpError::Status`], in characters.
 const MAX_EXCERPT_CHARS: usize = 512;
+/// [`ComfyHttp::jobs_api`]'s answer, in the low bits of its cache (the connection it holds for is above them).
+const JOBS_PRESENT: u64 = 1;
+const JOBS_ABSENT: u64 = 2;
 
 /// Why a call to ComfyUI's HTTP API failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +89,12 @@ pub struct ComfyHttp {
     upload_timeout: Duration,
     /// Longest body read from any answer (`comfyui.max_body_bytes`).
     max_body: usize,
-    /// What the tap extension said on the WebSocket (its version, the secret of its answer route).
+    /// What the tap extension said on the WebSocket (its version, the secret of its answer route), and which
+    /// connection is the current one.
     tap: super::tap::TapWatch,
+    /// Whether the jobs API exists, and for which connection: `connection << 2 | JOBS_*` (0: not probed).
+    /// Shared by every clone, so one probe serves them all.
+    jobs: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ComfyHttp {
@@ -141,6 +150,7 @@ impl ComfyHttp {
             upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR),
             max_body: usize::try_from(settings.comfyui.max_body_bytes).unwrap_or(usize::MAX),
             tap: super::tap::TapWatch::absent(),
+            jobs: std::sync::Arc::default(),
         })
     }
 
@@ -226,6 +236,56 @@ impl ComfyHttp {
     pub async fn clear_pending(&self) -> Result<(), HttpError> {
         let body = json!({"clear": true});
         self.send_json("POST /queue", self.client.post(self.url(&["queue"])), &body).await.map(drop)
+    }
+
+    /// Whether ComfyUI has the jobs API (`GET /api/jobs` answers with a page of jobs; 404 means it does not):
+    /// asked once per WebSocket connection, since the server may be replaced by another version behind it.
+    pub async fn jobs_api(&self) -> Result<bool, HttpError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        const ENDPOINT: &str = "GET /api/jobs";
+        let connection = self.tap.connection();
+        let known = self.jobs.load(Relaxed);
+        if known >> 2 == connection && known & 3 != 0 {
+            return Ok(known & 3 == JOBS_PRESENT);
+        }
+        let mut url = self.url(&["api", "jobs"]);
+        url.query_pairs_mut().append_pair("limit", "1");
+        let present = match self.send(ENDPOINT, self.client.get(url)).await {
+            Ok(body) => serde_json::from_slice(&body).is_ok_and(|page| super::jobs::is_jobs_page(&page)),
+            Err(HttpError::Status { status: 404 | 405, .. }) => false,
+            Err(e) => return Err(e),
+        };
+        self.jobs.store(connection << 2 | if present { JOBS_PRESENT } else { JOBS_ABSENT }, Relaxed);
+        debug!(present, "comfyui jobs api probed");
+        Ok(present)
+    }
+
+    /// `GET /api/jobs/{id}`: the prompt as the jobs API sees it, `None` when the server does not know it (404).
+    pub async fn job(&self, prompt_id: &str) -> Result<Option<Job>, HttpError> {
+        const ENDPOINT: &str = "GET /api/jobs/{id}";
+        if matches!(prompt_id, "." | "..") {
+            return Ok(None);
+        }
+        match self.send(ENDPOINT, self.client.get(self.url(&["api", "jobs", prompt_id]))).await {
+            Ok(body) => {
+                Job::parse(&parse_json(ENDPOINT, &body)?).map(Some).ok_or_else(|| bad_response(ENDPOINT, "not a job"))
+            }
+            Err(HttpError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /api/jobs/{id}/cancel`: interrupts the prompt if it is still the one running, else removes it if it
+    /// is pending, both under ComfyUI's queue lock (never another prompt); `false` when it had ended or was
+    /// never there.
+    pub async fn cancel_job(&self, prompt_id: &str) -> Result<bool, HttpError> {
+        const ENDPOINT: &str = "POST /api/jobs/{id}/cancel";
+        if matches!(prompt_id, "." | "..") {
+            return Ok(false);
+        }
+        let url = self.url(&["api", "jobs", prompt_id, "cancel"]);
+        let answer = parse_json(ENDPOINT, &self.send(ENDPOINT, self.client.post(url)).await?)?;
+        answer.get("cancelled").and_then(Value::as_bool).ok_or_else(|| bad_response(ENDPOINT, "no cancelled flag"))
     }
 
     /// `POST /free`: unload models and/or free memory once ComfyUI is between prompts.
@@ -378,6 +438,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::comfy::jobs::{JobStatus, Outcome};
     use crate::config::Secret;
     use comfy_sim::{SimOptions, Simulator};
 
@@ -398,6 +459,16 @@ mod tests {
         let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
         let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client");
         (sim, http)
+    }
+
+    /// A simulator playing `version` and a client for it that knows the WebSocket's connections.
+    async fn sim_version(version: &str, speed: f64) -> (Simulator, ComfyHttp, super::super::tap::TapSender) {
+        let comfyui_version = version.parse().expect("version");
+        let opts = SimOptions { transcripts: vec![fixtures()], speed, comfyui_version, ..SimOptions::default() };
+        let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
+        let (connections, watch) = super::super::tap::channel();
+        let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client").with_tap(watch);
+        (sim, http, connections)
     }
 
     /// Polls `check` every 10 ms until it yields a value; fails after 5 s.
@@ -514,6 +585,39 @@ mod tests {
             sim.requests().into_iter().filter(|r| r.0 == "POST" && r.1 != "/prompt").map(|r| r.2).collect();
         let expected = [json!({"delete": ["p3", "unknown"]}), json!({"prompt_id": "p2"}), json!({"clear": true})];
         assert_eq!(&bodies[..3], &expected);
+    }
+
+    #[tokio::test]
+    async fn the_jobs_api_is_probed_once_per_connection_and_cancels_by_id() {
+        let (old, http, _) = sim_version("0.3.64", 0.0).await;
+        assert!(!http.jobs_api().await.expect("probe"), "404 on 0.3.64");
+        drop(old);
+
+        let (sim, http, connections) = sim_version("0.4.0", 0.1).await;
+        let probes = || sim.requests().iter().filter(|r| r.1 == "/jobs").count();
+        assert!(http.jobs_api().await.expect("probe"));
+        assert!(http.clone().jobs_api().await.expect("cached"));
+        assert_eq!(probes(), 1, "one probe for the connection, shared by clones");
+        connections.connected();
+        assert!(http.jobs_api().await.expect("probe"));
+        assert_eq!(probes(), 2, "probed again on a new connection");
+
+        let id = |n: u8| format!("00000000-0000-4000-8000-0000000000{n:02x}");
+        http.post_prompt(&prompt(&id(1))).await.expect("first");
+        running(&http, &id(1)).await;
+        http.post_prompt(&prompt(&id(2))).await.expect("second");
+        assert_eq!(http.job(&id(2)).await.expect("job").map(|j| j.status), Some(JobStatus::Pending));
+        assert_eq!(http.job(&id(9)).await.expect("job"), None, "404: unknown");
+        assert!(http.cancel_job(&id(2)).await.expect("cancel pending"));
+        assert_eq!(http.job(&id(2)).await.expect("job"), None, "gone without a trace");
+        assert!(http.cancel_job(&id(1)).await.expect("cancel running"));
+        let ended = eventually("the job to end", || async {
+            http.job(&id(1)).await.expect("job").filter(|j| !j.status.is_queued())
+        })
+        .await;
+        assert_eq!(ended.outcome, Some(Outcome::Interrupted));
+        assert!(!http.cancel_job(&id(1)).await.expect("cancel again"), "already over");
+        assert!(!sim.requests().iter().any(|r| r.1 == "/interrupt"), "never the global flag");
     }
 
     #[tokio::test]

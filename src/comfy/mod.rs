@@ -1,7 +1,9 @@
 //! Everything that speaks ComfyUI. Knows nothing about MQTT or NATS.
 
+pub mod deaf;
 pub mod event;
 pub mod http;
+pub mod jobs;
 pub mod queue;
 pub mod tap;
 pub mod urls;

@@ -66,10 +66,39 @@ impl QueueSnapshot {
     }
 }
 
+/// Whether a history entry (docs/PROTOCOL.md §8) still lacks outputs it will have: it ended without error, its
+/// queue item names output nodes (`outputs_to_execute`) and `outputs` is empty. Newer servers show an entry so
+/// for a moment after `execution_success` (§11); read it again a little later.
+pub fn history_outputs_missing(entry: &Value) -> bool {
+    let status = entry.get("status");
+    let failed = status.and_then(|s| s.get("status_str")).and_then(Value::as_str) == Some("error");
+    let messages = status.and_then(|s| s.get("messages")).and_then(Value::as_array).into_iter().flatten();
+    let stopped =
+        messages.filter_map(|m| m.get(0)?.as_str()).any(|k| matches!(k, "execution_error" | "execution_interrupted"));
+    let output_nodes = entry.pointer("/prompt/4").and_then(Value::as_array).is_some_and(|o| !o.is_empty());
+    let no_outputs = entry.get("outputs").and_then(Value::as_object).is_none_or(|o| o.is_empty());
+    !failed && !stopped && output_nodes && no_outputs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_entry_lacks_outputs_only_when_it_succeeded_with_output_nodes_and_has_none() {
+        let entry = |status: &str, last: &str, outputs_to_execute: Value, outputs: Value| {
+            json!({"prompt": [1, "p", {}, {}, outputs_to_execute], "outputs": outputs,
+                   "status": {"status_str": status, "messages": [["execution_start", {}], [last, {}]]}})
+        };
+        let missing = |e: Value| history_outputs_missing(&e);
+        assert!(missing(entry("success", "execution_success", json!(["9"]), json!({}))));
+        assert!(!missing(entry("success", "execution_success", json!(["9"]), json!({"9": {"images": []}}))));
+        assert!(!missing(entry("success", "execution_success", json!([]), json!({}))), "no output nodes");
+        assert!(!missing(entry("error", "execution_error", json!(["9"]), json!({}))), "failed: none to come");
+        assert!(!missing(entry("error", "execution_interrupted", json!(["9"]), json!({}))));
+        assert!(missing(json!({"prompt": [1, "p", {}, {}, ["9"]]})), "no outputs and no status yet");
+    }
 
     #[test]
     fn pending_is_sorted_into_run_order_and_bad_items_are_skipped() {

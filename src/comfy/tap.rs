@@ -11,6 +11,7 @@
 //! scan and nothing more.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -39,14 +40,20 @@ pub struct Tap {
     pub secret: Option<Secret>,
 }
 
-/// Reads the current [`Tap`]; cheap to clone.
+/// Reads the current [`Tap`], and which WebSocket connection it belongs to; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct TapWatch(watch::Receiver<Tap>);
+pub struct TapWatch(watch::Receiver<Tap>, Arc<AtomicU64>);
 
 impl TapWatch {
     /// A watch that always says "no tap" (nothing will ever set it).
     pub fn absent() -> Self {
-        Self(watch::channel(Tap::default()).1)
+        Self(watch::channel(Tap::default()).1, Arc::default())
+    }
+
+    /// How many times the WebSocket has connected: what the HTTP client learns once per connection (the
+    /// jobs API) is learnt again when this changes.
+    pub fn connection(&self) -> u64 {
+        self.1.load(Relaxed)
     }
 
     /// The tap's version, when it is active.
@@ -60,17 +67,23 @@ impl TapWatch {
     }
 }
 
-/// Where the WebSocket task records what the extension said.
+/// Where the WebSocket task records what the extension said, and each new connection.
 #[derive(Debug)]
-pub struct TapSender(watch::Sender<Tap>);
+pub struct TapSender(watch::Sender<Tap>, Arc<AtomicU64>);
 
 /// A sender and its watch.
 pub fn channel() -> (TapSender, TapWatch) {
     let (tx, rx) = watch::channel(Tap::default());
-    (TapSender(tx), TapWatch(rx))
+    let connections = Arc::new(AtomicU64::new(0));
+    (TapSender(tx, connections.clone()), TapWatch(rx, connections))
 }
 
 impl TapSender {
+    /// A new WebSocket connection is up.
+    pub fn connected(&self) {
+        self.1.fetch_add(1, Relaxed);
+    }
+
     /// The server's `feature_flags` reply arrived: the tap is active when it carries a version.
     pub fn feature_flags(&self, version: Option<String>) {
         self.0.send_if_modified(|tap| {
@@ -100,7 +113,7 @@ impl TapSender {
 
     /// A watch on what this sender records.
     pub fn subscribe(&self) -> TapWatch {
-        TapWatch(self.0.subscribe())
+        TapWatch(self.0.subscribe(), self.1.clone())
     }
 
     /// What is recorded now.

@@ -8,6 +8,8 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, Messa
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument as _};
 
+use super::deaf::{self, DeafWatch};
+use super::http::ComfyHttp;
 use super::tap::{self, TapSender, TapWatch};
 use super::Inbound;
 use crate::backoff;
@@ -73,6 +75,10 @@ pub enum WsError {
     /// The server closed the connection.
     #[error("closed by server")]
     RemoteClosed,
+    /// The socket stayed open but was deaf: the bridge's running prompt sent nothing to it for this long while
+    /// broadcasts kept coming (ComfyUI issue 16010).
+    #[error("deaf socket: nothing addressed to the bridge for {0:?}")]
+    Deaf(Duration),
 }
 
 /// The WebSocket actor: owns the socket; sends [`Inbound`] to the router.
@@ -93,6 +99,13 @@ pub struct WsClient {
     tap_logged: std::sync::Mutex<Option<Option<String>>>,
     /// Where the extension's messages other than its hello go (`Bus Publish`, `Bus Ask`).
     extension_tx: Option<mpsc::Sender<tap::Message>>,
+    /// This socket's client id, to tell the bridge's prompts in `GET /queue`.
+    client_id: String,
+    /// `comfyui.deaf_after_ms`.
+    deaf_after: Duration,
+    /// For the deaf check's `GET /queue`; `None` when the settings cannot make a client (then `app::run`
+    /// refuses to start anyway).
+    http: Option<ComfyHttp>,
 }
 
 /// `http(s)://host/base[?query]` → `ws(s)://host/base/ws?[query&]clientId=<id>` (a proxy's `?token=…` stays).
@@ -135,6 +148,9 @@ impl WsClient {
             tap: tap::channel().0,
             tap_logged: std::sync::Mutex::default(),
             extension_tx: None,
+            client_id: client_id.to_string(),
+            deaf_after: Duration::from_millis(settings.comfyui.deaf_after_ms),
+            http: ComfyHttp::new(settings).ok(),
         })
     }
 
@@ -228,6 +244,7 @@ impl WsClient {
             .map_err(|_| WsError::ConnectTimeout)?
             .map_err(WsError::Connect)?;
         socket.send(Message::text(FEATURE_FLAGS)).await.map_err(WsError::Socket)?;
+        self.tap.connected();
         info!("connected to comfyui");
         self.send(Inbound::Connected).await;
         let result = self.read_loop(&mut socket, shutdown).await;
@@ -250,6 +267,11 @@ impl WsClient {
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = tokio::time::Instant::now();
+        let mut watch = DeafWatch::new(self.deaf_after, std::time::Instant::now());
+        // A quarter of the window, so a deaf socket is found within 1.25 windows; never when the check is off.
+        let mut deaf_tick = tokio::time::interval((self.deaf_after / 4).max(Duration::from_millis(50)));
+        deaf_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deaf_check = !self.deaf_after.is_zero() && self.http.is_some();
         // One waiter for the whole connection, not one per frame.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -263,11 +285,23 @@ impl WsClient {
                     }
                     socket.send(Message::Ping(Default::default())).await.map_err(WsError::Socket)?;
                 }
+                _ = deaf_tick.tick(), if deaf_check => {
+                    if watch.suspect(std::time::Instant::now()) {
+                        self.check_deaf(&mut watch).await?;
+                        // Time spent asking ComfyUI, like a full router channel, does not count towards the pong.
+                        last_seen = tokio::time::Instant::now();
+                    }
+                }
                 frame = socket.next() => {
                     match frame {
                         None => return Err(WsError::RemoteClosed),
                         Some(Err(e)) => return Err(WsError::Socket(e)),
-                        Some(Ok(msg)) => if !self.forward(msg).await { return Err(WsError::RemoteClosed) },
+                        Some(Ok(msg)) => {
+                            if let Some(heard) = deaf::heard(&msg) {
+                                watch.heard(heard, std::time::Instant::now());
+                            }
+                            if !self.forward(msg).await { return Err(WsError::RemoteClosed) }
+                        }
                     }
                     // Only time spent reading counts towards the pong deadline: while the router's channel
                     // is full (a bus stall) this loop reads nothing, so no pong could have been seen.
@@ -275,6 +309,26 @@ impl WsClient {
                 }
             }
         }
+    }
+
+    /// The socket may be deaf: it is when `GET /queue` says the running prompt is the bridge's (queued with its
+    /// client id). Then the error ends the connection and a fresh socket replaces it; otherwise (or when
+    /// ComfyUI does not answer within a ping interval) the watch starts a new window.
+    async fn check_deaf(&self, watch: &mut DeafWatch) -> Result<(), WsError> {
+        let Some(http) = &self.http else { return Ok(()) };
+        let queue = tokio::time::timeout(self.ping_interval, http.queue()).await;
+        let ours = match &queue {
+            Ok(Ok(queue)) => queue.running.iter().find(|i| i.client_id() == Some(self.client_id.as_str())),
+            _ => None,
+        };
+        let silent = watch.silent(std::time::Instant::now());
+        if let Some(item) = ours {
+            telemetry::deaf_socket(silent, &item.prompt_id);
+            return Err(WsError::Deaf(silent));
+        }
+        debug!(silent_ms = silent.as_millis() as u64, "quiet socket, but no prompt of the bridge runs");
+        watch.cleared(std::time::Instant::now());
+        Ok(())
     }
 
     /// Hands a frame to the router; `false` when the socket was closed by the server.

@@ -1,5 +1,9 @@
 //! `interrupt`: the running prompt, by id, never "whatever runs" (ComfyUI's global flag would hit the next prompt
 //! if the first just ended).
+//!
+//! Where ComfyUI has the jobs API (docs/PROTOCOL.md §11), `POST /api/jobs/{id}/cancel` interrupts the prompt only
+//! if it is still the one running, under the queue lock, and says whether it did; older servers get the targeted
+//! `POST /interrupt`, which does not say.
 
 use serde_json::json;
 
@@ -37,6 +41,11 @@ async fn interrupt(http: &ComfyHttp, prompt_id: Option<String>) -> Result<Outcom
         (None, Some(running)) => running,
         (wanted, _) => return Ok(Ok(json!({ "interrupted": false, "prompt_id": wanted }))),
     };
+    // It was running at the look: the cancel can only interrupt it (or find it ended), never dequeue it.
+    if http.jobs_api().await? {
+        let interrupted = http.cancel_job(&target).await?;
+        return Ok(Ok(json!({ "interrupted": interrupted, "prompt_id": target })));
+    }
     // Targeted even when the request named no prompt, so an interrupt cannot hit the next prompt instead.
     http.interrupt(Some(&target)).await?;
     Ok(Ok(json!({ "interrupted": true, "prompt_id": target })))

@@ -165,7 +165,8 @@ async fn post(http: ComfyHttp, control: mpsc::Sender<Control>, body: Value, requ
     }
 }
 
-/// A random UUID v4 in its usual text form: ComfyUI takes any string, the web UI shows these.
+/// A random UUID v4 in its canonical text form (lowercase, hyphenated): ComfyUI 0.3.x takes any string, newer
+/// servers refuse anything else with 400 (docs/PROTOCOL.md §11).
 fn new_prompt_id(rng: &mut fastrand::Rng) -> String {
     let mut b: [u8; 16] = std::array::from_fn(|_| rng.u8(..));
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -177,6 +178,56 @@ fn new_prompt_id(rng: &mut fastrand::Rng) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `id` is a UUID in canonical lowercase hyphenated form (what newer ComfyUI demands).
+    fn canonical_uuid(id: &str) -> bool {
+        id.len() == 36
+            && id.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => matches!(c, '0'..='9' | 'a'..='f'),
+            })
+    }
+
+    #[test]
+    fn the_prompt_id_is_the_bridges_lowercase_uuid_whatever_the_request_carries() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut templates = crate::workflow::template::Templates::load(dir.path(), dir.path());
+        let mut rng = fastrand::Rng::with_seed(1);
+        let http = ComfyHttp::new(&crate::config::Settings::default()).expect("client");
+        let (control, _rx) = mpsc::channel(1);
+        let mut cx = Context {
+            templates: &mut templates,
+            rng: &mut rng,
+            http: &http,
+            control: &control,
+            client_id: "bridge-client",
+            deny_node_classes: &[],
+            request_id: None,
+        };
+        let request = json!({
+            "workflow": {"prompt_id": {"class_type": "SaveImage", "inputs": {"prompt_id": "MINE"}}},
+            "extra_data": {"prompt_id": "NOT-A-UUID", "client_id": "someone", "extra_pnginfo": {"id": "X"}},
+        });
+        let Ok(crate::commands::Request { command: crate::commands::Command::Queue(queue), .. }) =
+            crate::commands::parse("queue", request.to_string().as_bytes(), 1 << 20)
+        else {
+            panic!("a queue request");
+        };
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            let body = prepare(queue.clone(), &mut cx).expect("prepared");
+            let id = body["prompt_id"].as_str().expect("an id").to_string();
+            assert!(canonical_uuid(&id), "{id}");
+            assert_eq!(body["client_id"], "bridge-client", "the bridge's socket gets the events");
+            assert_eq!(body["extra_data"]["prompt_id"], "NOT-A-UUID", "extra_data passes through, untouched");
+            ids.push(id);
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 50, "a fresh id for every prompt");
+        let id_field = crate::commands::parse("queue", br#"{"template": "t", "prompt_id": "MINE"}"#, 1 << 20);
+        assert!(id_field.is_err(), "a request cannot name the prompt id");
+    }
 
     #[test]
     fn prompt_ids_are_uuid_v4_text() {

@@ -24,6 +24,9 @@ pub const RECENT: usize = 32;
 pub const LOOKUPS_PER_SECOND: u32 = 20;
 /// Most lookups waiting in the worker; the tracker asks for far fewer (and again for any dropped).
 const MAX_TODO: usize = 1024;
+/// How long after a history entry that still lacks its outputs it is read again (newer servers send
+/// `execution_success` before they write the outputs, docs/PROTOCOL.md §11).
+pub const OUTPUTS_RETRY: Duration = Duration::from_millis(500);
 
 /// What the worker has still to do: a resync, then lookups, each id once.
 #[derive(Debug, Default)]
@@ -134,7 +137,10 @@ async fn resync(http: &ComfyHttp, control: &mpsc::Sender<Control>) -> bool {
 async fn lookup(http: &ComfyHttp, control: &mpsc::Sender<Control>, prompt_id: String) -> bool {
     for attempt in 0..ATTEMPTS {
         match http.history(&prompt_id).await {
-            Ok(entry) => return control.send(Control::History { prompt_id, entry }).await.is_ok(),
+            Ok(entry) => {
+                let entry = complete(http, &prompt_id, entry).await;
+                return control.send(Control::History { prompt_id, entry }).await.is_ok();
+            }
             Err(e) => {
                 if crate::telemetry::warn_allowed("resync", "history") {
                     warn!(prompt_id, attempt, error = %e, "cannot read history");
@@ -148,6 +154,20 @@ async fn lookup(http: &ComfyHttp, control: &mpsc::Sender<Control>, prompt_id: St
         }
     }
     true
+}
+
+/// `entry`, or when it still lacks its outputs, the entry read once more after [`OUTPUTS_RETRY`] (if that read
+/// works).
+async fn complete(http: &ComfyHttp, prompt_id: &str, entry: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    if !entry.as_ref().is_some_and(crate::comfy::queue::history_outputs_missing) {
+        return entry;
+    }
+    debug!(prompt_id, "history entry without its outputs yet: reading it again");
+    tokio::time::sleep(OUTPUTS_RETRY).await;
+    match http.history(prompt_id).await {
+        Ok(Some(later)) => Some(later),
+        _ => entry,
+    }
 }
 
 #[cfg(test)]

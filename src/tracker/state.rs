@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::comfy::event::{Kind, TextEvent};
-use crate::comfy::queue::{QueueItem, QueueSnapshot};
+use crate::comfy::queue::{history_outputs_missing, QueueItem, QueueSnapshot};
 use crate::comfy::urls::view_url;
 
 /// Least time between two `state` messages that only report progress.
@@ -156,6 +156,8 @@ struct Prompt {
     last_event_ms: Option<u64>,
     /// The `Bus Ask` it waits on: (ask id, subject).
     ask: Option<(String, String)>,
+    /// Its history entry came without the outputs it will have, and was asked for once more.
+    history_retried: bool,
 }
 
 impl Prompt {
@@ -183,6 +185,7 @@ impl Prompt {
             last_state: None,
             last_event_ms: None,
             ask: None,
+            history_retried: false,
         }
     }
 
@@ -759,6 +762,12 @@ impl Tracker {
             }
             return self.finish(prompt_id, Phase::Cancelled, now_ms, None);
         };
+        // Read right after `execution_success`, a newer server's entry may not have its outputs yet: once more.
+        if !std::mem::replace(&mut prompt.history_retried, true) && history_outputs_missing(entry) {
+            let mut effects = Effects::default();
+            self.request_lookup(prompt_id, now_ms, &mut effects);
+            return effects;
+        }
         if let Some(item) = entry.get("prompt") {
             if let Some(item) = QueueItem::parse(item) {
                 prompt.set_workflow(&item.prompt);

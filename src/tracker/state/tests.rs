@@ -403,3 +403,32 @@ fn a_waiting_ask_shows_in_the_state_until_it_ends_or_the_next_node_runs() {
     assert_eq!(states(&next.updates).last().expect("state")["state"], "running");
     assert!(tracker.ask_started("done-already", "k", "s", now).updates.len() == 1, "an ask names its prompt");
 }
+
+#[test]
+fn a_history_entry_without_its_outputs_yet_is_read_once_more() {
+    let history = fixture("history.success.json");
+    let (pid, full) = history.as_object().and_then(|h| h.iter().next()).expect("entry");
+    assert!(full["prompt"][4].as_array().is_some_and(|o| !o.is_empty()), "the fixture names its output nodes");
+    let mut early = full.clone();
+    early["outputs"] = json!({});
+    let now = Instant::now();
+    let mut tracker = Tracker::new(BASE);
+    tracker.on_recent_history(&[], 1, now);
+
+    // Seen in recent history right after execution_success: no result yet, a lookup instead.
+    let effects = tracker.on_recent_history(&[(pid.clone(), early.clone())], 2, now);
+    assert!(effects.updates.is_empty(), "{:?}", effects.updates);
+    assert_eq!(effects.lookups, [pid.as_str()]);
+    let updates = tracker.on_history(pid, Some(full), 3).updates;
+    let result = &results(&updates)[0];
+    assert_eq!(result["status"], "success");
+    assert!(result["outputs"].as_object().is_some_and(|o| !o.is_empty()), "{result}");
+
+    // Only once: an entry still without outputs then ends the prompt as it is.
+    let mut tracker = Tracker::new(BASE);
+    tracker.on_recent_history(&[], 1, now);
+    assert_eq!(tracker.on_recent_history(&[(pid.clone(), early.clone())], 2, now).lookups, [pid.as_str()]);
+    let updates = tracker.on_history(pid, Some(&early), 3).updates;
+    assert_eq!(results(&updates).len(), 1);
+    assert_eq!(results(&updates)[0]["outputs"], json!({}));
+}
