@@ -102,12 +102,22 @@ fn tap_install(comfyui_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon's runtime: one thread for `bridge.threads = 1` (its tasks hand messages to each other without
+/// waking another thread), else a pool of that many (0: one per core).
+fn daemon_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let settings = load(cli.config.as_deref())?;
+            let runtime = daemon_runtime(settings.bridge.threads)?;
             comfy_bridge::telemetry::init(
                 &settings.bridge.log,
                 settings.bridge.log_format == comfy_bridge::config::LogFormat::Json,
@@ -130,7 +140,9 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate { listen, transcript, speed, autoplay, tap, comfyui_version } => {
             comfy_bridge::telemetry::init("info", false);
             let opts = comfy_sim::SimOptions { transcripts: transcript, speed, autoplay, tap, comfyui_version };
-            runtime
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
                 .block_on(async {
                     let shutdown = CancellationToken::new();
                     tokio::spawn(cancel_on_signal(shutdown.clone()));
