@@ -156,8 +156,7 @@ pub struct BridgeSettings {
     /// Bytes each bus keeps while its broker is away (payloads, topics and a small overhead per message);
     /// progress and previews are dropped first, then the oldest lifecycle events.
     pub outbox_max_bytes: usize,
-    /// Threads the daemon's tasks run on: 1 (one thread, the least CPU per event), or more for a machine
-    /// where one core cannot keep up; 0 is one per core.
+    /// Threads the daemon's tasks run on; 0 is one per core (the default), 1 keeps everything on one thread.
     pub threads: usize,
 }
 
@@ -170,7 +169,7 @@ impl Default for BridgeSettings {
             shutdown_grace_ms: 5_000,
             outbox_capacity: 10_000,
             outbox_max_bytes: 64 * 1024 * 1024,
-            threads: 1,
+            threads: 0,
         }
     }
 }

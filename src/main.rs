@@ -102,8 +102,8 @@ fn tap_install(comfyui_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The daemon's runtime: one thread for `bridge.threads = 1` (its tasks hand messages to each other without
-/// waking another thread), else a pool of that many (0: one per core).
+/// The daemon's runtime: a pool of `bridge.threads` threads (0: one per core), or for 1 everything on the one
+/// thread.
 fn daemon_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
