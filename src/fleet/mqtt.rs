@@ -88,6 +88,7 @@ impl Loop {
                         warn!(error = %e, "fleet: cannot subscribe to the MQTT submit topic");
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => debug!("fleet: subscribed to the MQTT submit topic"),
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == queue_topic.as_bytes() && !p.retain => {
                     let (client, js, names, base) =
                         (self.client.clone(), self.js.clone(), self.names.clone(), self.base.clone());

@@ -1,4 +1,5 @@
-//! Probes of a running bridge: its `/metrics` as Prometheus reads it, and readiness of its NATS requests.
+//! Probes of a running bridge: its `/metrics` as Prometheus reads it, its tap on `/readyz`, and readiness of
+//! its NATS requests.
 
 use std::time::Duration;
 
@@ -23,6 +24,24 @@ pub async fn metrics_until(port: u16, pred: impl Fn(&str) -> bool) -> String {
             return body;
         }
         assert!(tokio::time::Instant::now() < deadline, "{url}: last answer\n{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `/readyz` on `port`, polled until the bridge says the tap extension is active (`"tap":"active"`: its
+/// WebSocket got the extension's hello); panics with the last body after ten seconds.
+pub async fn tap_active(port: u16) {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = tokio::time::Instant::now() + PROBE_WAIT;
+    loop {
+        let body = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if body.contains(r#""tap":"active""#) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{url}: the tap never became active; last answer\n{body}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
