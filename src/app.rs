@@ -1,4 +1,7 @@
-//! Wiring: builds the channels, spawns every task, and sequences shutdown.
+//! Wiring: splits the configuration ([`split`]), builds the channels, spawns every task, and sequences
+//! shutdown.
+
+pub mod split;
 
 use std::time::Duration;
 
@@ -66,32 +69,34 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (extension_tx, extension_rx) = mpsc::channel(EXTENSION_CAPACITY);
-    let ws = WsClient::new(&settings, &client_id, inbound_tx)?.with_extension(extension_tx);
-    let http = ComfyHttp::new(&settings)?.with_tap(ws.tap());
-    let health = Health::new(&settings, ws.tap());
-    if let Some(listener) = crate::health::bind(&settings).await.map_err(AppError::Listen)? {
+    let ws = WsClient::new(&settings.comfyui, &client_id, inbound_tx)?.with_extension(extension_tx);
+    let http = ComfyHttp::new(&settings.comfyui)?.with_tap(ws.tap());
+    let health = Health::new(settings.mqtt.enabled, settings.nats.enabled, ws.tap());
+    if let Some(listener) = crate::health::bind(&settings.http).await.map_err(AppError::Listen)? {
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));
     }
     let c = &settings.commands;
     let (request_tx, request_rx) = inbox(c.max_waiting_requests, c.max_waiting_bytes, c.max_payload_bytes);
-    let home_assistant = crate::homeassistant::enabled(&settings);
+    let home_assistant = split::home_assistant(&settings).is_some();
     let requests = (settings.commands.enabled || home_assistant).then_some(request_tx);
+    let common = bus::Common::from(&settings);
     let mut buses = Vec::new();
     if settings.mqtt.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        bus::mqtt::spawn(&settings, rx, requests.clone(), health.clone(), &tasks)?;
+        let listen = split::mqtt_listen(&settings);
+        bus::mqtt::spawn(&settings.mqtt, &common, listen, rx, requests.clone(), health.clone(), &tasks)?;
         buses.push((Bus::Mqtt, tx));
     }
     if settings.nats.enabled {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let requests = requests.clone().filter(|_| settings.commands.enabled);
-        bus::nats::spawn(&settings, rx, requests, health.clone(), &tasks, shutdown.clone()).await?;
+        bus::nats::spawn(&settings.nats, &common, rx, requests, health.clone(), &tasks, shutdown.clone()).await?;
         buses.push((Bus::Nats, tx));
     }
     if buses.is_empty() {
         warn!("both mqtt and nats are disabled: events go nowhere");
     }
-    let grace = Duration::from_millis(settings.bridge.shutdown_grace_ms);
+    let grace = common.grace;
 
     let (control_tx, control_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (work_tx, work_rx) = mpsc::unbounded_channel();
@@ -100,16 +105,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tasks.spawn(flow::fetch::run(http.clone(), images_rx, buses.clone()));
     if requests.is_some() {
         let senders = buses.iter().cloned().collect();
-        let commands = CommandTask::new(&settings, &client_id, http, control_tx, senders);
+        let config = crate::commands::task::Config::from(&settings);
+        let commands = CommandTask::new(config, &client_id, http, control_tx, senders);
         tasks.spawn(commands.run(request_rx, shutdown.clone(), grace));
     }
     drop(requests);
 
     let extension = router::Extension { messages: extension_rx, images };
-    tasks.spawn(router::run(settings.clone(), health, inbound_rx, control_rx, work_tx, buses, Some(extension)));
+    let config = router::Config::from(&settings);
+    tasks.spawn(router::run(config, health, inbound_rx, control_rx, work_tx, buses, Some(extension)));
     tasks.spawn(ws.run(shutdown.clone()));
     if settings.fleet.enabled {
-        crate::fleet::spawn(&settings, &tasks, shutdown.clone()).await?;
+        crate::fleet::spawn(crate::fleet::Config::from(&settings), &tasks, shutdown.clone()).await?;
     }
     tasks.close();
 

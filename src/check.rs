@@ -62,7 +62,7 @@ pub enum JetStream {
 
 /// The fleet's names, and whether JetStream is there (`run` needs it; `check` fails without it).
 fn fleet(settings: &Settings, jetstream: JetStream) -> (String, usize) {
-    let n = crate::fleet::Names::new(settings);
+    let n = crate::fleet::Names::new(&crate::fleet::Config::from(settings));
     let mut out = format!("\n# fleet {}\n", settings.fleet.name);
     let _ = writeln!(out, "submit on {} (stream {}, consumer {})", n.queue_subject, n.stream, n.consumer);
     let _ = writeln!(out, "job records in bucket {}, heartbeats in {}", n.jobs_bucket, n.bridges_bucket);
@@ -105,8 +105,9 @@ pub fn jetstream_probe(settings: &Settings) -> JetStream {
         runtime.block_on(async {
             let ask = async {
                 let (tx, _) = tokio::sync::mpsc::channel(1);
-                let client =
-                    crate::bus::nats::connect(&settings, tx).await.map_err(|e| JetStream::Unknown(e.to_string()))?;
+                let client = crate::bus::nats::connect(&settings.nats, &settings.bridge.instance, tx)
+                    .await
+                    .map_err(|e| JetStream::Unknown(e.to_string()))?;
                 // `$JS.API.INFO` is answered by JetStream only: an error object, or no responder at all,
                 // means this account has none.
                 match client.request("$JS.API.INFO", bytes::Bytes::new()).await {

@@ -206,6 +206,21 @@ pub struct ComfySettings {
     pub max_body_bytes: u64,
 }
 
+impl ComfySettings {
+    /// ComfyUI's base URL without a trailing slash.
+    pub fn base(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    /// The URL `/view` links are built on.
+    pub fn public_base(&self) -> &str {
+        match self.public_url.as_deref().map(|url| url.trim_end_matches('/')) {
+            None | Some("") => self.base(),
+            Some(url) => url,
+        }
+    }
+}
+
 impl Default for ComfySettings {
     fn default() -> Self {
         Self {
@@ -600,19 +615,6 @@ impl Settings {
         Ok(())
     }
 
-    /// ComfyUI's base URL without a trailing slash.
-    pub fn comfy_base(&self) -> &str {
-        self.comfyui.url.trim_end_matches('/')
-    }
-
-    /// The URL `/view` links are built on.
-    pub fn public_base(&self) -> &str {
-        match self.comfyui.public_url.as_deref().map(|url| url.trim_end_matches('/')) {
-            None | Some("") => self.comfy_base(),
-            Some(url) => url,
-        }
-    }
-
     /// The effective configuration as TOML, secrets shown as `***`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
@@ -873,9 +875,9 @@ mod tests {
         let set =
             env(&[("COMFY_BRIDGE__COMFYUI__PUBLIC_URL", "http://gpu:8188/"), ("COMFY_BRIDGE__MQTT__USERNAME", "u")]);
         let loaded = Settings::load_with_env(None, set).expect("loads");
-        assert_eq!(loaded.public_base(), "http://gpu:8188");
+        assert_eq!(loaded.comfyui.public_base(), "http://gpu:8188");
         assert_eq!(loaded.mqtt.username.as_deref(), Some("u"));
-        assert_eq!(Settings::default().public_base(), "http://127.0.0.1:8188", "unset: the ComfyUI URL");
+        assert_eq!(Settings::default().comfyui.public_base(), "http://127.0.0.1:8188", "unset: the ComfyUI URL");
         // `check` still shows every key, unset ones as "".
         let printed = Settings::default().to_redacted_toml();
         assert!(printed.contains("public_url = \"\"") && printed.contains("credentials_file = \"\""), "{printed}");

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::comfy::tap::TapWatch;
-use crate::config::Settings;
+use crate::config::HttpSettings;
 use crate::telemetry;
 
 /// Longest request head accepted.
@@ -45,12 +45,13 @@ pub struct Health {
 }
 
 impl Health {
-    /// Everything down, for the buses `settings` enables; the tap as `tap` says.
-    pub fn new(settings: &Settings, tap: TapWatch) -> Arc<Self> {
+    /// Everything down, counting MQTT and NATS only where enabled (`mqtt.enabled`, `nats.enabled`); the tap
+    /// as `tap` says.
+    pub fn new(mqtt_enabled: bool, nats_enabled: bool, tap: TapWatch) -> Arc<Self> {
         Arc::new(Self {
             comfyui: AtomicBool::new(false),
-            mqtt: settings.mqtt.enabled.then(|| AtomicBool::new(false)),
-            nats: settings.nats.enabled.then(|| AtomicBool::new(false)),
+            mqtt: mqtt_enabled.then(|| AtomicBool::new(false)),
+            nats: nats_enabled.then(|| AtomicBool::new(false)),
             tap,
         })
     }
@@ -91,8 +92,8 @@ impl Health {
 }
 
 /// Binds `http.listen`; `None` when it is unset (disabled).
-pub async fn bind(settings: &Settings) -> std::io::Result<Option<TcpListener>> {
-    match settings.http.listen.as_deref() {
+pub async fn bind(http: &HttpSettings) -> std::io::Result<Option<TcpListener>> {
+    match http.listen.as_deref() {
         None => Ok(None),
         Some(addr) => TcpListener::bind(addr).await.map(Some),
     }
@@ -163,13 +164,14 @@ async fn answer(mut stream: TcpStream, health: &Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[test]
     fn ready_only_when_comfyui_and_every_enabled_bus_are_connected() {
         let mut settings = Settings::default();
         settings.nats.enabled = false;
         let (tap_tx, tap) = crate::comfy::tap::channel();
-        let health = Health::new(&settings, tap);
+        let health = Health::new(settings.mqtt.enabled, settings.nats.enabled, tap);
         assert_eq!(
             health.readiness().1,
             json!({"ready": false, "comfyui": "disconnected", "mqtt": "disconnected", "nats": "disabled", "tap": "absent"})

@@ -25,7 +25,8 @@
 //!   pure core; its own task reads published images), and the `answer` command hands answers back.
 //! * [`fleet`] makes the bridge one worker of a fleet on NATS JetStream (its own connection, off the event
 //!   path).
-//! * [`app::run`] wires it together; shutdown cancels the WebSocket task, the command plane and the intakes,
+//! * [`app::run`] wires it together, giving each component only its part of the configuration
+//!   ([`app::split`]); shutdown cancels the WebSocket task, the command plane and the intakes,
 //!   and everything downstream drains as its input channels close.
 
 pub mod app;

@@ -34,21 +34,12 @@ async fn setup(
     configure: impl FnOnce(&mut comfy_bridge::config::Settings),
 ) -> (comfy_sim::Simulator, Daemon) {
     let sim = tap_simulator("a_success.jsonl", 0.0).await;
-    let daemon = Daemon::builder(&sim).mqtt(broker).nats(nats).with(configure).start().await;
-    wait_for_tap(&sim).await;
+    let port = probe::free_port();
+    let listen = |s: &mut comfy_bridge::config::Settings| s.http.listen = Some(format!("127.0.0.1:{port}"));
+    let daemon = Daemon::builder(&sim).mqtt(broker).nats(nats).with(listen).with(configure).start().await;
+    // Until the bridge's socket is a tap that got the extension's hello (so it can answer).
+    probe::tap_active(port).await;
     (sim, daemon)
-}
-
-/// Until the bridge's socket is a tap that got the extension's hello (so it can answer).
-async fn wait_for_tap(sim: &comfy_sim::Simulator) {
-    for _ in 0..100 {
-        if sim.connected_clients().len() == 1 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the bridge never connected");
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 
 use comfy_bridge::config::Settings;
-use comfy_bridge::flow::{Flow, Ids};
+use comfy_bridge::flow::{self, Flow, Ids};
 use comfy_bridge::homeassistant::Device;
 use serde_json::{json, Value};
 
@@ -40,7 +40,7 @@ fn ask(subject: &str, with_image: bool) -> (Value, Value) {
         data["image"] = json!({"filename": "comfy_bridge_temp_a_00001_.png", "subfolder": "", "type": "temp"});
     }
     let message = comfy_bridge::comfy::tap::Message { kind: "ask".into(), data };
-    let handled = Flow::new(&settings).handle(&message, Ids::default()).expect("a valid ask");
+    let handled = Flow::new(&flow::Config::from(&settings)).handle(&message, Ids::default()).expect("a valid ask");
     let question: Value = serde_json::from_slice(&handled.messages[0].payload).expect("json");
     let change = handled.ask.expect("an ask");
     let ha = Device::default().ask("local", &change);

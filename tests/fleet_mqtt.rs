@@ -26,8 +26,13 @@ async fn mqtt_submits_are_answered_once_and_jobs_report_on_mqtt() {
     wait_for_bridges(&client, "fq", 2, || bridges.iter().map(FleetBridge::log).collect()).await;
     let mut results = mqtt_subscribe(&mqtt, "comfyui/fleet/fq/job/+/result").await;
     let mut requester = MqttRequester::connect(&mqtt).await;
-    // Both bridges' shared subscriptions are in place once each answered something; give them a moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Submits reach a bridge only once its shared subscription is in place: each logs its SUBACK.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bridges.iter().all(|b| b.log().contains("fleet: subscribed to the MQTT submit topic")) {
+        let logs: Vec<String> = bridges.iter().map(FleetBridge::log).collect();
+        assert!(tokio::time::Instant::now() < deadline, "a shared subscription never came; logs:\n{logs:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut answered = HashMap::new();
     for n in 0..6 {

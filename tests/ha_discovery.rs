@@ -60,7 +60,7 @@ fn configs() -> BTreeMap<(String, String), Value> {
     let mut settings = Settings::default();
     settings.homeassistant.enabled = true;
     let templates = ["txt2img".to_string()];
-    ha::discovery(&settings, &templates, true)
+    ha::discovery(&ha::Config::from(&settings), &templates, true)
         .into_iter()
         .map(|(topic, payload)| {
             let parts: Vec<&str> = topic.split('/').collect();

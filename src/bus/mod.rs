@@ -10,10 +10,26 @@ pub mod outbox;
 pub mod topics;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 pub use outbox::Outbox;
+
+/// What both publishers use of the configuration besides their own section (`[mqtt]`, `[nats]`).
+#[derive(Debug, Clone)]
+pub struct Common {
+    /// `bridge.instance`: the instance level of every topic, and the client names.
+    pub instance: String,
+    /// `bridge.outbox_capacity`: messages kept while the broker is away.
+    pub outbox_capacity: usize,
+    /// `bridge.outbox_max_bytes`: bytes kept while the broker is away.
+    pub outbox_max_bytes: usize,
+    /// `bridge.shutdown_grace_ms`: the longest drain and goodbye on shutdown.
+    pub grace: Duration,
+    /// `comfyui.reconnect_max_ms`: the reconnect backoff's cap (MQTT, the NATS request intake).
+    pub reconnect_max_ms: u64,
+}
 
 /// While its broker is connected, a publisher stops taking new messages once this many wait in its outbox,
 /// so a slow broker slows the reading of ComfyUI's WebSocket instead of losing events. While the broker is

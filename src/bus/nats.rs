@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::delivery::{Confirmation, Delivery, Limits};
-use super::{topics, Bus, Inquiry, InquiryKind, Outbound, Reply, Route};
+use super::{topics, Bus, Common, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::commands::inbox::Inbox;
-use crate::config::Settings;
+use crate::config::NatsSettings;
 use crate::health::{Health, Part};
 use crate::telemetry;
 
@@ -50,41 +50,39 @@ pub enum NatsError {
 /// Connects (retrying in the background until the server is there) and spawns the publisher on `tasks`.
 /// With `requests`, it also subscribes to `<prefix>.<inst>.request.>` until `shutdown`.
 pub async fn spawn(
-    settings: &Settings,
+    cfg: &NatsSettings,
+    common: &Common,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     requests: Option<Inbox>,
     health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), NatsError> {
-    let cfg = &settings.nats;
     let (event_tx, event_rx) = mpsc::channel(16);
-    let client = connect(settings, event_tx).await?;
+    let client = connect(cfg, &common.instance, event_tx).await?;
     let span = tracing::info_span!("nats", url = %cfg.url);
     if let Some(tx) = requests {
         // Requests come in on a connection of their own: whatever a requester sends that makes the client
         // reconnect (async-nats 0.51 does on a non-UTF-8 subject) costs the event stream nothing.
         let subjects = Subjects {
-            requests: Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix),
-            answers: Route::fixed(&settings.bridge.instance, &[topics::ANSWER]).nats_subject(&cfg.subject_prefix),
+            requests: Route::fixed(&common.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix),
+            answers: Route::fixed(&common.instance, &[topics::ANSWER]).nats_subject(&cfg.subject_prefix),
         };
-        tasks.spawn(intake_connection(settings.clone(), subjects, tx, shutdown).instrument(span.clone()));
+        let intake = intake_connection(cfg.clone(), common.clone(), subjects, tx, shutdown);
+        tasks.spawn(intake.instrument(span.clone()));
     }
-    let limits = Limits {
-        count: settings.bridge.outbox_capacity,
-        bytes: settings.bridge.outbox_max_bytes,
-        window: BATCH,
-        stall_ticks: u32::MAX,
-    };
+    let limits =
+        Limits { count: common.outbox_capacity, bytes: common.outbox_max_bytes, window: BATCH, stall_ticks: u32::MAX };
     let publisher = Publisher {
         client,
-        settings: settings.clone(),
+        nats: cfg.clone(),
+        instance: common.instance.clone(),
         marker: None,
-        delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &settings.bridge.instance),
+        delivery: Delivery::new(Bus::Nats, Confirmation::Batch, limits, &common.instance),
         subjects: topics::Renderer::new(&cfg.subject_prefix, cfg.max_subject_bytes),
         max_subject_bytes: cfg.max_subject_bytes,
         timeout: Duration::from_millis(cfg.publish_timeout_ms.max(10)),
-        grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+        grace: common.grace,
         health,
         dead: false,
         publishing: None,
@@ -93,13 +91,14 @@ pub async fn spawn(
     Ok(())
 }
 
-/// A client for `settings.nats` whose connection events go to `event_tx`; it connects in the background.
-/// The client's connection task holds the only sender: the channel closes when that task is gone.
+/// A client for the NATS server(s) of `cfg`, named after `instance`, whose connection events go to
+/// `event_tx`; it connects in the background. The client's connection task holds the only sender: the channel
+/// closes when that task is gone.
 pub(crate) async fn connect(
-    settings: &Settings,
+    cfg: &NatsSettings,
+    instance: &str,
     event_tx: mpsc::Sender<Event>,
 ) -> Result<async_nats::Client, NatsError> {
-    let cfg = &settings.nats;
     let mut options = ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -107,7 +106,7 @@ pub(crate) async fn connect(
         // Every subject the bridge publishes to passed `topics::check_nats_subject` (no whitespace or control
         // bytes, which is all the client checks), once per route: no second scan per message.
         .skip_subject_validation(true)
-        .name(format!("comfy-bridge-{}", settings.bridge.instance))
+        .name(format!("comfy-bridge-{instance}"))
         .event_callback(move |event| {
             let event_tx = event_tx.clone();
             async move {
@@ -154,12 +153,18 @@ struct Subjects {
 
 /// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever
 /// the old one's connection task is gone (its subscription ends).
-async fn intake_connection(settings: Settings, subjects: Subjects, tx: Inbox, shutdown: CancellationToken) {
+async fn intake_connection(
+    cfg: NatsSettings,
+    common: Common,
+    subjects: Subjects,
+    tx: Inbox,
+    shutdown: CancellationToken,
+) {
     let mut attempt = 0;
     while !shutdown.is_cancelled() {
         // Connection events matter to the publisher only; this client's go nowhere.
         let (event_tx, _) = mpsc::channel(1);
-        match connect(&settings, event_tx).await {
+        match connect(&cfg, &common.instance, event_tx).await {
             Ok(client) => {
                 attempt = 0;
                 intake(client, subjects.clone(), tx.clone(), shutdown.clone()).await;
@@ -171,7 +176,7 @@ async fn intake_connection(settings: Settings, subjects: Subjects, tx: Inbox, sh
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(crate::backoff::delay(attempt, settings.comfyui.reconnect_max_ms)) => {}
+            _ = tokio::time::sleep(crate::backoff::delay(attempt, common.reconnect_max_ms)) => {}
         }
     }
 }
@@ -233,7 +238,10 @@ enum Failure {
 /// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
 struct Publisher {
     client: async_nats::Client,
-    settings: Settings,
+    /// `[nats]`, to rebuild the client with.
+    nats: NatsSettings,
+    /// `bridge.instance`, the client's name.
+    instance: String,
     marker: Option<Marker>,
     delivery: Delivery,
     /// Routes under the subject prefix, checked against `max_subject_bytes`.
@@ -352,7 +360,7 @@ impl Publisher {
     async fn rebuild(&mut self) -> Option<mpsc::Receiver<Event>> {
         warn!("nats client is dead: building a new one");
         let (event_tx, event_rx) = mpsc::channel(16);
-        match connect(&self.settings, event_tx).await {
+        match connect(&self.nats, &self.instance, event_tx).await {
             Ok(client) => {
                 self.client = client;
                 self.marker = None;

@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::jobs::Job;
 use super::queue::QueueSnapshot;
-use crate::config::Settings;
+use crate::config::ComfySettings;
 
 /// Sent as `User-Agent` with every request.
 const USER_AGENT: &str = concat!("comfy-bridge/", env!("CARGO_PKG_VERSION"));
@@ -98,17 +98,17 @@ pub struct ComfyHttp {
 }
 
 impl ComfyHttp {
-    /// A client for `settings.comfyui`: its URL, extra headers and request timeout.
-    pub fn new(settings: &Settings) -> Result<Self, HttpError> {
+    /// A client for ComfyUI at `comfyui.url`, with its extra headers, request timeout, CA and body cap.
+    pub fn new(comfyui: &ComfySettings) -> Result<Self, HttpError> {
         let invalid = |reason: String| HttpError::InvalidSettings { reason };
-        let mut base = Url::parse(settings.comfy_base()).map_err(|e| invalid(format!("comfyui.url: {e}")))?;
+        let mut base = Url::parse(comfyui.base()).map_err(|e| invalid(format!("comfyui.url: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(invalid("comfyui.url: must be an http:// or https:// URL".into()));
         }
         // A query (a proxy's `?token=…`) stays on every request.
         base.set_fragment(None);
         let mut headers = HeaderMap::new();
-        for (name, value) in &settings.comfyui.headers {
+        for (name, value) in &comfyui.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| invalid(format!("comfyui.headers: {name:?} is not a header name")))?;
             if header == ORIGIN {
@@ -121,18 +121,18 @@ impl ComfyHttp {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        if settings.comfyui.max_body_bytes == 0 {
+        if comfyui.max_body_bytes == 0 {
             return Err(invalid("comfyui.max_body_bytes: must be at least 1".into()));
         }
-        if settings.comfyui.request_timeout_ms == 0 {
+        if comfyui.request_timeout_ms == 0 {
             return Err(invalid("comfyui.request_timeout_ms: must be at least 1".into()));
         }
-        let timeout = Duration::from_millis(settings.comfyui.request_timeout_ms);
+        let timeout = Duration::from_millis(comfyui.request_timeout_ms);
         let mut builder = reqwest::Client::builder();
         if base.scheme() == "http" {
             // Plain HTTP needs no root certificates (loading them costs about a megabyte).
             builder = builder.tls_built_in_root_certs(false);
-        } else if let Some(ca_file) = settings.comfyui.ca_file.as_deref() {
+        } else if let Some(ca_file) = comfyui.ca_file.as_deref() {
             let config = crate::tls::client_config(Some(ca_file), None, None)
                 .map_err(|e| invalid(format!("comfyui.ca_file: {e}")))?;
             builder = builder.use_preconfigured_tls((*config).clone());
@@ -148,7 +148,7 @@ impl ComfyHttp {
             client,
             base,
             upload_timeout: timeout.saturating_mul(UPLOAD_TIMEOUT_FACTOR),
-            max_body: usize::try_from(settings.comfyui.max_body_bytes).unwrap_or(usize::MAX),
+            max_body: usize::try_from(comfyui.max_body_bytes).unwrap_or(usize::MAX),
             tap: super::tap::TapWatch::absent(),
             jobs: std::sync::Arc::default(),
         })
@@ -439,7 +439,7 @@ mod tests {
 
     use super::*;
     use crate::comfy::jobs::{JobStatus, Outcome};
-    use crate::config::Secret;
+    use crate::config::{Secret, Settings};
     use comfy_sim::{SimOptions, Simulator};
 
     fn fixtures() -> PathBuf {
@@ -457,7 +457,7 @@ mod tests {
     async fn sim(speed: f64) -> (Simulator, ComfyHttp) {
         let opts = SimOptions { transcripts: vec![fixtures()], speed, ..SimOptions::default() };
         let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
-        let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client");
+        let http = ComfyHttp::new(&settings(&sim.url(), 5_000).comfyui).expect("client");
         (sim, http)
     }
 
@@ -467,7 +467,7 @@ mod tests {
         let opts = SimOptions { transcripts: vec![fixtures()], speed, comfyui_version, ..SimOptions::default() };
         let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), opts).await.expect("sim starts");
         let (connections, watch) = super::super::tap::channel();
-        let http = ComfyHttp::new(&settings(&sim.url(), 5_000)).expect("client").with_tap(watch);
+        let http = ComfyHttp::new(&settings(&sim.url(), 5_000).comfyui).expect("client").with_tap(watch);
         (sim, http, connections)
     }
 
@@ -689,7 +689,7 @@ mod tests {
             .comfyui
             .headers
             .insert("Authorization".into(), serde_json::from_value::<Secret>(json!("Bearer t0k")).expect("secret"));
-        let http = ComfyHttp::new(&settings).expect("client");
+        let http = ComfyHttp::new(&settings.comfyui).expect("client");
         assert_eq!(http.system_stats().await.expect("stats"), json!({}));
         let head = server.await.expect("server").to_ascii_lowercase();
         assert!(head.starts_with("get /comfy/system_stats http/1.1\r\n"), "{head}");
@@ -706,7 +706,7 @@ mod tests {
         let mut bad_name = settings("http://127.0.0.1:8188", 5_000);
         bad_name.comfyui.headers.insert("bad name".into(), Secret::default());
         for s in [with_origin, bad_name, settings("http://127.0.0.1:8188", 0), settings("not a url", 5_000)] {
-            assert!(matches!(ComfyHttp::new(&s), Err(HttpError::InvalidSettings { .. })));
+            assert!(matches!(ComfyHttp::new(&s.comfyui), Err(HttpError::InvalidSettings { .. })));
         }
     }
 
@@ -714,7 +714,7 @@ mod tests {
     async fn error_status_and_non_json_answers() {
         let long = "x".repeat(2_000);
         let (url, _server) = serve_once(answer("500 Internal Server Error", "text/plain", &long)).await;
-        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        let http = ComfyHttp::new(&settings(&url, 5_000).comfyui).expect("client");
         let err = http.queue().await.expect_err("500");
         let excerpt_len = match &err {
             HttpError::Status { endpoint: "GET /queue", status: 500, body, json: None } => body.len(),
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(excerpt_len, MAX_EXCERPT_CHARS);
 
         let (url, _server) = serve_once(answer("200 OK", "text/html", "<html>proxy login</html>")).await;
-        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        let http = ComfyHttp::new(&settings(&url, 5_000).comfyui).expect("client");
         assert!(matches!(http.system_stats().await, Err(HttpError::BadResponse { endpoint: "GET /system_stats", .. })));
     }
 
@@ -759,7 +759,7 @@ mod tests {
         let (url, written) = serve_endless().await;
         let mut capped = settings(&url, 10_000);
         capped.comfyui.max_body_bytes = 1024 * 1024;
-        let http = ComfyHttp::new(&capped).expect("client");
+        let http = ComfyHttp::new(&capped.comfyui).expect("client");
         for _ in 0..2 {
             let err = http.queue().await.expect_err("endless");
             assert!(matches!(err, HttpError::TooLarge { endpoint: "GET /queue", limit: 1_048_576 }), "{err:?}");
@@ -771,7 +771,7 @@ mod tests {
         let (url, _server) = serve_once(answer("200 OK", "application/json", &long)).await;
         let mut capped = settings(&url, 5_000);
         capped.comfyui.max_body_bytes = 1_000;
-        let http = ComfyHttp::new(&capped).expect("client");
+        let http = ComfyHttp::new(&capped.comfyui).expect("client");
         let err = http.system_stats().await.expect_err("declared too long");
         assert!(matches!(err, HttpError::TooLarge { endpoint: "GET /system_stats", limit: 1_000 }), "{err:?}");
     }
@@ -779,14 +779,14 @@ mod tests {
     #[tokio::test]
     async fn empty_200s_are_not_parsed() {
         let (url, _server) = serve_once(answer("200 OK", "", "")).await;
-        let http = ComfyHttp::new(&settings(&url, 5_000)).expect("client");
+        let http = ComfyHttp::new(&settings(&url, 5_000).comfyui).expect("client");
         http.interrupt(None).await.expect("empty 200 is success");
     }
 
     #[tokio::test]
     async fn comfyui_down_is_unavailable_at_once() {
         let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
-        let http = ComfyHttp::new(&settings(&format!("http://127.0.0.1:{port}"), 30_000)).expect("client");
+        let http = ComfyHttp::new(&settings(&format!("http://127.0.0.1:{port}"), 30_000).comfyui).expect("client");
         let started = Instant::now();
         let err = http.post_prompt(&prompt("x")).await.expect_err("nobody listens");
         assert!(matches!(err, HttpError::Unavailable { endpoint: "POST /prompt", .. }), "{err:?}");
@@ -798,7 +798,7 @@ mod tests {
         // Connections complete in the backlog, but nobody ever reads or answers.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let http = ComfyHttp::new(&settings(&url, 300)).expect("client");
+        let http = ComfyHttp::new(&settings(&url, 300).comfyui).expect("client");
         let started = Instant::now();
         let err = http.queue().await.expect_err("no answer");
         let elapsed = started.elapsed();
@@ -811,7 +811,7 @@ mod tests {
     fn urls_keep_the_base_and_its_query() {
         let mut settings = Settings::default();
         settings.comfyui.url = "http://127.0.0.1:1/base?token=t".into();
-        let http = ComfyHttp::new(&settings).expect("client");
+        let http = ComfyHttp::new(&settings.comfyui).expect("client");
         assert_eq!(http.url(&["history", "a b"]).as_str(), "http://127.0.0.1:1/base/history/a%20b?token=t");
     }
 }

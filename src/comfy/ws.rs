@@ -13,7 +13,7 @@ use super::http::ComfyHttp;
 use super::tap::{self, TapSender, TapWatch};
 use super::Inbound;
 use crate::backoff;
-use crate::config::Settings;
+use crate::config::ComfySettings;
 use crate::telemetry;
 
 /// Sent as the first message so previews arrive as type 4, with their prompt and node (docs/PROTOCOL.md §2.3),
@@ -125,32 +125,32 @@ pub fn ws_url(http_base: &str, client_id: &str) -> String {
 }
 
 impl WsClient {
-    /// A client for `settings.comfyui` with the given client id; fails only on unusable TLS files.
+    /// A client for ComfyUI at `comfyui.url` with the given client id; fails only on unusable TLS files.
     pub fn new(
-        settings: &Settings,
+        comfyui: &ComfySettings,
         client_id: &str,
         inbound_tx: mpsc::Sender<Inbound>,
     ) -> Result<Self, crate::tls::TlsError> {
-        let url = ws_url(settings.comfy_base(), client_id);
+        let url = ws_url(comfyui.base(), client_id);
         // Loading the root certificates costs about a megabyte: only for `wss://`.
         let tls = match url.starts_with("wss://") {
-            true => Some(crate::tls::client_config(settings.comfyui.ca_file.as_deref(), None, None)?),
+            true => Some(crate::tls::client_config(comfyui.ca_file.as_deref(), None, None)?),
             false => None,
         };
         Ok(Self {
             tls,
             url,
-            headers: settings.comfyui.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
-            reconnect_max_ms: settings.comfyui.reconnect_max_ms,
-            ping_interval: Duration::from_millis(settings.comfyui.ping_interval_ms.max(100)),
+            headers: comfyui.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
+            reconnect_max_ms: comfyui.reconnect_max_ms,
+            ping_interval: Duration::from_millis(comfyui.ping_interval_ms.max(100)),
             inbound_tx,
             in_flight: std::sync::Mutex::default(),
             tap: tap::channel().0,
             tap_logged: std::sync::Mutex::default(),
             extension_tx: None,
             client_id: client_id.to_string(),
-            deaf_after: Duration::from_millis(settings.comfyui.deaf_after_ms),
-            http: ComfyHttp::new(settings).ok(),
+            deaf_after: Duration::from_millis(comfyui.deaf_after_ms),
+            http: ComfyHttp::new(comfyui).ok(),
         })
     }
 
@@ -429,6 +429,7 @@ pub fn client_id(configured: Option<&str>, state_dir: &std::path::Path) -> std::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[test]
     fn websocket_url_is_derived_from_the_http_url() {
@@ -516,7 +517,7 @@ mod tests {
         settings.comfyui.ping_interval_ms = 100;
         let (tx, mut rx) = mpsc::channel(1);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(WsClient::new(&settings, "stall", tx).expect("client").run(shutdown.clone()));
+        let task = tokio::spawn(WsClient::new(&settings.comfyui, "stall", tx).expect("client").run(shutdown.clone()));
         let wait = Duration::from_secs(5);
         assert!(matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(Inbound::Connected))));
         // The buses stall: nothing is taken from the channel for ten ping intervals.
@@ -537,7 +538,7 @@ mod tests {
         settings.comfyui.reconnect_max_ms = 50;
         let (tx, mut rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let client = WsClient::new(&settings, "test-id", tx).expect("client");
+        let client = WsClient::new(&settings.comfyui, "test-id", tx).expect("client");
         let task = tokio::spawn(client.run(shutdown.clone()));
         let wait = Duration::from_secs(5);
         for _ in 0..2 {
@@ -588,7 +589,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let (ext_tx, mut ext_rx) = mpsc::channel(8);
         let shutdown = CancellationToken::new();
-        let client = WsClient::new(&settings, "tap-id", tx).expect("client").with_extension(ext_tx);
+        let client = WsClient::new(&settings.comfyui, "tap-id", tx).expect("client").with_extension(ext_tx);
         let tap = client.tap();
         let task = tokio::spawn(client.run(shutdown.clone()));
         let wait = Duration::from_secs(5);

@@ -193,7 +193,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let mut templates = crate::workflow::template::Templates::load(dir.path(), dir.path());
         let mut rng = fastrand::Rng::with_seed(1);
-        let http = ComfyHttp::new(&crate::config::Settings::default()).expect("client");
+        let http = ComfyHttp::new(&crate::config::Settings::default().comfyui).expect("client");
         let (control, _rx) = mpsc::channel(1);
         let mut cx = Context {
             templates: &mut templates,

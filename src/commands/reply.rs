@@ -6,7 +6,7 @@
 //! Pure: a function of the configuration, the bus and the requested topic or subject.
 
 use crate::bus::Bus;
-use crate::config::Settings;
+use crate::config::{MqttSettings, NatsSettings};
 
 /// Longest response topic or reply subject taken, in bytes.
 pub const MAX_REPLY_BYTES: usize = 1024;
@@ -25,15 +25,15 @@ pub struct ReplyRules {
 }
 
 impl ReplyRules {
-    /// The rules for this bridge's topic and subject trees.
-    pub fn new(settings: &Settings) -> Self {
-        let mqtt_base = settings.mqtt.base_topic.clone();
-        let discovery = settings.homeassistant.discovery_prefix.trim_end_matches('/').to_string();
-        let nats_base = settings.nats.subject_prefix.clone();
+    /// The rules for this bridge's topic and subject trees: `mqtt.base_topic`, `nats.subject_prefix`, their
+    /// length limits, and Home Assistant's `discovery_prefix` (refused whether Home Assistant is on or not).
+    pub fn new(mqtt: &MqttSettings, nats: &NatsSettings, discovery_prefix: &str) -> Self {
+        let max_bytes = (MAX_REPLY_BYTES.min(mqtt.max_topic_bytes), MAX_REPLY_BYTES.min(nats.max_subject_bytes));
+        let mqtt_base = mqtt.base_topic.clone();
+        let discovery = discovery_prefix.trim_end_matches('/').to_string();
+        let nats_base = nats.subject_prefix.clone();
         let nats = vec![nats_base.clone(), mqtt_base.replace('/', "."), discovery.replace('/', ".")];
         let mqtt = vec![mqtt_base, discovery, nats_base.replace('.', "/")];
-        let max_bytes =
-            (MAX_REPLY_BYTES.min(settings.mqtt.max_topic_bytes), MAX_REPLY_BYTES.min(settings.nats.max_subject_bytes));
         Self { mqtt, nats, max_bytes }
     }
 
@@ -108,9 +108,15 @@ fn nats_problem(subject: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
+
+    /// The rules of `settings`, split as `app` splits them.
+    fn rules_of(settings: &Settings) -> ReplyRules {
+        crate::commands::task::Config::from(settings).replies
+    }
 
     fn rules() -> ReplyRules {
-        ReplyRules::new(&Settings::default())
+        rules_of(&Settings::default())
     }
 
     #[test]
@@ -154,7 +160,7 @@ mod tests {
         settings.nats.subject_prefix = "farm".into();
         settings.bridge.instance = "a1".into();
         settings.homeassistant.discovery_prefix = "ha".into();
-        let r = ReplyRules::new(&settings);
+        let r = rules_of(&settings);
         assert!(r.check(Bus::Mqtt, "site/gpu/a1/prompt/x/result").is_err());
         assert!(r.check(Bus::Mqtt, "comfyui/local/prompt/x/result").is_ok());
         assert!(r.check(Bus::Mqtt, "ha/select/x/config").is_err());
@@ -163,7 +169,7 @@ mod tests {
         assert!(r.check(Bus::Nats, "farm.a10.x").is_err(), "a sibling instance's tree");
         assert!(r.check(Bus::Mqtt, "farm/a1/prompt/x/result").is_err(), "the NATS tree as MQTT maps it");
         settings.mqtt.max_topic_bytes = 300;
-        let r = ReplyRules::new(&settings);
+        let r = rules_of(&settings);
         assert!(r.check(Bus::Mqtt, &format!("r/{}", "x".repeat(300))).is_err(), "over mqtt.max_topic_bytes");
         assert!(r.check(Bus::Nats, &format!("r.{}", "x".repeat(300))).is_ok());
     }

@@ -7,6 +7,7 @@
 //! does is in its own file ([`Command::apply`]); this loop only routes requests and answers.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use super::response::{self, Code, Failure, Outcome};
 use super::{Applied, Command, Context, Work};
 use crate::bus::{topics, Bus, Class, Inquiry, InquiryKind, Outbound, Reply, Route};
 use crate::comfy::http::ComfyHttp;
-use crate::config::Settings;
+use crate::config::CommandSettings;
 use crate::homeassistant::{self, Entities, Set};
 use crate::telemetry;
 use crate::tracker::Control;
@@ -77,6 +78,24 @@ impl Job {
     }
 }
 
+/// What the command task uses of the configuration (`app` builds it from `Settings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `bridge.instance`.
+    pub instance: String,
+    /// `[commands]`.
+    pub commands: CommandSettings,
+    /// `state.dir`: where the patched copies of templates are kept.
+    pub state_dir: PathBuf,
+    /// `comfyui.request_timeout_ms`: the longest a request waits for a free slot.
+    pub request_timeout: Duration,
+    /// Where responses may go (from `mqtt.base_topic`, `nats.subject_prefix`, their limits and
+    /// `homeassistant.discovery_prefix`).
+    pub replies: ReplyRules,
+    /// Home Assistant's part, when it is on: the task holds its select and text entities.
+    pub home_assistant: Option<homeassistant::Config>,
+}
+
 /// The command task's state.
 pub struct CommandTask {
     instance: String,
@@ -101,35 +120,35 @@ pub struct CommandTask {
 impl CommandTask {
     /// A command task answering on `buses`, telling the tracker about prompts it queues through `control`.
     pub fn new(
-        settings: &Settings,
+        config: Config,
         client_id: &str,
         http: ComfyHttp,
         control: mpsc::Sender<Control>,
         buses: HashMap<Bus, mpsc::Sender<Arc<Outbound>>>,
     ) -> Self {
-        let templates = Templates::load(&settings.commands.templates_dir, &settings.state.dir);
+        let Config { instance, commands, state_dir, request_timeout, replies, home_assistant } = config;
+        let templates = Templates::load(&commands.templates_dir, &state_dir);
         for (file, error) in templates.errors() {
             warn!(file, error, "template skipped");
         }
-        let deadline = Duration::from_millis(settings.comfyui.request_timeout_ms);
         let mut task = Self {
-            instance: settings.bridge.instance.clone(),
-            policy: Policy::new(&settings.commands),
-            replies: ReplyRules::new(settings),
-            deny_node_classes: settings.commands.deny_node_classes.clone(),
-            max_payload_bytes: settings.commands.max_payload_bytes,
+            instance,
+            policy: Policy::new(&commands),
+            replies,
+            deny_node_classes: commands.deny_node_classes.clone(),
+            max_payload_bytes: commands.max_payload_bytes,
             client_id: client_id.to_string(),
             http,
             templates,
             control,
             buses,
             ledger: Ledger::default(),
-            waiting: WaitQueue::new(settings.commands.max_waiting_requests, deadline),
+            waiting: WaitQueue::new(commands.max_waiting_requests, request_timeout),
             rng: fastrand::Rng::new(),
             ha: None,
         };
-        if homeassistant::enabled(settings) {
-            task.ha = Some(Entities::new(settings, task.templates.names().next().map(str::to_string)));
+        if let Some(home_assistant) = home_assistant {
+            task.ha = Some(Entities::new(home_assistant, task.templates.names().next().map(str::to_string)));
         }
         task
     }

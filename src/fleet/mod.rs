@@ -24,7 +24,7 @@ pub mod task;
 use std::time::Duration;
 
 use crate::bus::topics;
-use crate::config::Settings;
+use crate::config::{ComfySettings, FleetSettings, MqttSettings, NatsSettings};
 
 /// Why the fleet worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,23 @@ pub enum FleetError {
     /// The TLS files for MQTT could not be used.
     #[error("fleet: mqtt tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// What the fleet worker uses of the configuration (`app` builds it from `Settings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[fleet]`.
+    pub fleet: FleetSettings,
+    /// `bridge.instance`: this worker's name, and the bridge it sends jobs to.
+    pub instance: String,
+    /// `[nats]`: the worker's own connection, and the subject prefix.
+    pub nats: NatsSettings,
+    /// `[mqtt]`: the worker's own MQTT connection when `mqtt.enabled`, and the topic base.
+    pub mqtt: MqttSettings,
+    /// `[comfyui]`: the worker's own HTTP client, and the request timeout.
+    pub comfyui: ComfySettings,
+    /// `commands.max_payload_bytes`: the largest job the stream takes.
+    pub max_payload_bytes: usize,
 }
 
 /// Every name the fleet uses, derived from the configuration.
@@ -65,11 +82,11 @@ pub struct Names {
 }
 
 impl Names {
-    /// The names for `settings`.
-    pub fn new(settings: &Settings) -> Self {
-        let fleet = &settings.fleet.name;
+    /// The names for `config`.
+    pub fn new(config: &Config) -> Self {
+        let fleet = &config.fleet.name;
         let upper = fleet.to_uppercase();
-        let prefix = &settings.nats.subject_prefix;
+        let prefix = &config.nats.subject_prefix;
         let fleet_subject = format!("{prefix}.fleet.{fleet}");
         Self {
             stream: format!("COMFY_FLEET_{upper}"),
@@ -77,9 +94,9 @@ impl Names {
             jobs_bucket: format!("COMFY_FLEET_{upper}_JOBS"),
             bridges_bucket: format!("COMFY_FLEET_{upper}_BRIDGES"),
             queue_subject: format!("{fleet_subject}.queue"),
-            fleet_topic: format!("{}/fleet/{fleet}", settings.mqtt.base_topic),
+            fleet_topic: format!("{}/fleet/{fleet}", config.mqtt.base_topic),
             fleet_subject,
-            instance_subject: format!("{prefix}.{}", settings.bridge.instance),
+            instance_subject: format!("{prefix}.{}", config.instance),
         }
     }
 
@@ -112,9 +129,9 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// The timing for `settings`.
-    pub fn new(settings: &Settings) -> Self {
-        let ack_wait = Duration::from_millis(settings.fleet.ack_wait_ms);
+    /// The timing for `fleet.ack_wait_ms`.
+    pub fn new(fleet: &FleetSettings) -> Self {
+        let ack_wait = Duration::from_millis(fleet.ack_wait_ms);
         let heartbeat = (ack_wait / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
         Self { ack_wait, progress: ack_wait / 3, heartbeat }
     }
@@ -125,20 +142,21 @@ pub use task::spawn;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[test]
     fn names_follow_the_contract() {
         let mut s = Settings::default();
         s.fleet.name = "gpus".into();
         s.bridge.instance = "box1".into();
-        let n = Names::new(&s);
+        let n = Names::new(&Config::from(&s));
         assert_eq!(n.stream, "COMFY_FLEET_GPUS");
         assert_eq!(n.jobs_bucket, "COMFY_FLEET_GPUS_JOBS");
         assert_eq!(n.queue_subject, "comfyui.fleet.gpus.queue");
         assert_eq!(n.job_subject("a.b", "state"), "comfyui.fleet.gpus.job.a=2Eb.state");
         assert_eq!(n.job_topic("a/b", "result"), "comfyui/fleet/gpus/job/a=2Fb/result");
         assert_eq!(Names::request_subject("comfyui", "box1", "queue"), "comfyui.box1.request.queue");
-        let t = Timing::new(&s);
+        let t = Timing::new(&Config::from(&s).fleet);
         assert_eq!((t.progress, t.heartbeat), (Duration::from_secs(20), Duration::from_secs(5)));
     }
 }

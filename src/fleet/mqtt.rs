@@ -15,20 +15,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::{FleetError, Names};
-use crate::config::Settings;
+use super::{Config, FleetError, Names};
 
 /// Connects (in the background, reconnecting) and spawns the loop; the client to publish job records with.
 pub(crate) fn start(
-    settings: &Settings,
+    config: &Config,
     js: jetstream::Context,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<AsyncClient, FleetError> {
-    let cfg = &settings.mqtt;
+    let cfg = &config.mqtt;
     let (host, port, tls) =
         crate::config::mqtt_endpoint(&cfg.url).ok_or_else(|| FleetError::MqttUrl(cfg.url.clone()))?;
-    let base_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", settings.bridge.instance));
+    let base_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", config.instance));
     let mut opts = MqttOptions::new(format!("{base_id}-fleet"), host, port);
     if tls {
         let config = crate::tls::client_config(
@@ -46,8 +45,15 @@ pub(crate) fn start(
         opts.set_credentials(user, cfg.password.as_ref().map_or("", |p| p.expose()));
     }
     let (client, eventloop) = AsyncClient::new(opts, 256);
-    let names = Names::new(settings);
-    let looped = Loop { client: client.clone(), js, names, base: cfg.base_topic.clone(), settings: settings.clone() };
+    let names = Names::new(config);
+    let looped = Loop {
+        client: client.clone(),
+        js,
+        names,
+        base: cfg.base_topic.clone(),
+        share: config.fleet.name.clone(),
+        backoff: Duration::from_millis(config.comfyui.reconnect_max_ms.clamp(100, 5_000)),
+    };
     tasks.spawn(looped.run(eventloop, tasks.clone(), shutdown));
     Ok(client)
 }
@@ -57,14 +63,17 @@ struct Loop {
     js: jetstream::Context,
     names: Names,
     base: String,
-    settings: Settings,
+    /// `fleet.name`: the shared subscription's group.
+    share: String,
+    /// How long to wait after a connection error (`comfyui.reconnect_max_ms`, 100 ms to 5 s).
+    backoff: Duration,
 }
 
 impl Loop {
     async fn run(self, mut eventloop: rumqttc::v5::EventLoop, tasks: TaskTracker, shutdown: CancellationToken) {
         let queue_topic = format!("{}/queue", self.names.fleet_topic);
-        let filter = format!("$share/{}/{queue_topic}", self.settings.fleet.name);
-        let backoff = Duration::from_millis(self.settings.comfyui.reconnect_max_ms.clamp(100, 5_000));
+        let filter = format!("$share/{}/{queue_topic}", self.share);
+        let backoff = self.backoff;
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -79,6 +88,7 @@ impl Loop {
                         warn!(error = %e, "fleet: cannot subscribe to the MQTT submit topic");
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => debug!("fleet: subscribed to the MQTT submit topic"),
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == queue_topic.as_bytes() && !p.retain => {
                     let (client, js, names, base) =
                         (self.client.clone(), self.js.clone(), self.names.clone(), self.base.clone());
@@ -157,7 +167,7 @@ mod tests {
 
     #[test]
     fn answers_go_to_a_safe_response_topic_or_the_fleets_own() {
-        let names = Names::new(&Settings::default());
+        let names = Names::new(&Config::from(&crate::config::Settings::default()));
         let with = |t: &str| Some(PublishProperties { response_topic: Some(t.into()), ..Default::default() });
         assert_eq!(reply_to(&names, "comfyui", with("clients/me")).0, "clients/me");
         for bad in ["comfyui/local/status", "$SYS/x", "a/+/b", ""] {

@@ -17,10 +17,9 @@ use tracing::{debug, info, warn};
 
 use super::dispatch::{decide, Decision, Room, Seen};
 use super::job::{kv_key, JobRecord, JobState};
-use super::{FleetError, Names, Timing};
+use super::{Config, FleetError, Names, Timing};
 use crate::comfy::http::ComfyHttp;
 use crate::commands::response::Code;
-use crate::config::Settings;
 
 /// Tries of a bucket read or write that fails (not a conflict), [`STORE_RETRY`] apart: rides out a NATS
 /// server failing over (20 s: a stream's new leader on a loaded 3-node cluster can take several seconds).
@@ -75,19 +74,18 @@ pub(crate) struct Shared {
 
 /// Connects the worker's own NATS client and spawns it on `tasks`; it sets the fleet up (retrying until
 /// JetStream answers) and then pulls jobs until `shutdown`.
-pub async fn spawn(settings: &Settings, tasks: &TaskTracker, shutdown: CancellationToken) -> Result<(), FleetError> {
+pub async fn spawn(config: Config, tasks: &TaskTracker, shutdown: CancellationToken) -> Result<(), FleetError> {
     let (event_tx, _) = mpsc::channel(1);
-    let client = crate::bus::nats::connect(settings, event_tx).await?;
-    let http = ComfyHttp::new(settings)?;
-    let mqtt = match settings.mqtt.enabled {
-        true => Some(super::mqtt::start(settings, jetstream::new(client.clone()), tasks, shutdown.clone())?),
+    let client = crate::bus::nats::connect(&config.nats, &config.instance, event_tx).await?;
+    let http = ComfyHttp::new(&config.comfyui)?;
+    let mqtt = match config.mqtt.enabled {
+        true => Some(super::mqtt::start(&config, jetstream::new(client.clone()), tasks, shutdown.clone())?),
         false => None,
     };
-    let settings = settings.clone();
     let inner = tasks.clone();
     tasks.spawn(async move {
-        let Some(shared) = setup(&settings, client, http, mqtt, shutdown.clone()).await else { return };
-        info!(fleet = %settings.fleet.name, stream = %shared.names.stream, "fleet worker ready");
+        let Some(shared) = setup(&config, client, http, mqtt, shutdown.clone()).await else { return };
+        info!(fleet = %config.fleet.name, stream = %shared.names.stream, "fleet worker ready");
         inner.spawn(heartbeat(shared.clone()));
         inner.spawn(events(shared.clone()));
         inner.spawn(super::commands::serve(shared.clone(), inner.clone()));
@@ -99,26 +97,26 @@ pub async fn spawn(settings: &Settings, tasks: &TaskTracker, shutdown: Cancellat
 
 /// The stream, the consumer and the buckets, created idempotently; retried until they exist or `shutdown`.
 async fn setup(
-    settings: &Settings,
+    config: &Config,
     client: async_nats::Client,
     http: ComfyHttp,
     mqtt: Option<rumqttc::v5::AsyncClient>,
     shutdown: CancellationToken,
 ) -> Option<Arc<Shared>> {
-    let names = Names::new(settings);
-    let f = &settings.fleet;
+    let names = Names::new(config);
+    let f = &config.fleet;
     let js = jetstream::new(client.clone());
     loop {
-        match try_setup(&js, &names, settings).await {
+        match try_setup(&js, &names, config).await {
             Ok((jobs, bridges)) => {
                 return Some(Arc::new(Shared {
                     names,
-                    me: settings.bridge.instance.clone(),
-                    prefix: settings.nats.subject_prefix.clone(),
+                    me: config.instance.clone(),
+                    prefix: config.nats.subject_prefix.clone(),
                     capacity: f.capacity,
                     max_deliver: f.max_deliver,
-                    timing: Timing::new(settings),
-                    request_timeout: Duration::from_millis(settings.comfyui.request_timeout_ms + 5_000),
+                    timing: Timing::new(f),
+                    request_timeout: Duration::from_millis(config.comfyui.request_timeout_ms + 5_000),
                     client,
                     jobs,
                     bridges,
@@ -141,8 +139,8 @@ async fn setup(
 
 type SetupResult = Result<(kv::Store, kv::Store), Box<dyn std::error::Error + Send + Sync>>;
 
-async fn try_setup(js: &jetstream::Context, names: &Names, settings: &Settings) -> SetupResult {
-    let f = &settings.fleet;
+async fn try_setup(js: &jetstream::Context, names: &Names, config: &Config) -> SetupResult {
+    let f = &config.fleet;
     let stream = js
         .get_or_create_stream(stream::Config {
             name: names.stream.clone(),
@@ -150,7 +148,7 @@ async fn try_setup(js: &jetstream::Context, names: &Names, settings: &Settings) 
             retention: stream::RetentionPolicy::WorkQueue,
             num_replicas: f.replicas,
             duplicate_window: Duration::from_secs(120),
-            max_message_size: i32::try_from(settings.commands.max_payload_bytes).unwrap_or(i32::MAX),
+            max_message_size: i32::try_from(config.max_payload_bytes).unwrap_or(i32::MAX),
             ..Default::default()
         })
         .await?;

@@ -26,7 +26,6 @@ use crate::bus::topics::{self, Route};
 use crate::bus::{Class, Outbound};
 use crate::comfy::tap::Message;
 use crate::comfy::urls::view_url;
-use crate::config::Settings;
 
 /// Most levels a subject may have.
 pub const MAX_LEVELS: usize = 16;
@@ -121,15 +120,28 @@ pub struct Flow {
     asked_order: VecDeque<String>,
 }
 
+/// What the flow uses of the configuration (`app` builds it from `Settings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `bridge.instance`.
+    pub instance: String,
+    /// `comfyui.public_url` (or `comfyui.url`): the base of `/view` links.
+    pub public_base: String,
+    /// `mqtt.base_topic` with MQTT on: questions name `<base>/<inst>/answer/<ask id>`.
+    pub mqtt_base_topic: Option<String>,
+    /// `nats.subject_prefix` with NATS on: questions name `<prefix>.<inst>.answer.<ask id>`.
+    pub nats_subject_prefix: Option<String>,
+}
+
 impl Flow {
-    /// The flow of `settings`' instance.
-    pub fn new(settings: &Settings) -> Self {
-        let answers = Route::fixed(&settings.bridge.instance, &[topics::ANSWER]);
+    /// The flow of `config`'s instance.
+    pub fn new(config: &Config) -> Self {
+        let answers = Route::fixed(&config.instance, &[topics::ANSWER]);
         Self {
-            instance: settings.bridge.instance.clone(),
-            public_base: settings.public_base().to_string(),
-            mqtt_answers: settings.mqtt.enabled.then(|| answers.mqtt_topic(&settings.mqtt.base_topic) + "/"),
-            nats_answers: settings.nats.enabled.then(|| answers.nats_subject(&settings.nats.subject_prefix) + "."),
+            instance: config.instance.clone(),
+            public_base: config.public_base.clone(),
+            mqtt_answers: config.mqtt_base_topic.as_ref().map(|base| answers.mqtt_topic(base) + "/"),
+            nats_answers: config.nats_subject_prefix.as_ref().map(|prefix| answers.nats_subject(prefix) + "."),
             asked: HashSet::new(),
             asked_order: VecDeque::new(),
         }

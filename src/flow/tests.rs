@@ -2,12 +2,13 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::comfy::tap::Message;
+use crate::config::Settings;
 
 fn flow() -> Flow {
     let mut settings = Settings::default();
     settings.mqtt.enabled = true;
     settings.nats.enabled = true;
-    Flow::new(&settings)
+    Flow::new(&Config::from(&settings))
 }
 
 fn message(kind: &str, data: Value) -> Message {
@@ -92,7 +93,7 @@ fn without_nats_the_question_names_only_the_mqtt_answer_topic() {
     settings.mqtt.enabled = true;
     settings.nats.enabled = false;
     let data = json!({"ask_id": "k", "prompt_id": "p", "subject": "q", "payload": 1});
-    let handled = Flow::new(&settings).handle(&message("ask", data), ids()).expect("valid");
+    let handled = Flow::new(&Config::from(&settings)).handle(&message("ask", data), ids()).expect("valid");
     assert_eq!(body(&handled.messages[0])["reply_to"], json!({"mqtt": "comfyui/local/answer/k"}));
 }
 

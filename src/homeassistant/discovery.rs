@@ -3,16 +3,15 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{route, FINISHED_TYPES, LAST_ERROR_ATTRIBUTES};
+use super::{route, Config, FINISHED_TYPES, LAST_ERROR_ATTRIBUTES};
 use crate::bus::topics::{self, Route};
-use crate::config::Settings;
 
 /// Every discovery config: `(topic, retained payload)`. Command entities only when `commands` is on, and the
 /// template select only when there are templates; the configs of entities not offered are cleared (an empty
 /// retained payload), so Home Assistant removes what an earlier configuration had announced.
-pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> Vec<(String, Bytes)> {
-    let inst = &settings.bridge.instance;
-    let base = &settings.mqtt.base_topic;
+pub fn discovery(config: &Config, templates: &[String], commands: bool) -> Vec<(String, Bytes)> {
+    let inst = &config.instance;
+    let base = &config.base_topic;
     let topic = |route: Route| route.mqtt_topic(base);
     let node_id = format!("comfy_bridge_{inst}");
     let mut origin = json!({"name": "comfy-bridge", "sw_version": env!("CARGO_PKG_VERSION")});
@@ -34,7 +33,7 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
     });
     let state = topic(route(inst, &["state"]));
     let request = |command: &str| topic(Route::fixed(inst, &[topics::REQUEST, command]));
-    let prefix = &settings.homeassistant.discovery_prefix;
+    let prefix = &config.discovery_prefix;
 
     let mut entities: Vec<(&str, &str, Value)> = vec![
         (
@@ -168,12 +167,13 @@ pub fn discovery(settings: &Settings, templates: &[String], commands: bool) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     fn configs(commands: bool) -> Vec<(String, Value)> {
         let mut settings = Settings::default();
         settings.homeassistant.enabled = true;
         let templates = vec!["probe".to_string(), "txt2img".to_string()];
-        discovery(&settings, &templates, commands)
+        discovery(&Config::from(&settings), &templates, commands)
             .into_iter()
             .map(|(t, p)| (t, serde_json::from_slice(&p).unwrap_or(Value::Null)))
             .collect()

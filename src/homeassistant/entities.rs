@@ -3,13 +3,12 @@
 
 use bytes::Bytes;
 
-use super::{discovery, route, state_text};
-use crate::config::Settings;
+use super::{discovery, route, state_text, Config};
 
 /// The select's and the text's states.
 #[derive(Debug)]
 pub struct Entities {
-    settings: Settings,
+    config: Config,
     selected: Option<String>,
     prompt: String,
 }
@@ -35,18 +34,18 @@ pub enum Set {
 }
 
 impl Entities {
-    /// The entities of `settings`'s instance, the select on `first_template` when there is one.
-    pub fn new(settings: &Settings, first_template: Option<String>) -> Self {
-        Self { settings: settings.clone(), selected: first_template, prompt: String::new() }
+    /// The entities of `config`'s instance, the select on `first_template` when there is one.
+    pub fn new(config: Config, first_template: Option<String>) -> Self {
+        Self { config, selected: first_template, prompt: String::new() }
     }
 
     fn topic(&self, entity: &str) -> String {
-        route(&self.settings.bridge.instance, &[entity]).mqtt_topic(&self.settings.mqtt.base_topic)
+        route(&self.config.instance, &[entity]).mqtt_topic(&self.config.base_topic)
     }
 
     /// Every discovery config and the select's and text's states: `(topic, retained payload)`.
     pub fn announce(&self, templates: &[String], commands: bool) -> Vec<(String, Bytes)> {
-        let mut messages = discovery(&self.settings, templates, commands);
+        let mut messages = discovery(&self.config, templates, commands);
         if let Some(selected) = &self.selected {
             messages.push((self.topic("template"), Bytes::from(selected.clone())));
         }
@@ -66,12 +65,9 @@ impl Entities {
                 self.prompt = state_text(value);
                 let state = (self.topic("prompt"), Bytes::from(self.prompt.clone()));
                 match self.selected.clone() {
-                    Some(template) => Set::Queue {
-                        state,
-                        template,
-                        input: self.settings.homeassistant.prompt_input.clone(),
-                        text: value.to_string(),
-                    },
+                    Some(template) => {
+                        Set::Queue { state, template, input: self.config.prompt_input.clone(), text: value.to_string() }
+                    }
                     None => Set::Ignored("no template to queue"),
                 }
             }
@@ -83,12 +79,13 @@ impl Entities {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[test]
     fn the_prompt_queues_the_selected_template_and_a_template_must_exist() {
         let mut settings = Settings::default();
         settings.homeassistant.enabled = true;
-        let mut entities = Entities::new(&settings, Some("probe".into()));
+        let mut entities = Entities::new(Config::from(&settings), Some("probe".into()));
         let templates = |name: &str| ["probe", "txt2img"].contains(&name);
         assert_eq!(entities.set("template", "nope", templates), Set::Ignored("no such template"));
         assert_eq!(
@@ -106,7 +103,7 @@ mod tests {
         let announced = entities.announce(&["probe".into(), "txt2img".into()], true);
         assert!(announced.contains(&("comfyui/local/ha/prompt".into(), Bytes::from("a red fox"))));
         assert!(announced.contains(&("comfyui/local/ha/template".into(), Bytes::from("txt2img"))));
-        let mut none = Entities::new(&settings, None);
+        let mut none = Entities::new(Config::from(&settings), None);
         assert_eq!(none.set("prompt", "x", templates), Set::Ignored("no template to queue"));
     }
 }

@@ -6,7 +6,8 @@
 //! * `entities.rs`: [`Entities`], the template select and the prompt text, which queue prompts; held by the
 //!   command task, which owns the template list and does what a set asks ([`Set`]).
 //!
-//! Everything here is pure; the tasks that hold these do the I/O. [`enabled`] says whether it is on.
+//! Everything here is pure; the tasks that hold these do the I/O. [`Config`] is what it uses of the
+//! configuration; `app` builds one only when Home Assistant is on (`homeassistant.enabled`, and MQTT too).
 //! Entities:
 //!
 //! | entity | source |
@@ -25,7 +26,6 @@
 //! renders `None`, which Home Assistant shows as unknown.
 
 use crate::bus::topics::Route;
-use crate::config::Settings;
 
 mod device;
 mod discovery;
@@ -61,7 +61,15 @@ pub fn state_text(text: &str) -> String {
     }
 }
 
-/// Home Assistant discovery is on: it needs MQTT.
-pub fn enabled(settings: &Settings) -> bool {
-    settings.homeassistant.enabled && settings.mqtt.enabled
+/// What Home Assistant's side uses of the configuration (`app` builds it from `Settings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `bridge.instance`: one device per instance.
+    pub instance: String,
+    /// `mqtt.base_topic`: where the device's topics are.
+    pub base_topic: String,
+    /// `homeassistant.discovery_prefix`.
+    pub discovery_prefix: String,
+    /// `homeassistant.prompt_input`: the template input the prompt text goes to.
+    pub prompt_input: String,
 }

@@ -18,10 +18,10 @@ use crate::bus::{Bus, Class, Outbound};
 use crate::comfy::event::{self, BinaryEvent, Kind, TextEvent};
 use crate::comfy::tap;
 use crate::comfy::Inbound;
-use crate::config::Settings;
+use crate::config::PreviewSettings;
 use crate::flow::{self, AskChange, Fetch, Flow};
 use crate::health::{Health, Part};
-use crate::homeassistant::{self, Device};
+use crate::homeassistant::Device;
 use crate::json::{json_str, json_u64};
 use crate::telemetry;
 use crate::tracker::{self, Control, Tracker, Work};
@@ -151,26 +151,39 @@ const BATCH: usize = 64;
 /// Most (prompt, node) pairs whose last preview time is kept for the rate limit.
 const MAX_PREVIEW_KEYS: usize = 1024;
 
+/// What the router uses of the configuration (`app` builds it from `Settings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The instance, the base of `/view` links and the buses' answer topics: the router names its messages
+    /// with the first, its tracker links results on the second, and the [`Flow`] it holds uses all three.
+    pub flow: flow::Config,
+    /// `[previews]`.
+    pub previews: PreviewSettings,
+    /// Home Assistant is on (it needs MQTT): the router keeps the device's state.
+    pub home_assistant: bool,
+}
+
 impl Router {
-    /// A router for `settings`.
-    pub fn new(settings: &Settings) -> Self {
+    /// A router for `config`.
+    pub fn new(config: &Config) -> Self {
+        let instance = &config.flow.instance;
         let mut instance_field = b",\"instance\":".to_vec();
-        json_str(&mut instance_field, &settings.bridge.instance);
+        json_str(&mut instance_field, instance);
         Self {
-            instance: settings.bridge.instance.clone(),
+            instance: instance.clone(),
             instance_field,
             seq: 0,
             current: None,
-            previews_enabled: settings.previews.enabled,
-            preview_interval: Duration::from_secs_f64(1.0 / settings.previews.max_per_second),
+            previews_enabled: config.previews.enabled,
+            preview_interval: Duration::from_secs_f64(1.0 / config.previews.max_per_second),
             last_preview: HashMap::new(),
-            tracker: Tracker::new(settings.public_base()),
+            tracker: Tracker::new(&config.flow.public_base),
             work: Work::default(),
-            device: homeassistant::enabled(settings).then(Device::default),
+            device: config.home_assistant.then(Device::default),
             queue_remaining: 0,
             routes: RouteCache::new(),
-            latest_preview: Route::fixed(&settings.bridge.instance, &[topics::PREVIEW]),
-            flow: Flow::new(settings),
+            latest_preview: Route::fixed(instance, &[topics::PREVIEW]),
+            flow: Flow::new(&config.flow),
         }
     }
 
@@ -576,7 +589,7 @@ pub struct Extension {
 /// a node's `executing` comes before the ask it makes. Dropping the bus senders on return is what tells the
 /// publishers to drain and stop; dropping `work_tx` stops the resync worker.
 pub async fn run(
-    settings: Settings,
+    config: Config,
     health: Arc<Health>,
     mut inbound_rx: mpsc::Receiver<Inbound>,
     mut control_rx: mpsc::Receiver<Control>,
@@ -584,7 +597,7 @@ pub async fn run(
     buses: Vec<(Bus, mpsc::Sender<Arc<Outbound>>)>,
     extension: Option<Extension>,
 ) {
-    let mut router = Router::new(&settings);
+    let mut router = Router::new(&config);
     let (mut extension_rx, images) = match extension {
         Some(Extension { messages, images }) => (Some(messages), Some(images)),
         None => (None, None),

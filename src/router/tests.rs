@@ -1,8 +1,9 @@
 use super::*;
 use crate::comfy::event::tests::recorded_frames;
+use crate::config::Settings;
 
 fn replay(scenario: &str, settings: &Settings) -> Vec<Arc<Outbound>> {
-    let mut router = Router::new(settings);
+    let mut router = Router::new(&Config::from(settings));
     let start = Instant::now();
     let mut out = router.route(Inbound::Connected, start);
     for (i, frame) in recorded_frames(scenario).into_iter().enumerate() {
@@ -104,7 +105,7 @@ fn previews_are_rate_limited_per_node() {
 
 #[test]
 fn the_preview_rate_limit_remembers_a_bounded_number_of_nodes() {
-    let mut router = Router::new(&Settings::default());
+    let mut router = Router::new(&Config::from(&Settings::default()));
     let now = Instant::now();
     let preview = |i: usize| {
         let meta = format!(r#"{{"prompt_id":"p{i}","node_id":"{i}","image_type":"image/png"}}"#);
@@ -145,7 +146,7 @@ fn custom_events_and_text_frames_route_without_a_prompt() {
 
 #[test]
 fn malformed_frames_are_skipped_but_use_a_seq() {
-    let mut router = Router::new(&Settings::default());
+    let mut router = Router::new(&Config::from(&Settings::default()));
     let now = Instant::now();
     assert!(router.route(Inbound::Text("{not json".into(), 1), now).is_empty());
     assert!(router.route(Inbound::Binary(Bytes::from_static(&[0, 0, 0, 7]), 2), now).is_empty());
@@ -176,7 +177,7 @@ fn envelopes_are_byte_for_byte_what_serde_json_writes() {
     for instance in awkward {
         let mut settings = Settings::default();
         settings.bridge.instance = instance.to_string();
-        let mut router = Router::new(&settings);
+        let mut router = Router::new(&Config::from(&settings));
         let workflow = serde_json::json!({"3": {}});
         router.tracker.expect("p\"1", Some("req\n7".into()), &workflow, Instant::now());
         for (i, text) in awkward.iter().enumerate() {

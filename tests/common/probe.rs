@@ -1,4 +1,5 @@
-//! Probes of a running bridge: its `/metrics` as Prometheus reads it, and readiness of its NATS requests.
+//! Probes of a running bridge: its `/metrics` as Prometheus reads it, its tap on `/readyz`, and readiness of
+//! its NATS requests.
 
 use std::time::Duration;
 
@@ -12,10 +13,20 @@ pub fn free_port() -> u16 {
 
 /// `/metrics` on `port`, polled until `pred` holds; panics with the last body after ten seconds.
 pub async fn metrics_until(port: u16, pred: impl Fn(&str) -> bool) -> String {
-    let url = format!("http://127.0.0.1:{port}/metrics");
+    body_until(&format!("http://127.0.0.1:{port}/metrics"), pred).await
+}
+
+/// `/readyz` on `port`, polled until the bridge says the tap extension is active (`"tap":"active"`: its
+/// WebSocket got the extension's hello); panics with the last body after ten seconds.
+pub async fn tap_active(port: u16) {
+    body_until(&format!("http://127.0.0.1:{port}/readyz"), |body| body.contains(r#""tap":"active""#)).await;
+}
+
+/// The body of `url`, polled until `pred` holds for it; panics with the last body after ten seconds.
+async fn body_until(url: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = tokio::time::Instant::now() + PROBE_WAIT;
     loop {
-        let body = match reqwest::get(&url).await {
+        let body = match reqwest::get(url).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };

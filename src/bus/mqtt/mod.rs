@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-use super::{topics, Outbound, Route};
+use super::{topics, Common, Outbound, Route};
 use crate::commands::inbox::Inbox;
-use crate::config::Settings;
+use crate::config::MqttSettings;
 use crate::health::Health;
 
 mod client;
@@ -72,18 +72,29 @@ pub(super) fn host_port(url: &str) -> Result<(String, u16, bool), MqttError> {
     crate::config::mqtt_endpoint(url).ok_or_else(|| MqttError::InvalidUrl(url.into()))
 }
 
+/// Which request topics the MQTT intake subscribes to, when it has a request channel.
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    /// `commands.enabled`: `<base>/<inst>/request/#` and `<base>/<inst>/answer/+`.
+    pub commands: bool,
+    /// Home Assistant is on: its `homeassistant.discovery_prefix` (for `<prefix>/status`); the intake also
+    /// takes `<base>/<inst>/ha/…/set`.
+    pub home_assistant: Option<String>,
+}
+
 /// Connects (lazily: the first poll connects) and spawns the eventloop and publisher tasks on `tasks`.
 /// The publisher reads `outbound_rx` until it closes, drains, publishes `offline` and disconnects.
 /// With `requests`, it also subscribes to `<base>/<inst>/request/#` and hands every non-retained message
 /// there to that channel.
 pub fn spawn(
-    settings: &Settings,
+    cfg: &MqttSettings,
+    common: &Common,
+    listen: Listen,
     outbound_rx: mpsc::Receiver<Arc<Outbound>>,
     requests: Option<Inbox>,
     health: Arc<Health>,
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
-    let cfg = &settings.mqtt;
     let (host, port, tls) = host_port(&cfg.url)?;
     let transport = match tls {
         true => {
@@ -96,21 +107,21 @@ pub fn spawn(
         }
         false => rumqttc::Transport::tcp(),
     };
-    let client_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", settings.bridge.instance));
-    let offline = Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
+    let client_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", common.instance));
+    let offline = Route::fixed(&common.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
     let will_topic = offline.mqtt_topic(&cfg.base_topic);
     let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
     // Unbounded so that the polling task never waits on the publisher; it holds at most about two events per
     // in-flight QoS-1 message (the window) plus one per connection attempt.
     let (loop_tx, loop_rx) = mpsc::unbounded_channel();
-    let reconnect_max_ms = settings.comfyui.reconnect_max_ms;
-    let request_prefix = Route::fixed(&settings.bridge.instance, &[topics::REQUEST]).mqtt_topic(&cfg.base_topic) + "/";
-    let home_assistant = crate::homeassistant::enabled(settings).then(|| {
-        let entities = crate::homeassistant::route(&settings.bridge.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
-        (entities, format!("{}/status", settings.homeassistant.discovery_prefix))
+    let reconnect_max_ms = common.reconnect_max_ms;
+    let request_prefix = Route::fixed(&common.instance, &[topics::REQUEST]).mqtt_topic(&cfg.base_topic) + "/";
+    let home_assistant = listen.home_assistant.map(|discovery_prefix| {
+        let entities = crate::homeassistant::route(&common.instance, &[]).mqtt_topic(&cfg.base_topic) + "/";
+        (entities, format!("{discovery_prefix}/status"))
     });
-    let answers = Route::fixed(&settings.bridge.instance, &[topics::ANSWER]).mqtt_topic(&cfg.base_topic) + "/";
-    let (prefix, answers) = match settings.commands.enabled {
+    let answers = Route::fixed(&common.instance, &[topics::ANSWER]).mqtt_topic(&cfg.base_topic) + "/";
+    let (prefix, answers) = match listen.commands {
         true => (Some(request_prefix), Some(answers)),
         false => (None, None),
     };
@@ -152,7 +163,7 @@ pub fn spawn(
     };
     let v5 = cfg.protocol == crate::config::MqttProtocol::V5;
     let expiry = v5.then(|| (keep_alive.as_secs() * ONLINE_EXPIRY_KEEP_ALIVES).clamp(60, u64::from(u32::MAX)) as u32);
-    let publisher = Publisher::new(settings, client, subscriptions, health, expiry);
+    let publisher = Publisher::new(cfg, common, client, subscriptions, health, expiry);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));
     Ok(())
 }

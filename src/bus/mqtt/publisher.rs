@@ -8,10 +8,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::super::delivery::{Confirmation, Delivery, Limits};
-use super::super::{topics, Bus, Outbound, Route};
+use super::super::{topics, Bus, Common, Outbound, Route};
 use super::client::Extras;
 use super::*;
-use crate::config::Settings;
+use crate::config::MqttSettings;
 use crate::health::{Health, Part};
 
 /// Owns the client handle and the delivery state; does what the client reports and what [`Delivery`] says.
@@ -175,29 +175,30 @@ impl Publisher {
 
 impl Publisher {
     pub(super) fn new(
-        settings: &Settings,
+        cfg: &MqttSettings,
+        common: &Common,
         client: Client,
         subscriptions: Vec<String>,
         health: Arc<Health>,
         online_expiry: Option<u32>,
     ) -> Self {
         let limits = Limits {
-            count: settings.bridge.outbox_capacity,
-            bytes: settings.bridge.outbox_max_bytes,
+            count: common.outbox_capacity,
+            bytes: common.outbox_max_bytes,
             window: WINDOW,
             stall_ticks: STALL_SECS,
         };
         Self {
             client,
-            topics: topics::Renderer::new(&settings.mqtt.base_topic, settings.mqtt.max_topic_bytes),
-            max_packet_bytes: settings.mqtt.max_packet_bytes,
-            max_topic_bytes: settings.mqtt.max_topic_bytes,
-            delivery: Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits, &settings.bridge.instance),
+            topics: topics::Renderer::new(&cfg.base_topic, cfg.max_topic_bytes),
+            max_packet_bytes: cfg.max_packet_bytes,
+            max_topic_bytes: cfg.max_topic_bytes,
+            delivery: Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits, &common.instance),
             subscriptions,
             health,
-            grace: Duration::from_millis(settings.bridge.shutdown_grace_ms),
+            grace: common.grace,
             online_expiry,
-            availability: Route::fixed(&settings.bridge.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
+            availability: Route::fixed(&common.instance, &[topics::BRIDGE, topics::AVAILABILITY]),
         }
     }
 }
