@@ -277,14 +277,19 @@ impl Shared {
         }
     }
 
-    /// Whether `instance` heartbeats: its entry is there and its last beat is less than three beats old.
+    /// Whether `instance` heartbeats: its entry is there and its last beat is younger than three beats and
+    /// than `fleet.ack_wait_ms`. A NATS failover that stops its beats stops its jobs' progress acks too, for as
+    /// long; judged on a shorter window, a live owner would look dead just when its job is redelivered, and the
+    /// job would run twice.
     pub(crate) async fn alive(&self, instance: &str) -> bool {
         let Ok(Some(entry)) = self.bridges.entry(instance).await else { return false };
         let Ok(beat) = serde_json::from_slice::<Value>(&entry.value) else { return false };
         let (Some(seen), Some(every)) = (beat["last_seen"].as_u64(), beat["interval_ms"].as_u64()) else {
             return false;
         };
-        entry.operation == kv::Operation::Put && now_ms().saturating_sub(seen) < every.saturating_mul(3)
+        let ack_wait = u64::try_from(self.timing.ack_wait.as_millis()).unwrap_or(u64::MAX);
+        let window = every.saturating_mul(3).max(ack_wait);
+        entry.operation == kv::Operation::Put && now_ms().saturating_sub(seen) < window
     }
 
     /// A request to bridge `instance`'s own command plane; its answer.
@@ -319,6 +324,9 @@ impl Shared {
     }
 }
 
+/// How soon a failed heartbeat is tried again.
+const HEARTBEAT_RETRY: Duration = Duration::from_millis(250);
+
 /// Heartbeats into the bridges bucket and looks at ComfyUI's queue (reachability, length) every beat.
 async fn heartbeat(shared: Arc<Shared>) {
     let every = shared.timing.heartbeat;
@@ -340,12 +348,17 @@ async fn heartbeat(shared: Arc<Shared>) {
             "last_seen": now_ms(),
             "interval_ms": u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
         });
-        if let Err(e) = shared.bridges.put(&shared.me, beat.to_string().into()).await {
-            warn!(error = %e, "fleet: heartbeat failed");
-        }
+        // A failed beat (the bucket failing over) is tried again soon, not a whole beat later.
+        let next = match shared.bridges.put(&shared.me, beat.to_string().into()).await {
+            Ok(_) => every,
+            Err(e) => {
+                warn!(error = %e, "fleet: heartbeat failed");
+                every.min(HEARTBEAT_RETRY)
+            }
+        };
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
