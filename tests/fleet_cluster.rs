@@ -37,17 +37,32 @@ async fn a_nats_server_dying_mid_run_costs_no_job_and_runs_none_twice() {
     cluster.kill(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.restart(0);
-    for id in &ids {
-        let what = format!("the result of {id}");
-        watch.expect(&what, Duration::from_secs(40), |r, v| r && v["id"] == id.as_str()).await;
-    }
-    watch.settle(Duration::from_secs(4)).await;
+    // Every job ends `success` in the jobs bucket (JetStream, R3). Its `.result` is a core NATS message: one
+    // published while the bridge's server is the one being killed can be lost with that connection, so it
+    // is seen at most once, and the record is what says the job was not lost.
     let mut instances = HashSet::new();
     for id in &ids {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        let record = loop {
+            // The bucket may not answer yet while the cluster elects leaders again.
+            let entry = match js.get_key_value("COMFY_FLEET_FC_JOBS").await {
+                Ok(jobs) => jobs.get(id).await.ok().flatten(),
+                Err(_) => None,
+            };
+            let record: serde_json::Value = entry.map_or(serde_json::Value::Null, |e| common::json(&e));
+            if record["state"] == "success" {
+                break record;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{id} did not end: {record}\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        instances.insert(record["instance"].to_string());
+    }
+    watch.settle(Duration::from_secs(4)).await;
+    for id in &ids {
         let results = watch.results(id);
-        assert_eq!(results.len(), 1, "{id}: one result: {results:#?}\n{}", logs());
-        assert_eq!(results[0]["state"], "success", "{:#}", results[0]);
-        instances.insert(results[0]["instance"].to_string());
+        assert!(results.len() <= 1, "{id}: one result at most: {results:#?}\n{}", logs());
+        assert!(results.iter().all(|r| r["state"] == "success"), "{results:#?}");
     }
     let posts =
         |sim: &comfy_sim::Simulator| sim.requests().iter().filter(|(m, p, _)| m == "POST" && p == "/prompt").count();

@@ -277,19 +277,14 @@ impl Shared {
         }
     }
 
-    /// Whether `instance` heartbeats: its entry is there and its last beat is younger than three beats and
-    /// than `fleet.ack_wait_ms`. A NATS failover that stops its beats stops its jobs' progress acks too, for as
-    /// long; judged on a shorter window, a live owner would look dead just when its job is redelivered, and the
-    /// job would run twice.
+    /// Whether `instance` heartbeats: its entry is there and its last beat is less than three beats old.
     pub(crate) async fn alive(&self, instance: &str) -> bool {
         let Ok(Some(entry)) = self.bridges.entry(instance).await else { return false };
         let Ok(beat) = serde_json::from_slice::<Value>(&entry.value) else { return false };
         let (Some(seen), Some(every)) = (beat["last_seen"].as_u64(), beat["interval_ms"].as_u64()) else {
             return false;
         };
-        let ack_wait = u64::try_from(self.timing.ack_wait.as_millis()).unwrap_or(u64::MAX);
-        let window = every.saturating_mul(3).max(ack_wait);
-        entry.operation == kv::Operation::Put && now_ms().saturating_sub(seen) < window
+        entry.operation == kv::Operation::Put && now_ms().saturating_sub(seen) < every.saturating_mul(3)
     }
 
     /// A request to bridge `instance`'s own command plane; its answer.
@@ -800,7 +795,13 @@ impl Job {
                         Box::pin(self.store(shared, record)).await
                     }
                     Some(_) => {
+                        // Our beats stopped for longer than the job's redelivery (a NATS outage): the other
+                        // bridge runs it now, so take our prompt back out of ComfyUI.
                         warn!(job = %self.record.id, "fleet: another bridge took the job over");
+                        if let Some(pid) = pid {
+                            let body = json!({"prompt_id": pid}).to_string();
+                            let _ = shared.ask(&shared.me, "cancel", body.into()).await;
+                        }
                         Some(End::Leave)
                     }
                     // The bucket cannot be read (still failing over). An end is left unacked: the job comes back
