@@ -71,6 +71,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let (extension_tx, extension_rx) = mpsc::channel(EXTENSION_CAPACITY);
     let ws = WsClient::new(&settings.comfyui, &client_id, inbound_tx)?.with_extension(extension_tx);
     let http = ComfyHttp::new(&settings.comfyui)?.with_tap(ws.tap());
+    // One HTTP client for the process: the WebSocket task's deaf check shares it.
+    let ws = ws.with_http(http.clone());
     let health = Health::new(settings.mqtt.enabled, settings.nats.enabled, ws.tap());
     if let Some(listener) = crate::health::bind(&settings.http).await.map_err(AppError::Listen)? {
         tasks.spawn(crate::health::serve(listener, health.clone(), shutdown.clone()));

@@ -103,8 +103,8 @@ pub struct WsClient {
     client_id: String,
     /// `comfyui.deaf_after_ms`.
     deaf_after: Duration,
-    /// For the deaf check's `GET /queue`; `None` when the settings cannot make a client (then `app::run`
-    /// refuses to start anyway).
+    /// For the deaf check's `GET /queue` (the app's own client, [`WsClient::with_http`]); without one the
+    /// check is off.
     http: Option<ComfyHttp>,
 }
 
@@ -150,13 +150,19 @@ impl WsClient {
             extension_tx: None,
             client_id: client_id.to_string(),
             deaf_after: Duration::from_millis(comfyui.deaf_after_ms),
-            http: ComfyHttp::new(comfyui).ok(),
+            http: None,
         })
     }
 
     /// What the tap extension says on each connection (its version, and the secret of its answer route).
     pub fn tap(&self) -> TapWatch {
         self.tap.subscribe()
+    }
+
+    /// Checks for a deaf socket with `http` (`GET /queue`: is the running prompt the bridge's?).
+    pub fn with_http(mut self, http: ComfyHttp) -> Self {
+        self.http = Some(http);
+        self
     }
 
     /// Hands the extension's messages (`comfy_bridge.publish`, `.ask`, `.ask_done`) to `tx`; without it they
