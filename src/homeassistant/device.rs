@@ -10,6 +10,9 @@ use super::{route, state_text};
 use crate::bus::Outbound;
 use crate::flow::AskChange;
 
+/// Largest question kept whole among the Question sensor's attributes.
+const MAX_ATTRIBUTE_BYTES: usize = 4096;
+
 /// Least time between two device states that differ only in progress.
 const INTERVAL: Duration = Duration::from_secs(1);
 
@@ -93,8 +96,12 @@ impl Device {
                     "waiting": true, "question": state_text(&question), "ask_id": ask.ask_id, "subject": ask.subject,
                     "prompt_id": ask.prompt_id, "node_id": ask.node_id, "answer_topic": ask.answer_topic,
                     "image_url": ask.image_url,
-                    "payload": ask.payload,
                 });
+                // The whole question as an attribute while it is small: Home Assistant warns about (and its
+                // recorder drops) attributes over 16 KiB, and the bus carries the question in full anyway.
+                if question.len() <= MAX_ATTRIBUTE_BYTES {
+                    body["payload"] = ask.payload.clone();
+                }
                 let state = Outbound::lifecycle(route(instance, &["ask"]), body.to_string(), true);
                 body["event_type"] = json!("asked");
                 let event = Outbound::lifecycle(route(instance, &["asked"]), body.to_string(), false);
@@ -148,6 +155,28 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::Ask;
+
+    #[test]
+    fn a_big_question_is_cut_in_the_state_and_left_out_of_the_attributes() {
+        let ask = |payload: Value| {
+            AskChange::Waiting(Ask {
+                prompt_id: "p".into(),
+                ask_id: "k".into(),
+                node_id: None,
+                subject: "s".into(),
+                payload,
+                answer_topic: None,
+                image_url: None,
+            })
+        };
+        let body = |out: &[Arc<Outbound>]| serde_json::from_slice::<Value>(&out[0].payload).expect("json");
+        let small = body(&Device::default().ask("local", &ask(json!({"q": 1}))));
+        assert_eq!(small["payload"], json!({"q": 1}));
+        let big = body(&Device::default().ask("local", &ask(json!("x".repeat(20_000)))));
+        assert!(big.get("payload").is_none(), "left out");
+        assert!(big["question"].as_str().expect("text").chars().count() <= 251);
+    }
 
     #[test]
     fn long_errors_are_cut_to_fit_a_state() {
