@@ -3,7 +3,10 @@
 //! Core NATS has no acknowledgements, and a publish written just before the server dies is lost. So after a
 //! batch that holds lifecycle messages the publisher sends a marker with a fresh random nonce to a private
 //! random subject it subscribes to itself: the server handles one connection's messages in order, so when
-//! the marker comes back everything published before it was processed. No other client can hold it up (a
+//! the marker comes back on the connection the batch went out on, everything published before it was
+//! processed. A marker that comes back after a reconnect proves nothing about what the old connection was
+//! still writing when it died, so the client's connect count must be the same as when the batch began.
+//! No other client can hold it up (a
 //! subscriber on `>` merely sees the marker too) or fake it (it cannot know the next nonce). A batch that
 //! is not confirmed goes back to the front of the outbox (a subscriber may then see a duplicate, with the
 //! same `seq`).
@@ -404,6 +407,7 @@ impl Publisher {
     /// Publishes up to a batch and, when it holds lifecycle events, waits for the marker after it.
     async fn publish_batch(&mut self) -> Result<(), Failure> {
         let max_payload = self.client.server_info().max_payload;
+        let connects = self.connects();
         while let Some(msg) = self.delivery.next_to_send() {
             let subject = match &msg.reply {
                 Some(reply) => topics::check_nats_subject(&reply.to, 0, self.max_subject_bytes)
@@ -454,11 +458,22 @@ impl Publisher {
                 }
             }
         }
-        if self.delivery.needs_confirmation() {
-            self.confirm().await
-        } else {
-            Ok(())
+        if !self.delivery.needs_confirmation() {
+            return Ok(());
         }
+        self.confirm().await?;
+        // The client counts a connection before it sends anything on it: an unchanged count means the
+        // marker and the whole batch went out on one connection.
+        if self.connects() != connects {
+            info!(messages = self.delivery.unconfirmed(), "nats reconnected under a batch: sending it again");
+            return Err(Failure::Retry);
+        }
+        Ok(())
+    }
+
+    /// Connections the client has made so far (the first one included).
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends a marker to the private subject and waits until it comes back.
