@@ -105,11 +105,11 @@ pub struct JobWatch {
 }
 
 impl JobWatch {
-    /// Subscribes (and flushes, so nothing published after this returns is missed).
+    /// Subscribes (and waits for the server to have it, so nothing published after this returns is missed).
     pub async fn start(nats_url: &str, fleet: &str) -> Self {
         let client = async_nats::connect(nats_url).await.expect("nats connect");
         let mut sub = client.subscribe(format!("comfyui.fleet.{fleet}.job.*.*")).await.expect("subscribe");
-        client.flush().await.expect("flush");
+        super::subscribers::nats_round_trip(&client).await;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {

@@ -167,7 +167,7 @@ pub async fn mqtt_publish(broker: &Mosquitto, topic: &str, payload: &[u8], retai
 pub async fn nats_subscribe(server: &NatsServer, subject: &str) -> NatsSub {
     let client = async_nats::connect(server.url()).await.expect("nats connect");
     let mut sub = client.subscribe(subject.to_string()).await.expect("subscribe");
-    client.flush().await.expect("flush");
+    nats_round_trip(&client).await;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(m) = sub.next().await {
@@ -189,6 +189,17 @@ pub async fn nats_subscribe(server: &NatsServer, subject: &str) -> NatsSub {
         describe: |m| format!("{} {}", m.subject, String::from_utf8_lossy(&m.payload[..m.payload.len().min(120)])),
         _keep: Some(Box::new(client)),
     }
+}
+
+/// Waits until the server has processed everything `client` sent before (its subscriptions included), so
+/// nothing published after this returns is missed: `flush` only writes the socket, but a message to a
+/// private subject the client subscribes to comes back after everything it sent earlier.
+pub async fn nats_round_trip(client: &async_nats::Client) {
+    let subject = format!("_TEST.sync.{:016x}", fastrand::u64(..));
+    let mut echo = client.subscribe(subject.clone()).await.expect("subscribe");
+    client.publish(subject, Bytes::new()).await.expect("publish");
+    let back = tokio::time::timeout(Duration::from_secs(10), echo.next()).await;
+    back.expect("nats round trip in time").expect("subscription open");
 }
 
 /// A v3.1.1 subscriber with a persistent session (`clean_session = false`) that reconnects by itself: with a
