@@ -231,6 +231,22 @@ impl Delivery {
         }
     }
 
+    /// MQTT: the broker answered `pkid` with a refusal (a v5 reason code such as `not_authorized`): that
+    /// message's failure, dropped and counted under `reason` like one refused before it went out, and never
+    /// replayed. The broker answering is still progress.
+    pub fn rejected(&mut self, pkid: u16, reason: &'static str) {
+        if pkid == 0 {
+            return;
+        }
+        if let Some(i) = self.in_flight.iter().position(|f| f.pkid == pkid) {
+            if let Some(f) = self.in_flight.remove(i) {
+                self.quiet_ticks = 0;
+                self.stalled = false;
+                telemetry::dropped(self.bus, reason, &f.msg.route);
+            }
+        }
+    }
+
     /// NATS: whether the messages in flight need a round trip (any lifecycle event among them); a batch
     /// of progress only is confirmed at once.
     pub fn needs_confirmation(&self) -> bool {
@@ -410,6 +426,26 @@ mod tests {
         assert!(!d.is_blocked());
         assert_eq!(send_all(&mut d), ["good"]);
         assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
+    fn a_message_the_broker_refuses_after_sending_is_dropped_and_never_replayed() {
+        let mut d = Delivery::new(Bus::Mqtt, Confirmation::PerMessage, limits(10), "local");
+        d.on_connected();
+        let _ = send_all(&mut d);
+        d.numbered(1);
+        d.acked(1);
+        d.push(msg("denied", 1, true, Class::Lifecycle));
+        d.push(msg("kept", 1, true, Class::Lifecycle));
+        assert_eq!(send_all(&mut d), ["denied", "kept"]);
+        d.numbered(2);
+        d.numbered(3);
+        d.rejected(2, "not_authorized");
+        d.acked(3);
+        assert!(d.is_idle(), "nothing waits for the refused one");
+        d.on_lost();
+        d.on_connected();
+        assert_eq!(send_all(&mut d), ["bridge:online", "kept"], "only what the broker took is replayed");
     }
 
     #[test]

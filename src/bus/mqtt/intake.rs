@@ -1,91 +1,16 @@
-//! The polling task: drives rumqttc's event loop, reports to the publisher and hands requests to the inbox.
+//! The polling task: drives the connection loop ([`super::wire`]), reports to the publisher and hands requests
+//! to the inbox.
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::Packet as V5Packet;
-use rumqttc::{Outgoing, Packet as V3Packet};
 use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::super::{Bus, Inquiry, InquiryKind, Reply};
+use super::wire::{Polled, Wire};
 use super::*;
 use crate::backoff;
 use crate::commands::inbox::Inbox;
 use crate::telemetry;
-
-/// What one poll of either protocol's eventloop meant.
-pub(super) enum Polled {
-    /// For the publisher.
-    Event(LoopEvent),
-    /// A message from the broker.
-    Message {
-        topic: String,
-        payload: Bytes,
-        retain: bool,
-        reply: Option<Reply>,
-    },
-    Ignored,
-    Stopped,
-    Failed(String),
-}
-
-/// The two protocol versions' eventloops behind one face, so there is one polling loop.
-pub(super) trait EventSource {
-    async fn next(&mut self) -> Polled;
-    /// After an error: forget rumqttc's own replay queue; the publisher's outbox redelivers.
-    fn reset(&mut self);
-}
-
-impl EventSource for rumqttc::v5::EventLoop {
-    async fn next(&mut self) -> Polled {
-        use rumqttc::v5::Event;
-        match self.poll().await {
-            Ok(Event::Incoming(V5Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
-            Ok(Event::Incoming(V5Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
-            Ok(Event::Incoming(V5Packet::Publish(p))) => {
-                let properties = p.properties.unwrap_or_default();
-                let reply = properties
-                    .response_topic
-                    .filter(|t| !t.is_empty())
-                    .map(|to| Reply { to, correlation: properties.correlation_data });
-                match String::from_utf8(p.topic.to_vec()) {
-                    Ok(topic) => Polled::Message { topic, payload: p.payload, retain: p.retain, reply },
-                    Err(_) => Polled::Ignored,
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
-            Ok(_) => Polled::Ignored,
-            Err(e) => Polled::Failed(e.to_string()),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.clean();
-        self.pending.clear();
-    }
-}
-
-impl EventSource for rumqttc::EventLoop {
-    async fn next(&mut self) -> Polled {
-        use rumqttc::Event;
-        match self.poll().await {
-            Ok(Event::Incoming(V3Packet::ConnAck(_))) => Polled::Event(LoopEvent::Connected),
-            Ok(Event::Incoming(V3Packet::PubAck(ack))) => Polled::Event(LoopEvent::Acked(ack.pkid)),
-            Ok(Event::Incoming(V3Packet::Publish(p))) => {
-                Polled::Message { topic: p.topic, payload: p.payload, retain: p.retain, reply: None }
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => Polled::Event(LoopEvent::Sent(pkid)),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => Polled::Stopped,
-            Ok(_) => Polled::Ignored,
-            Err(e) => Polled::Failed(e.to_string()),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.clean();
-        self.pending.clear();
-    }
-}
 
 /// Where request messages go.
 pub(super) struct Intake {
@@ -137,10 +62,10 @@ impl Intake {
     }
 }
 
-/// Polls the eventloop and nothing else, so rumqttc's request channel always drains; reports to the publisher
-/// and hands over requests without ever waiting.
+/// Polls the connection and nothing else, so its request channel always drains; reports to the publisher and
+/// hands over requests without ever waiting.
 pub(super) async fn poll(
-    mut eventloop: impl EventSource,
+    mut connection: Wire,
     tx: mpsc::UnboundedSender<LoopEvent>,
     intake: Option<Intake>,
     max_ms: u64,
@@ -151,7 +76,7 @@ pub(super) async fn poll(
     tokio::pin!(closed);
     loop {
         let polled = tokio::select! {
-            polled = eventloop.next() => polled,
+            polled = connection.next() => polled,
             // The publisher is gone (shutdown): no reconnecting to a broker nobody publishes to.
             _ = &mut closed => break,
         };
@@ -175,9 +100,9 @@ pub(super) async fn poll(
                     _ = &mut closed => break,
                 }
                 // Only now: the publisher has seen `Disconnected` and stopped handing over, so whatever it
-                // handed over before that (still in rumqttc's channel) is forgotten too and redelivered once,
-                // from the outbox.
-                eventloop.reset();
+                // handed over before that (still in the connection's channel) is forgotten too and redelivered
+                // once, from the outbox.
+                connection.reset();
                 attempt = attempt.saturating_add(1);
                 continue;
             }
@@ -189,5 +114,5 @@ pub(super) async fn poll(
             break;
         }
     }
-    debug!("mqtt eventloop stopped");
+    debug!("mqtt connection stopped");
 }

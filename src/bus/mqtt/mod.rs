@@ -1,10 +1,10 @@
-//! The MQTT side: a poll-only eventloop task and a publisher task that owns the outbox.
+//! The MQTT side: a polling task over the bridge's own connection loop ([`wire`]: rumqttc's packet codec,
+//! batched writes) and a publisher task that owns the outbox.
 //!
-//! rumqttc keeps unacknowledged publishes in its own `pending` list and replays them on reconnect; the
-//! bridge clears that list on every connection error and redelivers from its own outbox instead, so one
+//! The connection keeps nothing across a reconnect: the publisher redelivers from its own outbox, so one
 //! bounded, prioritised queue decides what survives a broker outage. Every handed-over QoS-1 publish produces
-//! one `Outgoing::Publish(pkid)` in order, which is how the publisher matches `PubAck`s to messages. QoS-0
-//! messages (progress, previews) are fire-and-forget: done once rumqttc has them.
+//! one `Sent(pkid)` in order, which is how the publisher matches `PubAck`s to messages. QoS-0 messages
+//! (progress, previews) are fire-and-forget: done once the connection has them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,27 +17,26 @@ use crate::commands::inbox::Inbox;
 use crate::config::MqttSettings;
 use crate::health::Health;
 
-mod client;
 mod intake;
 mod publisher;
+mod wire;
 
-use client::{v5_qos, Client};
 use intake::{poll, Intake};
 use publisher::Publisher;
 
-/// Most QoS-1 messages handed to rumqttc and not yet acknowledged (rumqttc's own inflight default is 100).
+/// Most QoS-1 messages handed to the connection and not yet acknowledged.
 pub(super) const WINDOW: usize = 100;
-/// Capacity of rumqttc's request channel (QoS-0 bursts wait here).
+/// Capacity of the connection's request channel (QoS-0 bursts wait here).
 pub(super) const REQUEST_CAPACITY: usize = 1024;
-/// How long to wait before retrying when rumqttc's request channel is full.
+/// How long to wait before retrying when the connection's request channel is full.
 pub(super) const RETRY_FULL: Duration = Duration::from_millis(1);
 /// MQTT v5: the retained `bridge/availability` `online` expires after this many keep-alive intervals (at
 /// least a minute) and is republished every half of it. A broker that was killed and comes back after the
 /// bridge died would otherwise keep saying `online` for a dead bridge forever (no last will fires then).
 pub(super) const ONLINE_EXPIRY_KEEP_ALIVES: u64 = 10;
-/// Seconds without a `PubAck` while QoS-1 messages wait for one (or rumqttc's channel stays full) after which
-/// the bus reads as not ready: rumqttc's keep-alive notices a broker that stopped answering only after one
-/// and a half keep-alive intervals (45 s by default).
+/// Seconds without a `PubAck` while QoS-1 messages wait for one (or the connection's channel stays full) after
+/// which the bus reads as not ready: the keep-alive notices a broker that stopped answering only after up to
+/// two keep-alive intervals (60 s by default).
 pub(super) const STALL_SECS: u32 = 3;
 
 /// Why the MQTT side could not start.
@@ -57,14 +56,9 @@ pub(super) enum LoopEvent {
     Connected,
     Sent(u16),
     Acked(u16),
+    /// The broker acknowledged the packet id with a refusal (MQTT v5 reason code), named as a metric label.
+    Refused(u16, &'static str),
     Disconnected,
-}
-
-/// Events are small and latency matters: send each publish at once (no Nagle delay waiting for ACKs).
-pub(super) fn network_options() -> rumqttc::NetworkOptions {
-    let mut options = rumqttc::NetworkOptions::new();
-    options.set_tcp_nodelay(true);
-    options
 }
 
 /// Host, port and whether the URL asks for TLS (`mqtts://`, `ssl://`; default ports 1883 and 8883).
@@ -96,16 +90,13 @@ pub fn spawn(
     tasks: &tokio_util::task::TaskTracker,
 ) -> Result<(), MqttError> {
     let (host, port, tls) = host_port(&cfg.url)?;
-    let transport = match tls {
-        true => {
-            let config = crate::tls::client_config(
-                cfg.ca_file.as_deref(),
-                cfg.client_cert_file.as_deref(),
-                cfg.client_key_file.as_deref(),
-            )?;
-            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
-        }
-        false => rumqttc::Transport::tcp(),
+    let tls = match tls {
+        true => Some(crate::tls::client_config(
+            cfg.ca_file.as_deref(),
+            cfg.client_cert_file.as_deref(),
+            cfg.client_key_file.as_deref(),
+        )?),
+        false => None,
     };
     let client_id = cfg.client_id.clone().unwrap_or_else(|| format!("comfy-bridge-{}", common.instance));
     let offline = Route::fixed(&common.instance, &[topics::BRIDGE, topics::AVAILABILITY]);
@@ -128,40 +119,20 @@ pub fn spawn(
     let intake = requests.map(|tx| Intake { prefix, answers, home_assistant, tx });
     let subscriptions = intake.as_ref().map(Intake::filters).unwrap_or_default();
     let span = tracing::info_span!("mqtt", url = %cfg.url);
-    let client = if cfg.protocol == crate::config::MqttProtocol::V311 {
-        let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
-        opts.set_keep_alive(keep_alive)
-            .set_transport(transport)
-            .set_clean_session(true)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-            .set_last_will(rumqttc::LastWill::new(&will_topic, "offline", rumqttc::QoS::AtLeastOnce, true));
-        if let Some(user) = &cfg.username {
-            opts.set_credentials(user, cfg.password.as_ref().map_or("", |p| p.expose()));
-        }
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
-        eventloop.set_network_options(network_options());
-        tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
-        Client::V311(client)
-    } else {
-        let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
-        let will = rumqttc::v5::mqttbytes::v5::LastWill::new(&will_topic, "offline", v5_qos(1), true, None);
-        opts.set_keep_alive(keep_alive)
-            .set_transport(transport)
-            .set_clean_start(true)
-            .set_max_packet_size(Some(cfg.max_packet_bytes as u32))
-            .set_last_will(will)
-            .set_network_options(network_options())
-            // rumqttc preallocates one slot per possible in-flight publish: at its default (65535) that is
-            // ~13 MB of idle memory for a window the publisher never exceeds.
-            .set_outgoing_inflight_upper_limit(WINDOW as u16);
-        if let Some(user) = &cfg.username {
-            opts.set_credentials(user, cfg.password.as_ref().map_or("", |p| p.expose()));
-        }
-        let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
-        tasks.spawn(poll(eventloop, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
-        Client::V5(client)
-    };
     let v5 = cfg.protocol == crate::config::MqttProtocol::V5;
+    let options = wire::Options {
+        host,
+        port,
+        tls,
+        v5,
+        client_id,
+        keep_alive,
+        login: cfg.username.clone().map(|user| (user, cfg.password.as_ref().map_or("", |p| p.expose()).to_string())),
+        will_topic,
+        max_packet_bytes: cfg.max_packet_bytes,
+    };
+    let (client, connection) = wire::new(options, REQUEST_CAPACITY);
+    tasks.spawn(poll(connection, loop_tx, intake, reconnect_max_ms).instrument(span.clone()));
     let expiry = v5.then(|| (keep_alive.as_secs() * ONLINE_EXPIRY_KEEP_ALIVES).clamp(60, u64::from(u32::MAX)) as u32);
     let publisher = Publisher::new(cfg, common, client, subscriptions, health, expiry);
     tasks.spawn(publisher.run(loop_rx, outbound_rx).instrument(span));

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::super::delivery::{Confirmation, Delivery, Limits};
 use super::super::{topics, Bus, Common, Outbound, Route};
-use super::client::Extras;
+use super::wire::{Client, Extras};
 use super::*;
 use crate::config::MqttSettings;
 use crate::health::{Health, Part};
@@ -84,6 +84,7 @@ impl Publisher {
             }
             LoopEvent::Sent(pkid) => self.delivery.numbered(pkid),
             LoopEvent::Acked(pkid) => self.delivery.acked(pkid),
+            LoopEvent::Refused(pkid, reason) => self.delivery.rejected(pkid, reason),
             LoopEvent::Disconnected => {
                 let was_connected = self.delivery.is_connected();
                 let unconfirmed = self.delivery.on_lost();
@@ -95,7 +96,7 @@ impl Publisher {
         }
     }
 
-    /// Hands waiting messages to rumqttc while [`Delivery`] allows. A topic or size the broker can never
+    /// Hands waiting messages to the connection while [`Delivery`] allows. A topic or size the broker can never
     /// take is that message's failure (dropped and counted); only a full request channel is retried.
     fn pump(&mut self) {
         while let Some(msg) = self.delivery.next_to_send() {
@@ -123,7 +124,7 @@ impl Publisher {
                 msg.retain && msg.reply.is_none() && &msg.payload[..] == b"online" && msg.route == self.availability
             });
             let extras = Extras { qos: msg.qos, retain: msg.retain, correlation, expiry, response_topic };
-            // The topic is valid, so rumqttc can refuse only because its request channel is full.
+            // The topic is valid, so the connection can refuse only because its request channel is full.
             match self.client.try_publish(topic, msg.payload.clone(), extras) {
                 true => self.delivery.sent(msg),
                 false => {
