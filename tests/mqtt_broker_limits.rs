@@ -8,31 +8,43 @@ mod common;
 
 use std::time::Duration;
 
+use comfy_sim::Simulator;
 use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::hostile::{free_port, get, metric};
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn ready(port: u16) {
+/// The simulator and a bridge on `broker` (MQTT only), ready; the bridge's HTTP port.
+async fn start(broker: &Mosquitto) -> (Simulator, Daemon, u16) {
+    let sim = simulator(SUCCESS, 0.0).await;
+    let (mut s, state) = settings(&sim, Some(broker), None);
+    let port = free_port();
+    s.http.listen = Some(format!("127.0.0.1:{port}"));
+    let daemon = Daemon::start(s, state);
     let deadline = tokio::time::Instant::now() + WAIT;
     while get(port, "/readyz").await.0 != 200 {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (sim, daemon, port)
+}
+
+/// How many `online`s the availability subscriber has seen (one per connection).
+async fn onlines(availability: &mut MqttSub) -> usize {
+    let mut onlines = 0;
+    while let Some(m) = availability.next(Duration::from_millis(300)).await {
+        onlines += usize::from(&m.payload[..] == b"online");
+    }
+    onlines
 }
 
 #[tokio::test]
 async fn a_small_receive_maximum_holds_qos1_back_and_loses_nothing() {
     let broker = Mosquitto::start_with("max_inflight_messages 2");
-    let sim = simulator(SUCCESS, 0.0).await;
     let mut availability = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
     let mut results = mqtt_subscribe(&broker, "comfyui/local/prompt/+/result").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    let port = free_port();
-    s.http.listen = Some(format!("127.0.0.1:{port}"));
-    let daemon = Daemon::start(s, state);
-    ready(port).await;
+    let (sim, daemon, port) = start(&broker).await;
     // Ten prompts at once: dozens of QoS-1 lifecycle messages in one burst.
     let mut pids = Vec::new();
     for _ in 0..10 {
@@ -44,11 +56,7 @@ async fn a_small_receive_maximum_holds_qos1_back_and_loses_nothing() {
     let metrics = get(port, "/metrics").await.1;
     let quota = r#"comfy_bridge_messages_dropped_total{bus="mqtt",reason="quota_exceeded"}"#;
     assert_eq!(metric(&metrics, quota), 0.0, "{metrics}");
-    let mut onlines = 0;
-    while let Some(m) = availability.next(Duration::from_millis(300)).await {
-        onlines += usize::from(&m.payload[..] == b"online");
-    }
-    assert_eq!(onlines, 1, "the connection was never dropped");
+    assert_eq!(onlines(&mut availability).await, 1, "the connection was never dropped");
     daemon.stop().await;
 }
 
@@ -61,14 +69,9 @@ async fn a_publish_the_broker_refuses_is_dropped_and_counted_and_the_rest_flows(
                   topic write comfyui/local/prompt/+/state\ntopic write comfyui/local/prompt/+/execution_start\n";
     std::fs::write(&acl, grants).expect("write acl");
     let broker = Mosquitto::start_with(&format!("acl_file {}", acl.display()));
-    let sim = simulator(SUCCESS, 0.0).await;
     let mut availability = mqtt_subscribe(&broker, "comfyui/local/bridge/availability").await;
     let mut events = mqtt_subscribe(&broker, "comfyui/local/prompt/#").await;
-    let (mut s, state) = settings(&sim, Some(&broker), None);
-    let port = free_port();
-    s.http.listen = Some(format!("127.0.0.1:{port}"));
-    let daemon = Daemon::start(s, state);
-    ready(port).await;
+    let (sim, daemon, port) = start(&broker).await;
     for _ in 0..2 {
         let pid = sim.play("a_success").await.expect("plays");
         events.expect(|m| m.topic == format!("comfyui/local/prompt/{pid}/execution_start"), WAIT).await;
@@ -80,10 +83,6 @@ async fn a_publish_the_broker_refuses_is_dropped_and_counted_and_the_rest_flows(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(port, "/readyz").await.0, 200, "a refused message is not the bus's failure");
-    let mut onlines = 0;
-    while let Some(m) = availability.next(Duration::from_millis(300)).await {
-        onlines += usize::from(&m.payload[..] == b"online");
-    }
-    assert_eq!(onlines, 1, "the connection was never dropped");
+    assert_eq!(onlines(&mut availability).await, 1, "the connection was never dropped");
     daemon.stop().await;
 }

@@ -476,7 +476,7 @@ mod codec {
     /// `CONNACK` is an error.
     pub(super) fn decode(buf: &mut BytesMut, v5: bool, max: usize) -> Result<Option<Incoming>, String> {
         if v5 {
-            let packet = match v5::Packet::read(buf, Some(max as u32)) {
+            let packet = match v5::Packet::read(buf, Some(u32::try_from(max).unwrap_or(u32::MAX))) {
                 Ok(packet) => packet,
                 Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
                 Err(e) => return Err(e.to_string()),
@@ -542,7 +542,7 @@ mod codec {
         let keep_alive = o.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
         let written = if o.v5 {
             let properties = v5::ConnectProperties {
-                max_packet_size: Some(o.max_packet_bytes as u32),
+                max_packet_size: Some(u32::try_from(o.max_packet_bytes).unwrap_or(u32::MAX)),
                 ..v5::ConnectProperties::new()
             };
             let connect = v5::Connect {
