@@ -18,7 +18,14 @@ fn secret(value: &str) -> Option<Secret> {
 
 /// Starts a bridge with `settings` and returns what `/readyz` says of `part` once it is `want` (or after
 /// `WAIT`).
-async fn readiness(mut s: Settings, state: tempfile::TempDir, part: &str, want: &str) -> String {
+async fn readiness(s: Settings, state: tempfile::TempDir, part: &str, want: &str) -> String {
+    let (body, daemon) = start(s, state, part, want).await;
+    daemon.stop().await;
+    body
+}
+
+/// [`readiness`], leaving the bridge running.
+async fn start(mut s: Settings, state: tempfile::TempDir, part: &str, want: &str) -> (String, Daemon) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     s.http.listen = Some(format!("127.0.0.1:{port}"));
     let daemon = Daemon::start(s, state);
@@ -37,8 +44,7 @@ async fn readiness(mut s: Settings, state: tempfile::TempDir, part: &str, want: 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    daemon.stop().await;
-    body
+    (body, daemon)
 }
 
 #[tokio::test]
@@ -70,8 +76,13 @@ async fn nats_token_and_nkey() {
     for (token, want) in [("wrong", "disconnected"), ("t0ken", "connected")] {
         let (mut s, state) = settings(&sim, None, Some(&token_server));
         s.nats.token = secret(token);
-        let body = readiness(s, state, "nats", want).await;
+        let (body, daemon) = start(s, state, "nats", want).await;
         assert!(body.contains(&format!(r#""nats":"{want}""#)), "token {token}: {body}");
+        if want == "connected" {
+            // The request intake's connection logs in the same way.
+            status_answered(&token_server, async_nats::ConnectOptions::with_token("t0ken".into())).await;
+        }
+        daemon.stop().await;
     }
 
     let user = nkeys::KeyPair::new_user();
@@ -81,7 +92,27 @@ async fn nats_token_and_nkey() {
         .expect("conf");
     let nkey_server = NatsServer::start_with(&["-c", conf.to_str().expect("utf-8")]);
     let (mut s, state) = settings(&sim, None, Some(&nkey_server));
-    s.nats.nkey_seed = secret(&user.seed().expect("seed"));
-    let body = readiness(s, state, "nats", "connected").await;
+    let seed = user.seed().expect("seed");
+    s.nats.nkey_seed = secret(&seed);
+    let (body, daemon) = start(s, state, "nats", "connected").await;
     assert!(body.contains(r#""nats":"connected""#), "nkey: {body}");
+    status_answered(&nkey_server, async_nats::ConnectOptions::with_nkey(seed)).await;
+    daemon.stop().await;
+}
+
+/// A `status` request sent over NATS by a client connected with `options` is answered.
+async fn status_answered(server: &NatsServer, options: async_nats::ConnectOptions) {
+    let client = options.connect(server.url()).await.expect("nats connect");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answer = loop {
+        // "No responders" until the intake has subscribed.
+        let request = client.request("comfyui.local.request.status", "{}".into());
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no answer to a status request over nats");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+    assert_eq!(answer["status"], "ok", "{answer}");
 }

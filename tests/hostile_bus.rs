@@ -12,6 +12,7 @@ use common::daemon::{settings, simulator, Daemon, SUCCESS};
 use common::hostile::{free_port, get, metric, metrics_until, nats_raw};
 use common::requester::{nats_client, MqttRequester};
 use common::*;
+use futures_util::StreamExt as _;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -131,22 +132,46 @@ async fn a_wildcard_response_topic_drops_that_response_only() {
     rig.daemon.stop().await;
 }
 
-/// Finding 2: NATS messages whose subject or reply subject is not UTF-8 do not take the NATS side down.
+/// Finding 2: NATS messages whose subject or reply subject is not UTF-8 do not take the NATS side down, and
+/// cost no other request: the ones sent right behind them, in the same write, are answered; so is the one
+/// whose command is not UTF-8 (an unknown command), while the one with a reply subject that is not UTF-8,
+/// which cannot be answered, is counted.
 #[tokio::test]
 async fn non_utf8_subjects_do_not_kill_nats() {
     let mut rig = rig(|_| {}).await;
     rig.nats_request("comfyui.local.request.status").await;
+    let client = nats_client(&rig.nats).await;
+    let mut answers = client.subscribe("answers.>").await.expect("subscribe");
+    common::subscribers::nats_round_trip(&client).await;
     nats_raw(
         &rig.nats,
-        b"PUB comfyui.local.request.\xff\xfe 2\r\n{}\r\nPUB comfyui.local.request.status \xc3\x28 2\r\n{}\r\n",
+        b"PUB comfyui.local.request.\xff\xfe answers.poison 2\r\n{}\r\n\
+          PUB comfyui.local.request.status answers.behind 2\r\n{}\r\n\
+          PUB comfyui.local.request.status \xc3\x28 2\r\n{}\r\n\
+          PUB comfyui.local.request.status answers.last 2\r\n{}\r\n",
     )
     .await;
-    let answer = rig.nats_request("comfyui.local.request.status").await;
-    assert_eq!(answer["status"], "ok", "{answer}");
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < 3 {
+        let msg = tokio::time::timeout(WAIT, answers.next()).await;
+        let msg = msg.unwrap_or_else(|_| panic!("only {got:?} answered")).expect("subscription open");
+        let answer: Value = serde_json::from_slice(&msg.payload).expect("json");
+        got.insert(msg.subject.to_string(), answer);
+    }
+    assert_eq!(got["answers.behind"]["status"], "ok", "{got:?}");
+    assert_eq!(got["answers.last"]["status"], "ok", "{got:?}");
+    assert_eq!(got["answers.poison"]["error"]["code"], "unknown_command", "{got:?}");
+    metrics_until(rig.port, |m| {
+        metric(m, "comfy_bridge_requests_ignored_total{bus=\"nats\",reason=\"reply_not_utf8\"}") == 1.0
+    })
+    .await;
     rig.results_still_arrive().await;
     rig.until_ready().await;
-    // The garbage reached only the request intake's own connection: the event stream never reconnected.
+    // The garbage reached only the request intake's own connection: the event stream never reconnected, and
+    // neither did the intake.
     rig.no_reconnect().await;
+    let metrics = get(rig.port, "/metrics").await.1;
+    assert_eq!(metric(&metrics, "comfy_bridge_reconnects_total{component=\"nats_intake\"}"), 0.0, "{metrics}");
     rig.daemon.stop().await;
 }
 

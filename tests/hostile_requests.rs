@@ -214,8 +214,10 @@ async fn unknown_command_names_do_not_grow_the_metrics() {
 /// and a `queue` request sent afterwards is answered within seconds.
 #[tokio::test]
 async fn a_request_flood_is_answered_busy_and_a_later_request_still_gets_through() {
+    // 32 waiting for 8 slots at 600 ms a request: the last of them wait longer than the timeout, however
+    // fast the flood arrives.
     let bridge = start_nats(|s| {
-        s.commands.max_waiting_requests = 16;
+        s.commands.max_waiting_requests = 32;
         s.comfyui.request_timeout_ms = 1_000;
     })
     .await;

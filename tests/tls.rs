@@ -149,6 +149,26 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
         assert!(tokio::time::Instant::now() < deadline, "published over TLS: before {before:?}, now {now:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Requests come in on a TLS connection of the request intake's own, with the client certificate.
+    let client = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.clone())
+        .add_client_certificate(pki.path("client.pem"), pki.path("client.key"))
+        .connect(format!("tls://127.0.0.1:{}", nats.port))
+        .await
+        .expect("test client over TLS");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answer = loop {
+        let request = client.request("comfyui.local.request.status", "{}".into());
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no answer over NATS with TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+    assert_eq!(answer["status"], "ok", "{answer}");
     daemon.stop().await;
 }
 

@@ -12,7 +12,8 @@
 //! same `seq`).
 //!
 //! A client whose connection task is gone (its channel closed) is rebuilt. Requests arrive on a second
-//! connection of their own, so nothing a requester sends can make the event stream reconnect.
+//! connection of their own ([`wire`], not async-nats), so nothing a requester sends can make the event
+//! stream reconnect, and a subject that is not UTF-8 costs no other request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ use crate::commands::inbox::Inbox;
 use crate::config::NatsSettings;
 use crate::health::{Health, Part};
 use crate::telemetry;
+
+mod wire;
 
 /// Most messages published between two confirmations.
 const BATCH: usize = 256;
@@ -65,8 +68,8 @@ pub async fn spawn(
     let client = connect(cfg, &common.instance, event_tx).await?;
     let span = tracing::info_span!("nats", url = %cfg.url);
     if let Some(tx) = requests {
-        // Requests come in on a connection of their own: whatever a requester sends that makes the client
-        // reconnect (async-nats 0.51 does on a non-UTF-8 subject) costs the event stream nothing.
+        // Requests come in on a connection of their own, which reads subjects as bytes: nothing a requester
+        // sends can make the event stream reconnect.
         let subjects = Subjects {
             requests: Route::fixed(&common.instance, &[topics::REQUEST]).nats_subject(&cfg.subject_prefix),
             answers: Route::fixed(&common.instance, &[topics::ANSWER]).nats_subject(&cfg.subject_prefix),
@@ -154,8 +157,8 @@ struct Subjects {
     answers: String,
 }
 
-/// The request intake's own connection: runs [`intake`] on it until `shutdown`, and on a new client whenever
-/// the old one's connection task is gone (its subscription ends).
+/// The request intake's own connection ([`wire`]): hands every message on the request and answer subjects to
+/// `tx` until `shutdown`, reconnecting (to the next server of `nats.url`) whenever the connection ends.
 async fn intake_connection(
     cfg: NatsSettings,
     common: Common,
@@ -163,65 +166,66 @@ async fn intake_connection(
     tx: Inbox,
     shutdown: CancellationToken,
 ) {
-    let mut attempt = 0;
-    while !shutdown.is_cancelled() {
-        // Connection events matter to the publisher only; this client's go nowhere.
-        let (event_tx, _) = mpsc::channel(1);
-        match connect(&cfg, &common.instance, event_tx).await {
-            Ok(client) => {
-                attempt = 0;
-                intake(client, subjects.clone(), tx.clone(), shutdown.clone()).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot connect the nats request intake");
-                attempt += 1;
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(crate::backoff::delay(attempt, common.reconnect_max_ms)) => {}
-        }
-    }
-}
-
-/// Hands every message on the request and answer subjects to `tx` until `shutdown` or the end of a
-/// subscription.
-async fn intake(client: async_nats::Client, subjects: Subjects, tx: Inbox, shutdown: CancellationToken) {
-    let subscribe = |subject: String| client.subscribe(subject);
-    let (requests, answers) = match tokio::try_join!(
-        subscribe(format!("{}.>", subjects.requests)),
-        subscribe(format!("{}.*", subjects.answers))
-    ) {
-        Ok(both) => both,
-        Err(e) => {
-            warn!(error = %e, "cannot subscribe to the request subjects");
-            return;
-        }
+    let options = match wire::Options::new(&cfg, format!("comfy-bridge-{}", common.instance)) {
+        Ok(options) => options,
+        Err(e) => return warn!(error = %e, "the nats request intake cannot start"),
     };
+    let filters = [format!("{}.>", subjects.requests), format!("{}.*", subjects.answers)];
     let (request_prefix, answer_prefix) = (format!("{}.", subjects.requests), format!("{}.", subjects.answers));
-    let mut messages = futures_util::stream::select(requests, answers);
+    let mut attempt: u32 = 0;
+    // One wait for shutdown for the task's whole life, not one per message.
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            msg = messages.next() => match msg {
-                Some(msg) => msg,
-                None => break,
+        let server = attempt as usize % options.servers();
+        let session = async {
+            let mut subscriber = wire::Subscriber::connect(&options, server, &filters).await.map_err(|e| (false, e))?;
+            info!("nats request intake subscribed");
+            loop {
+                let msg = subscriber.next().await.map_err(|e| (true, e))?;
+                take(msg, &request_prefix, &answer_prefix, &tx);
+            }
+        };
+        let (subscribed, error): (bool, String) = tokio::select! {
+            _ = &mut stopped => break,
+            ended = session => match ended {
+                Ok(never) => never,
+                Err(ended) => ended,
             },
         };
-        let (kind, path) = if let Some(path) = msg.subject.strip_prefix(&request_prefix) {
-            (InquiryKind::Request, path.replace('.', "/"))
-        } else if let Some(ask_id) = msg.subject.strip_prefix(&answer_prefix) {
-            (InquiryKind::Answer, ask_id.to_string())
-        } else {
-            continue;
-        };
-        let reply = msg.reply.map(|to| Reply { to: to.to_string(), correlation: None });
-        let inquiry = Inquiry { kind, bus: Bus::Nats, path, payload: msg.payload, reply };
-        // Never waits: what does not fit is answered `busy` or counted.
-        tx.offer(inquiry);
+        if subscribed {
+            attempt = 0;
+        }
+        telemetry::reconnecting("nats_intake", attempt, &error);
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(crate::backoff::delay(attempt, common.reconnect_max_ms)) => {}
+        }
+        attempt = attempt.saturating_add(1);
     }
-    // Dropping the subscribers unsubscribes.
     debug!("nats request intake stopped");
+}
+
+/// Hands one message over as a request or an answer. A subject that is not UTF-8 is read with replacement
+/// characters (the command is then unknown, and answered so); a reply subject that is not UTF-8 cannot be
+/// answered, and the message is counted instead.
+fn take(msg: wire::Msg, request_prefix: &str, answer_prefix: &str, tx: &Inbox) {
+    let subject = String::from_utf8_lossy(&msg.subject);
+    let (kind, path) = if let Some(path) = subject.strip_prefix(request_prefix) {
+        (InquiryKind::Request, path.replace('.', "/"))
+    } else if let Some(ask_id) = subject.strip_prefix(answer_prefix) {
+        (InquiryKind::Answer, ask_id.to_string())
+    } else {
+        return;
+    };
+    let reply = match msg.reply.map(|to| String::from_utf8(to.to_vec())) {
+        None => None,
+        Some(Ok(to)) => Some(Reply { to, correlation: None }),
+        Some(Err(_)) => return telemetry::request_ignored(Bus::Nats, "reply_not_utf8", &subject),
+    };
+    let inquiry = Inquiry { kind, bus: Bus::Nats, path, payload: msg.payload, reply };
+    // Never waits: what does not fit is answered `busy` or counted.
+    tx.offer(inquiry);
 }
 
 /// The private subject confirmation markers go to, and the subscription they come back on.
