@@ -166,9 +166,11 @@ async fn soak(length: Duration) {
 
     let queued = {
         let url = nats_url.clone();
-        let faults = faults.clone();
         tokio::spawn(async move {
-            let (mut answered, mut lost, mut retried) = (HashSet::new(), 0u64, 0u64);
+            // When each request was sent, for the ones not answered at the first try and the ones never
+            // answered: whether that was near a fault is decided at the end, once every fault is on record
+            // (a fault is recorded when it is over, so a request sent during one would look far from it).
+            let (mut answered, mut lost, mut retried) = (HashSet::new(), Vec::new(), Vec::new());
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut client = None;
             let mut n = 0u64;
@@ -190,8 +192,8 @@ async fn soak(length: Duration) {
                         reply = Some(r);
                         break;
                     }
-                    if attempt == 0 && !faults.near(sent) {
-                        retried += 1;
+                    if attempt == 0 {
+                        retried.push(sent);
                     }
                 }
                 match reply {
@@ -201,8 +203,7 @@ async fn soak(length: Duration) {
                             answered.insert(id.to_string());
                         }
                     }
-                    None if faults.near(sent) => {}
-                    None => lost += 1,
+                    None => lost.push(sent),
                 }
             }
             (answered, lost, retried)
@@ -341,6 +342,8 @@ async fn soak(length: Duration) {
         }
     }
     let (answered, queue_lost, queue_retried) = queued.await.expect("queue task");
+    let away = |sent: &[Duration]| sent.iter().filter(|at| !faults.near(**at)).count();
+    let (queue_lost, queue_retried) = (away(&queue_lost), away(&queue_retried).saturating_sub(away(&queue_lost)));
     let _ = load.await;
     // Let the last prompts finish and their results (and responses) arrive.
     let drain = Instant::now();
