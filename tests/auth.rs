@@ -103,16 +103,6 @@ async fn nats_token_and_nkey() {
 /// A `status` request sent over NATS by a client connected with `options` is answered.
 async fn status_answered(server: &NatsServer, options: async_nats::ConnectOptions) {
     let client = options.connect(server.url()).await.expect("nats connect");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let answer = loop {
-        // "No responders" until the intake has subscribed.
-        let request = client.request("comfyui.local.request.status", "{}".into());
-        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), request).await {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no answer to a status request over nats");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+    let answer = requester::nats_request_until_subscribed(&client, "comfyui.local.request.status", "{}").await;
     assert_eq!(answer["status"], "ok", "{answer}");
 }

@@ -158,16 +158,7 @@ async fn events_flow_over_mutual_tls_to_mosquitto_and_nats() {
         .connect(format!("tls://127.0.0.1:{}", nats.port))
         .await
         .expect("test client over TLS");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let answer = loop {
-        let request = client.request("comfyui.local.request.status", "{}".into());
-        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), request).await {
-            break answer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no answer over NATS with TLS");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).expect("json");
+    let answer = requester::nats_request_until_subscribed(&client, "comfyui.local.request.status", "{}").await;
     assert_eq!(answer["status"], "ok", "{answer}");
     daemon.stop().await;
 }

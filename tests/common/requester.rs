@@ -92,6 +92,20 @@ pub async fn nats_request(client: &async_nats::Client, subject: &str, payload: i
     serde_json::from_slice(&reply.payload).unwrap_or(Value::Null)
 }
 
+/// A NATS request, sent again every 100 ms while the bridge has not subscribed yet ("no responders"), for up
+/// to ten seconds; the response object.
+pub async fn nats_request_until_subscribed(client: &async_nats::Client, subject: &str, payload: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = client.request(subject.to_string(), payload.to_string().into());
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), request).await {
+            return serde_json::from_slice(&answer.payload).unwrap_or(Value::Null);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no answer on {subject}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A NATS client for requests.
 pub async fn nats_client(server: &NatsServer) -> async_nats::Client {
     async_nats::connect(server.url()).await.expect("nats connect")
