@@ -520,15 +520,8 @@ async fn take(shared: &Arc<Shared>, tasks: &TaskTracker, message: Message) {
         let _ = message.ack_with(AckKind::Term).await;
         return;
     };
-    // A first delivery has no record yet, but for a job cancelled before it ran or submitted again after it
-    // ended: claim it at once (create-if-absent), one round trip to the bucket instead of two. A record that
-    // is there after all makes the claim fail, and the next round reads it.
-    let first = message.info().is_ok_and(|info| info.delivered == 1);
-    for round in 0..3 {
-        let seen = match round == 0 && first {
-            true => None,
-            false => shared.read(&id).await,
-        };
+    for _ in 0..3 {
+        let seen = shared.read(&id).await;
         let here = shared.active().jobs.get(&id).cloned();
         let owners = seen.as_ref().and_then(|s| s.record.instance.clone());
         let alive = match &owners {
