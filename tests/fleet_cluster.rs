@@ -17,7 +17,9 @@ async fn a_nats_server_dying_mid_run_costs_no_job_and_runs_none_twice() {
     let settings = |sim, inst| {
         let mut s = fleet_settings(sim, &cluster.urls(), inst, "fc");
         s.fleet.replicas = 3;
-        s.fleet.ack_wait_ms = 3_000;
+        // Longer than a failover takes on a loaded 2-core machine (the bucket answered "no stream" for up to
+        // 6 s in CI): an outage longer than `ack_wait_ms` lets a job start twice, README's known limit.
+        s.fleet.ack_wait_ms = 10_000;
         s
     };
     let bridges = [FleetBridge::start(settings(&sim1, "gpu1")), FleetBridge::start(settings(&sim2, "gpu2"))];
